@@ -1,0 +1,183 @@
+"""Find the target layers of a model, wrap them in adapter layers, and undo it.
+
+`attach` replaces each matching Linear/Conv1D in place by its method's `AdapterLayer`, which keeps
+the original module as `base_layer`; module paths stay those of the base model, so the saved keys
+are PEFT's (`<path>.lora_A.weight`). Everything but the adapter tensors and `modules_to_save`
+(a classification head) is frozen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .config import TASK_TYPES, AdapterConfig
+from .errors import AdapterError
+from .layers.base import LINEAR_TYPES, AdapterLayer
+from .registry import get_method
+
+HEAD_NAMES = ("classifier", "score")  # sequence-classification heads in transformers
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+def is_attached(model: nn.Module) -> bool:
+    return getattr(model, "loraforge_config", None) is not None
+
+
+def classification_head(model: nn.Module) -> str | None:
+    return next((name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)), None)
+
+
+def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Module paths that `config.target_modules` selects, with PEFT's matching rules."""
+    excluded = _excluded_prefixes(model, config)
+    targets = []
+    for name, module in model.named_modules():
+        if not name or any(name == p or name.startswith(p + ".") for p in excluded):
+            continue
+        spec = config.target_modules
+        if spec == "all-linear":
+            hit = isinstance(module, LINEAR_TYPES)
+        elif isinstance(spec, str):
+            hit = re.fullmatch(spec, name) is not None
+        else:
+            hit = any(name == t or name.endswith("." + t) for t in spec)
+        if hit:
+            if not isinstance(module, LINEAR_TYPES):
+                raise AdapterError(f"target {name!r} is a {type(module).__name__}; only Linear/Conv1D layers can be adapted")
+            targets.append(name)
+    if not targets:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)})
+        raise AdapterError(
+            f"target_modules {config.target_modules!r} matches no Linear layer of {type(model).__name__}; "
+            f"its linear layers are named: {', '.join(linear)}"
+        )
+    return targets
+
+
+def _excluded_prefixes(model: nn.Module, config: AdapterConfig) -> list[str]:
+    # Never adapt the output head (PEFT's all-linear rule) nor a module trained in full.
+    excluded = list(config.modules_to_save or [])
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None:
+        excluded += [name for name, m in model.named_modules() if m is output]
+    return excluded
+
+
+def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Wrap the target layers of `model` (in place) and freeze everything else. Returns `model`."""
+    if is_attached(model):
+        raise AdapterError("this model already carries an adapter: detach() or merge_and_unload() it first")
+    config = dataclasses.replace(config)  # the model keeps its own resolved copy
+    method = get_method(config.method)
+    head = classification_head(model)
+    if config.task_type is None:
+        config.task_type = TASK_TYPES["classification"] if head else TASK_TYPES["causal-lm"]
+    if config.modules_to_save is None and config.task_type == "SEQ_CLS" and head:
+        config.modules_to_save = [head]
+    targets = find_targets(model, config)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    rng = torch.random.fork_rng(devices=[]) if config.seed is not None else contextlib.nullcontext()
+    with rng:
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
+        for name in targets:
+            parent, child = _parent(model, name)
+            setattr(parent, child, method.layer(getattr(parent, child), config, name))
+    for layer in adapter_layers(model).values():
+        for param in layer.adapter_parameters().values():
+            param.requires_grad_(True)
+    for name in config.modules_to_save or []:
+        module = _module(model, name)
+        for param in module.parameters():
+            param.requires_grad_(True)
+    model.loraforge_config = config
+    model.loraforge_targets = targets
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove the adapter: every wrapped layer becomes its (unmerged) base layer again."""
+    for layer in adapter_layers(model).values():
+        layer.unmerge()
+    return _unwrap(model)
+
+
+def merge(model: nn.Module) -> None:
+    for layer in adapter_layers(model).values():
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    for layer in adapter_layers(model).values():
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold the update into the base weights and drop the adapter modules: a plain model."""
+    for name, layer in adapter_layers(model).items():
+        if not get_method(model.loraforge_config.method).merges:
+            raise AdapterError(f"method {model.loraforge_config.method!r} does not merge into the weights")
+        layer.merge()
+    return _unwrap(model)
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone (e.g. the 'before' side of an evaluation)."""
+    layers = adapter_layers(model).values()
+    if any(layer.merged for layer in layers):
+        raise AdapterError("cannot disable a merged adapter: unmerge() it first")
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What an adapter saves, keyed by model path: adapter tensors and modules_to_save weights."""
+    state = {}
+    for name, layer in adapter_layers(model).items():
+        for pname, param in layer.adapter_parameters().items():
+            state[f"{name}.{pname}"] = param
+    for name in model.loraforge_config.modules_to_save or []:
+        for pname, param in _module(model, name).named_parameters():
+            state[f"{name}.{pname}"] = param
+    return state
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    for name, layer in adapter_layers(model).items():
+        parent, child = _parent(model, name)
+        setattr(parent, child, layer.base_layer)
+    model.loraforge_config = None
+    model.loraforge_targets = None
+    return model
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as exc:
+        raise AdapterError(f"module {name!r} not found in {type(model).__name__}") from exc
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent, _, child = name.rpartition(".")
+    return (_module(model, parent) if parent else model), child

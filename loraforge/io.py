@@ -1,0 +1,144 @@
+"""Adapters on disk, in PEFT's format, written atomically.
+
+    adapter_dir/
+      adapter_config.json          PEFT's LoraConfig fields
+      loraforge_config.json        the AdapterConfig dataclass, whole
+      adapter_model.safetensors    base_model.model.<module path>.lora_A.weight, ...
+
+Only safetensors and JSON are ever read: nothing a user hands us is unpickled. A folder is written
+next to its destination and renamed into place, so a crash leaves the old adapter or the new one,
+never half of either.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import CONFIG_NAME, LORAFORGE_CONFIG_NAME, WEIGHTS_NAME, AdapterConfig, read_adapter_config
+from .errors import AdapterError
+from .inject import adapter_layers, adapter_state_dict, attach, detach
+from .registry import get_method
+
+PEFT_PREFIX = "base_model.model."
+
+
+@contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a fresh temp folder; on success it replaces `target` (old contents dropped only then)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_adapter(model: nn.Module, adapter_dir: str | Path, extra_json: dict[str, Any] | None = None) -> Path:
+    """Write the attached adapter of `model` to `adapter_dir` in PEFT's format."""
+    config: AdapterConfig | None = getattr(model, "loraforge_config", None)
+    if config is None:
+        raise AdapterError("the model has no adapter attached: nothing to save")
+    if any(layer.merged for layer in adapter_layers(model).values()):
+        raise AdapterError("the adapter is merged into the weights: unmerge() before saving it")
+    method = get_method(config.method)
+    tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    peft_json = config.to_peft_dict(list(model.loraforge_targets), method.peft_type or f"LORAFORGE_{method.name.upper()}")
+    peft_json["fan_in_fan_out"] = any(layer.fan_in_fan_out for layer in adapter_layers(model).values())
+    peft_json.update(extra_json or {})
+    with atomic_dir(adapter_dir) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(peft_json, indent=2) + "\n")
+        (tmp / LORAFORGE_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    return Path(adapter_dir)
+
+
+def read_adapter(adapter_dir: str | Path) -> tuple[AdapterConfig, list[str] | str, dict[str, torch.Tensor]]:
+    """Config, the exact target list it was saved with, and tensors keyed by model path."""
+    config, peft_json = read_adapter_config(adapter_dir)
+    weights = Path(adapter_dir) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise AdapterError(f"{adapter_dir}: no {WEIGHTS_NAME} (loraforge reads safetensors only, never pickles)")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise AdapterError(f"{weights}: not a readable safetensors file ({exc})") from exc
+    state = {}
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"{weights}: tensor {key!r} holds NaN or inf values")
+        state[key.removeprefix(PEFT_PREFIX)] = tensor
+    return config, peft_json.get("target_modules") or config.target_modules, state
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> nn.Module:
+    """Attach the adapter saved in `adapter_dir` to `model` (in place) and load its tensors.
+
+    Checks every key and shape before touching the model; a mismatch names the first bad key.
+    """
+    config, targets, state = read_adapter(adapter_dir)
+    expected_base = config.base_model_name_or_path
+    config.target_modules = sorted(targets) if isinstance(targets, list) else targets
+    # PEFT lists candidate heads ("classifier", "score") and keeps those the model has.
+    if config.modules_to_save:
+        config.modules_to_save = [m for m in config.modules_to_save if _has_module(model, m)] or None
+    attach(model, config)
+    own = adapter_state_dict(model)
+    for key, tensor in state.items():
+        if key not in own:
+            detach(model)
+            raise AdapterError(f"{adapter_dir}: key {key!r} has no place in this model (adapter for another base model?)")
+        if own[key].shape != tensor.shape:
+            detach(model)
+            raise AdapterError(
+                f"{adapter_dir}: key {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(own[key].shape)} "
+                f"(adapter trained for {expected_base or 'another base model'}?)"
+            )
+    missing = sorted(set(own) - set(state))
+    if missing:
+        detach(model)
+        raise AdapterError(f"{adapter_dir}: adapter lacks {len(missing)} tensors the model needs, first {missing[0]!r}")
+    with torch.no_grad():
+        for key, tensor in state.items():
+            own[key].copy_(tensor.to(own[key].dtype))
+    for param in own.values():
+        param.requires_grad_(trainable)
+    return model
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    return any(path == name or path.endswith("." + name) for path, _ in model.named_modules())
+
+
+def count_parameters(n: int) -> str:
+    """1234567 -> '1.23M': for tables and progress lines."""
+    if n < 1000:
+        return str(n)
+    exp = min(int(math.log10(n) // 3), 3)
+    return f"{n / 10 ** (3 * exp):.2f}{' KMB'[exp]}"

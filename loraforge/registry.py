@@ -1,0 +1,62 @@
+"""Name -> method. A parametrisation registers itself with `@register(...)` in its own file;
+the CLI, the saver and the tests look methods up here and never by class."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .errors import AdapterError
+
+if TYPE_CHECKING:
+    from .config import AdapterConfig
+    from .layers.base import AdapterLayer
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    axis: str  # the unified study's taxonomy: rank | init | optimisation | mixture
+    paper: str  # title and arXiv id
+    layer: type["AdapterLayer"]
+    merges: bool  # the update folds exactly into the frozen weight
+    peft_type: str | None  # PEFT can load the saved adapter as this type (None: it cannot)
+
+    def trainable_params(self, d_in: int, d_out: int, config: "AdapterConfig") -> int:
+        """Count by building the layer on the meta device: no formula to keep in sync."""
+        with torch.device("meta"):
+            layer = self.layer(nn.Linear(d_in, d_out, bias=False), config, "layer")
+        return sum(p.numel() for n, p in layer.named_parameters() if not n.startswith("base_layer."))
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(name: str, *, axis: str, paper: str, merges: bool = True, peft_type: str | None = None):
+    def wrap(layer_cls):
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        _METHODS[name] = Method(name, axis, paper, layer_cls, merges, peft_type)
+        return layer_cls
+
+    return wrap
+
+
+def get_method(name: str) -> Method:
+    _load_builtin_methods()
+    if name not in _METHODS:
+        raise AdapterError(f"unknown method {name!r}; registered: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
+def methods() -> list[Method]:
+    _load_builtin_methods()
+    return sorted(_METHODS.values(), key=lambda m: m.name)
+
+
+def _load_builtin_methods() -> None:
+    # Importing the layers package runs every method file's @register.
+    from . import layers  # noqa: F401
