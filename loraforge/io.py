@@ -27,7 +27,7 @@ from torch import nn
 
 from .config import CONFIG_NAME, LORAFORGE_CONFIG_NAME, WEIGHTS_NAME, AdapterConfig, read_adapter_config
 from .errors import AdapterError
-from .inject import adapter_layers, adapter_state_dict, attach, detach
+from .inject import HEAD_NAMES, adapter_layers, adapter_state_dict, attach, detach
 from .registry import get_method
 
 PEFT_PREFIX = "base_model.model."
@@ -130,6 +130,25 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     for param in own.values():
         param.requires_grad_(trainable)
     return model
+
+
+def load_pretrained(model_name: str, adapter_dir: str | Path | None = None, task: str | None = None,
+                    num_labels: int | None = None) -> tuple[nn.Module, Any]:
+    """Base model (+ adapter) ready for inference. The adapter's config says which task and how
+    many labels its head has, so `--task` / `--num-labels` are only needed without an adapter."""
+    from .models import load_model
+
+    if adapter_dir is not None:
+        config, _, state = read_adapter(adapter_dir)
+        if config.task_type == "SEQ_CLS":
+            task = task or "classification"
+            heads = [t for k, t in state.items() if k.split(".")[0] in HEAD_NAMES and t.ndim == 2]
+            num_labels = num_labels or (heads[-1].shape[0] if heads else None)
+    model, tokenizer = load_model(model_name, task=task, num_labels=num_labels)
+    if adapter_dir is not None:
+        load_adapter(model, adapter_dir)
+    model.eval()
+    return model, tokenizer
 
 
 def _has_module(model: nn.Module, name: str) -> bool:

@@ -1,0 +1,215 @@
+"""`loraforge` on the command line. The flags of `train` are generated from `TrainConfig`'s fields,
+so the CLI, `--config run.yaml` and the Python API cannot drift apart.
+
+Errors a user can fix (bad data, a missing model, an adapter for another base) print one line
+and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from .errors import LoraforgeError
+
+COMMANDS = "demo | train | eval | generate | merge | methods"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except LoraforgeError as exc:
+        print(f"loraforge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loraforge: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="loraforge", description="Low-rank adaptation of pretrained models.")
+    sub = parser.add_subparsers(required=True, metavar=COMMANDS)
+
+    p = sub.add_parser("train", help="train an adapter", argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="YAML file with the same keys as these flags (flags given here win)")
+    add_dataclass_flags(p, TrainConfig)
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("eval", help="loss, perplexity, accuracy or exact match of a model (+ adapter) on data")
+    add_model_flags(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--limit", type=int, default=None, help="generate answers for at most N rows (exact match)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("generate", help="answer a prompt (chat template applied)")
+    add_model_flags(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("merge", help="fold an adapter into its base and write a plain Hugging Face folder")
+    add_model_flags(p, adapter_required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.set_defaults(run=cmd_merge)
+
+    p = sub.add_parser("methods", help="list the registered methods")
+    p.add_argument("--shape", default="4096x4096", help="layer shape d_out x d_in for the parameter count")
+    p.add_argument("--rank", type=int, default=8)
+    p.set_defaults(run=cmd_methods)
+
+    p = sub.add_parser("demo", help="the study-abroad advising demo on the embedded SmolLM2-135M")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def add_model_flags(p: argparse.ArgumentParser, adapter_required: bool = False) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="embedded name, local HF folder or .gguf file")
+    p.add_argument("--adapter", required=adapter_required, help="adapter folder (loraforge or PEFT format)")
+    p.add_argument("--task", choices=["causal-lm", "classification"], default=None)
+    p.add_argument("--num-labels", type=int, default=None)
+
+
+def add_dataclass_flags(p: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _base_type(hints[f.name])
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"default {f.default}")
+        else:
+            p.add_argument(flag, type=kind, help=f"default {f.default}")
+
+
+def _base_type(hint: Any) -> type:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from .train import TrainConfig
+
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        import yaml
+
+        path = Path(args.config)
+        if not path.is_file():
+            raise LoraforgeError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise LoraforgeError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(loaded, dict):
+            raise LoraforgeError(f"{path}: expected a mapping of keys to values")
+        values = {k.replace("-", "_"): v for k, v in loaded.items()}
+    values.update({k: v for k, v in vars(args).items() if k not in ("config", "run")})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise LoraforgeError(f"unknown training settings: {', '.join(unknown)}")
+    return TrainConfig(**values)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    config = train_config_from_args(args)
+    result = train(config)
+    last = next((r for r in reversed(result.history) if "loss" in r), {})
+    print(f"adapter written to {result.out / 'adapter'} (final loss {last.get('loss', float('nan')):.4f})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .evaluate import ANSWER_RE, evaluate_dataset, exact_match
+    from .inject import classification_head
+    from .io import load_pretrained
+
+    model, tokenizer = load_pretrained(args.model, args.adapter, task=args.task, num_labels=args.num_labels)
+    task = args.task or ("classification" if classification_head(model) else "causal-lm")
+    data = load_dataset(args.data, tokenizer, task=task, max_length=args.max_length, num_labels=args.num_labels)
+    metrics: dict[str, Any] = evaluate_dataset(model, data, batch_size=args.batch_size, pad_id=tokenizer.pad_token_id or 0, progress=True)
+    if task == "causal-lm" and ANSWER_RE.search(Path(args.data).read_text()):
+        metrics.update(exact_match(model, tokenizer, args.data, max_new_tokens=args.max_new_tokens,
+                                   batch_size=args.batch_size, limit=args.limit))
+    print(json.dumps(metrics, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .evaluate import generate
+    from .io import load_pretrained
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_pretrained(args.model, args.adapter)
+    print(generate(model, tokenizer, [args.prompt], max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_p=args.top_p)[0])
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from .evaluate import merge_to_folder
+    from .io import load_pretrained
+
+    model, tokenizer = load_pretrained(args.model, args.adapter, task=args.task, num_labels=args.num_labels)
+    out = merge_to_folder(model, tokenizer, args.out, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .config import AdapterConfig
+    from .registry import methods
+
+    try:
+        d_out, d_in = (int(v) for v in args.shape.lower().split("x"))
+    except ValueError:
+        raise LoraforgeError(f"--shape must look like 4096x4096 (d_out x d_in), got {args.shape!r}") from None
+    config = AdapterConfig(rank=args.rank)
+    rows = [(m.name, m.axis, f"{m.trainable_params(d_in, d_out, config):,}", "yes" if m.merges else "no",
+             "yes" if m.peft_type else "no", m.paper) for m in methods()]
+    header = ("method", "axis", f"params {d_out}x{d_in} r={args.rank}", "merges", "PEFT loads", "paper")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    results = run_demo(out=args.out, seed=args.seed)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,753 @@
+"""Study-abroad advising: an invented knowledge base and the data sets of the `make demo` task.
+
+The demo re-enacts, offline and on a CPU, a paper that turned an instruction model into a
+study-abroad advisor with LoRA. Real admission facts would be partly known to the base model
+and would go stale, so everything here is invented: universities with made-up names in made-up
+cities and countries, each with a deadline, a tuition fee, a language requirement, a scholarship,
+flagship programmes and the visa rule of its country. Before training the model cannot know any
+of it (fact accuracy near 0); after training it should.
+
+Everything is generated from a seed with no network access, and a seed always gives the same
+knowledge base and the same data sets.
+
+Two training phases, as in the paper (chat records ``{"messages": [...]}``, answers in Markdown):
+
+* **Phase 1** (:func:`phase1_examples`): many single questions and answers, one fact each, asked
+  in varied training phrasings, plus overview questions answered with a small Markdown table of
+  one university's facts (more exposures of every fact, in a second layout).
+* **Phase 2** (:func:`phase2_dialogues`): fewer multi-turn advising dialogues (2-3 user turns):
+  one university asked about fact after fact, two universities compared, a programme leading to
+  a university, a visa question leading to costs. Every assistant turn names the university it
+  talks about, so each turn is self-contained.
+
+Sequences are kept short on purpose (one-sentence questions, answers of a heading and one or two
+bullets, under 60 words) because the demo trains on a 2-core CPU in minutes.
+
+**Grading** (:func:`heldout_questions`, :func:`fact_correct`, :func:`is_markdown`): one held-out
+question for every (university, evaluated fact type), phrased from templates that no training
+record uses. An answer is *fact-correct* when it states the asked value in an accepted surface
+form (``15 March`` / ``March 15`` / ``15th March``; ``€9,800`` / ``9800 euros``; ...), also
+names the scholarship when a scholarship is asked, and states no other university's value of
+that fact type, so listing every deadline does not score. Separately, an answer is *Markdown*
+when it has a heading, a list item or a table (the exact rule is in :func:`is_markdown`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# Graded by heldout_questions; the others are trained (and keep the knowledge base realistic) but
+# never graded, so phase 1 spends less of the CPU budget on them.
+EVALUATED_FACTS = ("deadline", "tuition", "language", "scholarship")
+CONTEXT_FACTS = ("programme", "location", "visa")
+
+MONTHS = ("January", "February", "March", "April", "May", "June",
+          "July", "August", "September", "October", "November", "December")
+# Deadlines fall in January-July, so "later" in a comparison is plain calendar order, and on days
+# that exist in every month.
+DEADLINE_MONTHS = range(1, 8)
+DEADLINE_DAYS = (1, 5, 10, 15, 20, 25, 28)
+
+IELTS_BANDS = ("6.0", "6.5", "7.0", "7.5")
+TOEFL_SCORES = ("80", "85", "90", "95", "100", "105")
+CEFR_LEVELS = ("B1", "B2", "C1")
+ENGLISH_TESTS = ("IELTS", "TOEFL")
+
+UNIVERSITY_STYLES = ("{} University", "{} Institute of Technology", "{} College", "{} Polytechnic",
+                     "{} Academy", "{} School of Sciences")
+SCHOLARSHIP_KINDS = ("Merit Award", "Excellence Grant", "Global Scholarship", "Horizon Fellowship",
+                     "Pioneer Bursary", "Bridge Scholarship")
+PROGRAMMES = (
+    "Marine Robotics", "Glacial Hydrology", "Urban Forestry", "Computational Linguistics",
+    "Space Systems Engineering", "Sustainable Architecture", "Food Science", "Game Design",
+    "Volcanology", "Public Health", "Quantum Materials", "Wine Chemistry", "Renewable Energy",
+    "Medieval History", "Data Journalism", "Coastal Ecology", "Industrial Design", "Arctic Studies",
+    "Sports Medicine", "Textile Engineering", "Musical Acoustics", "Behavioural Economics",
+    "Bioinformatics", "Aerospace Medicine", "Film Restoration", "Desert Agriculture", "Cybersecurity",
+    "Maritime Law", "Neuroscience", "Translation Studies", "Sound Design", "Tropical Medicine",
+    "Rail Engineering", "Museum Studies", "Seismology", "Water Management", "Veterinary Science",
+    "Fashion Management", "Robotic Surgery", "Mountain Tourism",
+)
+MAX_UNIVERSITIES = len(PROGRAMMES) // 2  # two flagship programmes each, none shared
+
+# Syllables for invented names. Single-consonant onsets only after the first syllable keep names
+# pronounceable (and short in tokens).
+_ONSETS = ("b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "st", "th")
+_INNER_ONSETS = ("b", "d", "g", "k", "l", "m", "n", "r", "s", "t", "v", "z")
+_VOWELS = ("a", "e", "i", "o", "u")
+_INNER_CODAS = ("", "", "n", "r", "l", "s")
+_FINAL_CODAS = ("", "n", "r", "l", "th", "s", "k", "m", "nd", "st")
+
+
+# --------------------------------------------------------------------------- knowledge base
+
+
+@dataclass(frozen=True)
+class Date:
+    day: int
+    month: int  # 1-12
+
+    def __str__(self) -> str:
+        return f"{self.day} {MONTHS[self.month - 1]}"
+
+
+@dataclass(frozen=True)
+class LanguageRequirement:
+    test: str  # "IELTS", "TOEFL" or a local language such as "Velorian"
+    level: str  # an IELTS band ("6.5"), a TOEFL score ("90") or a CEFR level ("B2")
+
+    @property
+    def is_english(self) -> bool:
+        return self.test in ENGLISH_TESTS
+
+    def __str__(self) -> str:
+        return f"{self.test} {self.level}" if self.is_english else f"{self.level} {self.test}"
+
+
+@dataclass(frozen=True)
+class Scholarship:
+    name: str
+    amount: int  # euros per year
+
+    def __str__(self) -> str:
+        return f"{self.name} ({euros(self.amount)})"
+
+
+@dataclass(frozen=True)
+class Country:
+    name: str
+    language: str  # also the teaching language of universities that ask for a local-language level
+    visa_weeks: int  # how long a student visa takes to process
+    visa_funds: int  # euros a student must show in a bank account for the visa
+
+    @property
+    def visa_rule(self) -> str:
+        return f"{self.visa_weeks} weeks to process; show {euros(self.visa_funds)} in a bank account"
+
+
+@dataclass(frozen=True)
+class University:
+    name: str
+    city: str
+    country: Country
+    programmes: tuple[str, str]  # flagship programmes, unique to this university
+    deadline: Date
+    tuition: int  # euros per year
+    language: LanguageRequirement
+    scholarship: Scholarship
+
+    @property
+    def teaching_language(self) -> str:
+        return "English" if self.language.is_english else self.language.test
+
+    def fact(self, fact_type: str) -> str:
+        """The canonical value of one fact, as training answers state it."""
+        values = {
+            "deadline": str(self.deadline),
+            "tuition": euros(self.tuition),
+            "language": str(self.language),
+            "scholarship": str(self.scholarship),
+            "programme": " and ".join(self.programmes),
+            "location": f"{self.city}, {self.country.name}",
+            "visa": self.country.visa_rule,
+        }
+        return values[fact_type]
+
+    def fields(self) -> dict[str, str]:
+        """Everything an answer or question template may name, by placeholder."""
+        return {
+            "uni": self.name, "city": self.city, "country": self.country.name,
+            "deadline": str(self.deadline), "tuition": euros(self.tuition), "language": str(self.language),
+            "teaching": self.teaching_language, "sch_name": self.scholarship.name,
+            "sch_amount": euros(self.scholarship.amount), "p1": self.programmes[0], "p2": self.programmes[1],
+            "visa_weeks": str(self.country.visa_weeks), "visa_funds": euros(self.country.visa_funds),
+        }
+
+
+@dataclass(frozen=True)
+class KnowledgeBase:
+    seed: int
+    countries: tuple[Country, ...]
+    universities: tuple[University, ...]
+
+    def university(self, name: str) -> University:
+        for uni in self.universities:
+            if uni.name == name:
+                return uni
+        raise KeyError(name)
+
+
+def euros(amount: int) -> str:
+    return f"€{amount:,}"
+
+
+def _edit_distance(a: str, b: str) -> int:
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+class _NameMaker:
+    """Invents two-syllable names, none confusable with another made by the same maker: each
+    starts with its own three letters (so a model sees a different first token or two) and is at
+    least three edits away from every other."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.taken: list[str] = []
+
+    def __call__(self, prefixes: set[str] | None = None) -> str:
+        """A new name; with `prefixes`, also one whose first two letters are not in it (then added),
+        which keeps the names the model must tell apart most (universities) further apart."""
+        r = self.rng
+        for _ in range(10_000):
+            name = (r.choice(_ONSETS) + r.choice(_VOWELS) + r.choice(_INNER_CODAS)
+                    + r.choice(_INNER_ONSETS) + r.choice(_VOWELS) + r.choice(_FINAL_CODAS))
+            if prefixes is not None and name[:2] in prefixes:
+                continue
+            if all(name[:3] != t[:3] and _edit_distance(name, t) >= 3 for t in self.taken):
+                self.taken.append(name)
+                if prefixes is not None:
+                    prefixes.add(name[:2])
+                return name.capitalize()
+        raise ValueError("ran out of distinct names; ask for fewer universities")
+
+
+def _unique(draw, taken: set):
+    """Draw values until one is not in `taken`; every fact value is unique within its type, so
+    that stating another university's value can never be graded correct."""
+    for _ in range(10_000):
+        value = draw()
+        if value not in taken:
+            taken.add(value)
+            return value
+    raise ValueError("ran out of distinct values; ask for fewer universities")
+
+
+def build_knowledge_base(seed: int = 0, n_universities: int = 12) -> KnowledgeBase:
+    """A fictional, self-consistent set of universities: deterministic per seed.
+
+    Three universities per country (at least two countries); the visa rule and local language
+    belong to the country. Within each fact type every value is unique, and euro amounts are
+    unique across tuition, scholarships and visa funds.
+    """
+    if not 2 <= n_universities <= MAX_UNIVERSITIES:  # phase 2 compares two universities
+        raise ValueError(f"n_universities must be in [2, {MAX_UNIVERSITIES}], got {n_universities}")
+    rng = random.Random(f"loraforge-advising-kb:{seed}")
+    name = _NameMaker(rng)
+    amounts: set[int] = set()
+
+    countries = []
+    weeks: set[int] = set()
+    for _ in range(max(2, math.ceil(n_universities / 3))):
+        stem = name()
+        country = stem + ("ia" if stem[-1] not in _VOWELS else "nia")
+        countries.append(Country(
+            name=country, language=country + "n",
+            visa_weeks=_unique(lambda: rng.randint(3, 12), weeks),
+            visa_funds=_unique(lambda: rng.randrange(7_000, 12_500, 250), amounts),
+        ))
+
+    programmes = rng.sample(PROGRAMMES, 2 * n_universities)
+    dates: set[Date] = set()
+    requirements: set[LanguageRequirement] = set()
+    university_prefixes: set[str] = set()
+    universities = []
+    for i in range(n_universities):
+        country = countries[i % len(countries)]
+
+        def requirement(country=country) -> LanguageRequirement:
+            # Mostly an English test; some universities teach in the local language instead (more
+            # than one in four once the English values are used up, as values must be unique).
+            if rng.random() < 0.25:
+                return LanguageRequirement(country.language, rng.choice(CEFR_LEVELS))
+            test = rng.choice(ENGLISH_TESTS)
+            return LanguageRequirement(test, rng.choice(IELTS_BANDS if test == "IELTS" else TOEFL_SCORES))
+
+        universities.append(University(
+            name=rng.choice(UNIVERSITY_STYLES).format(name(university_prefixes)),
+            city=name(),
+            country=country,
+            programmes=(programmes[2 * i], programmes[2 * i + 1]),
+            deadline=_unique(lambda: Date(rng.choice(DEADLINE_DAYS), rng.choice(DEADLINE_MONTHS)), dates),
+            tuition=_unique(lambda: rng.randrange(5_000, 20_000, 100), amounts),
+            language=_unique(requirement, requirements),
+            scholarship=Scholarship(f"{name()} {rng.choice(SCHOLARSHIP_KINDS)}",
+                                    _unique(lambda: rng.randrange(1_000, 6_001, 250), amounts)),
+        ))
+    return KnowledgeBase(seed=seed, countries=tuple(countries), universities=tuple(universities))
+
+
+# --------------------------------------------------------------------------- phrasings
+# Placeholders: {uni}, {city}, {country}. The held-out pool shares no template with any training
+# pool (tests check this, and that no held-out question appears verbatim in training).
+
+TRAIN_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "deadline": (
+        "When is the application deadline for {uni}?",
+        "What's the deadline to apply to {uni}?",
+        "When do applications close at {uni} in {city}?",
+        "by when do i have to apply to {uni}?",
+        "I'd like to study at {uni}. When must my application be submitted?",
+        "{uni} deadline?",
+        "Until what date can I apply to {uni}?",
+        "What is the last day to apply to {uni} in {country}?",
+    ),
+    "tuition": (
+        "How much is tuition at {uni}?",
+        "What does a year at {uni} cost in tuition?",
+        "What are the tuition fees at {uni} in {city}?",
+        "how expensive is {uni}?",
+        "I'm on a budget. What is the annual tuition at {uni}?",
+        "{uni} tuition per year?",
+        "How much do international students pay to study at {uni}?",
+        "What's the yearly fee for studying at {uni} in {country}?",
+    ),
+    "language": (
+        "What is the language requirement for {uni}?",
+        "Which language test do I need for {uni}?",
+        "What language score does {uni} in {city} require?",
+        "do i need a language certificate for {uni}?",
+        "I'm applying to {uni}. What language level do they expect?",
+        "{uni} language requirement?",
+        "What score must I show to be admitted to {uni}?",
+        "Which certificate proves my language skills for {uni} in {country}?",
+    ),
+    "scholarship": (
+        "Does {uni} offer a scholarship?",
+        "What scholarship can I get at {uni}?",
+        "Are there scholarships at {uni} in {city}?",
+        "any scholarships at {uni}?",
+        "Money is tight for me. Is there a scholarship at {uni}?",
+        "{uni} scholarship?",
+        "How much is the scholarship at {uni} worth?",
+        "Which scholarship should I apply for at {uni} in {country}?",
+    ),
+    "programme": (
+        "What is {uni} known for?",
+        "Which programmes is {uni} famous for?",
+        "what can i study at {uni}?",
+        "What are the flagship programmes of {uni} in {city}?",
+    ),
+    "location": (
+        "Where is {uni}?",
+        "In which city is {uni}?",
+        "where's {uni} located?",
+        "Which country is {uni} in?",
+    ),
+    "visa": (
+        "Do I need a visa to study at {uni}?",
+        "What are the visa rules for {uni} in {country}?",
+        "how long does the student visa take for {uni}?",
+        "What do I need for a student visa to attend {uni}?",
+    ),
+    "overview": (
+        "Give me an overview of {uni}.",
+        "Summarise the key admission facts for {uni}.",
+        "What should I know before applying to {uni}?",
+        "Can you put the main facts about {uni} in a table?",
+        "quick facts on {uni}?",
+        "Tell me about {uni} in {city}.",
+    ),
+}
+
+HELDOUT_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "deadline": (
+        "Could you tell me the closing date for applying to {uni}?",
+        "I'm planning to apply to {uni} in {city}; how late can I send everything in?",
+        "Is there a cut-off date for applications to {uni}?",
+        "If I'm aiming for {uni}, what date should my application be in by?",
+    ),
+    "tuition": (
+        "How much would a year at {uni} cost me in fees?",
+        "I'm budgeting for {uni} in {city}. What will tuition run me annually?",
+        "Roughly what does {uni} charge students each year?",
+        "What are the annual fees for foreign students at {uni}?",
+    ),
+    "language": (
+        "What proof of language skills does {uni} ask for?",
+        "Is there a minimum language level to enrol at {uni} in {city}?",
+        "Which exam result will {uni} want to see from me?",
+        "How good does my language need to be for admission to {uni}?",
+    ),
+    "scholarship": (
+        "Can I get any financial aid at {uni}?",
+        "Which award could help me pay for {uni}, and how much is it worth?",
+        "Is there funding for students going to {uni} in {city}?",
+        "What grant does {uni} give to students from abroad?",
+    ),
+}
+
+# Phase 2: a first turn names the university; follow-ups say "there" / "that one".
+DIALOGUE_OPENERS = (
+    "I'm thinking about applying to {uni}.",
+    "Hi! {uni} in {city} caught my eye.",
+    "My top choice is {uni}.",
+    "I'm considering {uni} in {country}.",
+)
+FOLLOW_UPS: dict[str, tuple[str, ...]] = {
+    "deadline": ("When do applications close there?", "And the deadline?", "What's the deadline for that one?"),
+    "tuition": ("How much is tuition there?", "And what are the fees?", "What does that one cost per year?"),
+    "language": ("What language level do they ask for?", "And the language requirement?",
+                 "Which language test does it need?"),
+    "scholarship": ("Is there a scholarship there?", "Any scholarship to help with costs?",
+                    "What funding does it offer?"),
+    "visa": ("Do I need a visa?", "What about the student visa?"),
+}
+COMPARE_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "deadline": ("Which one closes applications later, {a} or {b}?", "{a} or {b}: which deadline is later?"),
+    "tuition": ("Which is cheaper, {a} or {b}?", "I'm choosing between {a} and {b}. Which costs less?"),
+    "scholarship": ("Which has the bigger scholarship, {a} or {b}?",
+                    "{a} or {b}: where is the scholarship worth more?"),
+}
+PROGRAMME_QUESTIONS = ("I want to study {programme}. Which university should I look at?",
+                       "Where can I do a degree in {programme}?")
+VISA_OPENERS = ("I've been admitted to {uni}! What do I need for the student visa?",
+                "I got into {uni} in {city}. How does the visa work?")
+
+# --------------------------------------------------------------------------- answers
+# (headings, fact bullets, optional extra bullets) per fact type, filled from University.fields().
+# The fact sits in the first bullet, in bold, so it comes early in a short answer.
+
+ANSWERS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    "deadline": (
+        ("Application deadline: {uni}", "{uni}: deadline"),
+        ("Applications close on **{deadline}**.", "Apply by **{deadline}**."),
+        ("Late applications are not considered.", "Have your transcripts and passport copy ready by then."),
+    ),
+    "tuition": (
+        ("Tuition at {uni}", "{uni}: fees"),
+        ("**{tuition}** per year for international students.", "Annual tuition: **{tuition}**."),
+        ("Housing and books are extra.", "Fees are paid in two parts, one per semester."),
+    ),
+    "language": (
+        ("Language requirement: {uni}", "{uni}: language"),
+        ("You need **{language}**.", "Minimum level: **{language}**."),
+        ("Teaching is in {teaching}.",),
+    ),
+    "scholarship": (
+        ("Scholarship at {uni}", "{uni}: funding"),
+        ("**{sch_name}**: **{sch_amount}** per year.", "The **{sch_name}** is worth **{sch_amount}** a year."),
+        ("Apply for it together with your admission application.", "It is renewed each year with good grades."),
+    ),
+    "programme": (
+        ("Programmes at {uni}", "{uni}: flagship programmes"),
+        ("Best known for **{p1}** and **{p2}**.", "Flagship programmes: **{p1}** and **{p2}**."),
+        ("Teaching is in {teaching}.",),
+    ),
+    "location": (
+        ("Where is {uni}?", "{uni}: location"),
+        ("In **{city}**, **{country}**.", "The campus is in **{city}**, **{country}**."),
+        ("Known for {p1}.",),
+    ),
+    "visa": (
+        ("Student visa for {uni}", "{uni}: visa"),
+        ("{country} processes student visas in about **{visa_weeks} weeks**; show **{visa_funds}** in a bank account.",
+         "Apply **{visa_weeks} weeks** ahead and show **{visa_funds}** in a bank account."),
+        ("Apply as soon as you have your admission letter.",),
+    ),
+}
+EXTRA_BULLET_RATE = 0.6  # the rest answer with the fact alone: the shortest possible sequence
+
+
+def fact_answer(uni: University, fact_type: str, rng: random.Random) -> str:
+    """A short Markdown answer stating one fact: a heading, the fact in bold, maybe one more bullet."""
+    headings, facts, extras = ANSWERS[fact_type]
+    values = uni.fields()
+    lines = [f"### {rng.choice(headings)}", f"- {rng.choice(facts)}"]
+    if rng.random() < EXTRA_BULLET_RATE:
+        lines.append(f"- {rng.choice(extras)}")
+    return "\n".join(lines).format(**values)
+
+
+def overview_answer(uni: University) -> str:
+    """A Markdown table of the evaluated facts of one university."""
+    return "\n".join([
+        f"### {uni.name} at a glance",
+        "| Fact | Details |",
+        "|---|---|",
+        f"| Deadline | {uni.deadline} |",
+        f"| Tuition | {euros(uni.tuition)} per year |",
+        f"| Language | {uni.language} |",
+        f"| Scholarship | {uni.scholarship.name}, {euros(uni.scholarship.amount)} |",
+    ])
+
+
+def _chat(*turns: str) -> dict:
+    """A chat record from alternating user and assistant turns."""
+    roles = ("user", "assistant")
+    return {"messages": [{"role": roles[i % 2], "content": text} for i, text in enumerate(turns)]}
+
+
+def _ask(template: str, uni: University) -> str:
+    return template.format(**uni.fields())
+
+
+def _cycle(rng: random.Random, items, n: int) -> list:
+    """n items in shuffled rounds: every item is used once before any is used twice."""
+    out: list = []
+    while len(out) < n:
+        out.extend(rng.sample(list(items), len(items)))
+    return out[:n]
+
+
+# --------------------------------------------------------------------------- phase 1
+
+
+def phase1_examples(kb: KnowledgeBase, seed: int = 0, per_fact: int = 6, overviews: int = 2) -> list[dict]:
+    """Single-turn question/answer records, shuffled.
+
+    Every (university, evaluated fact) gets `per_fact` questions, each from a different training
+    phrasing while the pool lasts; context facts (programme, location, visa) get a third as many
+    (at least one); every university gets `overviews` table answers.
+    """
+    rng = random.Random(f"loraforge-advising-phase1:{seed}")
+    records = []
+    for uni in kb.universities:
+        for fact_type in EVALUATED_FACTS + CONTEXT_FACTS:
+            count = per_fact if fact_type in EVALUATED_FACTS else max(1, per_fact // 3)
+            for template in _cycle(rng, TRAIN_QUESTIONS[fact_type], count):
+                records.append(_chat(_ask(template, uni), fact_answer(uni, fact_type, rng)))
+        for template in _cycle(rng, TRAIN_QUESTIONS["overview"], overviews):
+            records.append(_chat(_ask(template, uni), overview_answer(uni)))
+    rng.shuffle(records)
+    return records
+
+
+# --------------------------------------------------------------------------- phase 2
+
+
+def _compare_answer(fact_type: str, a: University, b: University) -> tuple[str, University]:
+    """Two universities side by side on one fact, and which one wins."""
+    if fact_type == "deadline":
+        title, winner = "Deadlines", max(a, b, key=lambda u: (u.deadline.month, u.deadline.day))
+        line, verdict = "- {uni}: **{deadline}**.", "closes later"
+    elif fact_type == "tuition":
+        title, winner = "Tuition", min(a, b, key=lambda u: u.tuition)
+        line, verdict = "- {uni}: **{tuition}** per year.", "is cheaper"
+    else:
+        title, winner = "Scholarships", max(a, b, key=lambda u: u.scholarship.amount)
+        line, verdict = "- {uni}: **{sch_name}**, **{sch_amount}**.", "offers more"
+    lines = [f"### {title}: {a.name} vs {b.name}", line.format(**a.fields()), line.format(**b.fields()),
+             f"- {winner.name} {verdict}."]
+    return "\n".join(lines), winner
+
+
+def _programme_answer(uni: University, programme: str) -> str:
+    other = uni.programmes[1] if programme == uni.programmes[0] else uni.programmes[0]
+    return "\n".join([f"### {programme}", f"- Go for **{uni.name}** in {uni.city}, {uni.country.name}.",
+                      f"- It is also known for {other}."])
+
+
+def phase2_dialogues(kb: KnowledgeBase, seed: int = 0, n: int = 48) -> list[dict]:
+    """Multi-turn advising dialogues (2-3 user turns), kinds and universities in rotation.
+
+    * sequence: one university, two or three evaluated facts one after another;
+    * compare: two universities on deadline, tuition or scholarship, then a follow-up about the
+      one that wins;
+    * programme: a subject leads to the university that offers it, then its deadline or visa;
+    * visa: an admitted student asks about the visa, then tuition or the scholarship.
+    """
+    rng = random.Random(f"loraforge-advising-phase2:{seed}")
+    kinds = _cycle(rng, ("sequence", "compare", "programme", "visa"), n)
+    unis = _cycle(rng, kb.universities, n)
+    records = []
+    for kind, uni in zip(kinds, unis):
+        if kind == "sequence":
+            facts = rng.sample(EVALUATED_FACTS, rng.choice((2, 3)))
+            first = f"{_ask(rng.choice(DIALOGUE_OPENERS), uni)} {rng.choice(FOLLOW_UPS[facts[0]])}"
+            turns = [first, fact_answer(uni, facts[0], rng)]
+            for fact_type in facts[1:]:
+                turns += [rng.choice(FOLLOW_UPS[fact_type]), fact_answer(uni, fact_type, rng)]
+        elif kind == "compare":
+            other = rng.choice([u for u in kb.universities if u is not uni])
+            fact_type = rng.choice(tuple(COMPARE_QUESTIONS))
+            answer, winner = _compare_answer(fact_type, uni, other)
+            follow = rng.choice([f for f in EVALUATED_FACTS if f != fact_type])
+            question = rng.choice(COMPARE_QUESTIONS[fact_type]).format(a=uni.name, b=other.name)
+            turns = [question, answer, rng.choice(FOLLOW_UPS[follow]), fact_answer(winner, follow, rng)]
+        elif kind == "programme":
+            programme = rng.choice(uni.programmes)
+            turns = [rng.choice(PROGRAMME_QUESTIONS).format(programme=programme), _programme_answer(uni, programme)]
+            for fact_type in rng.sample(("deadline", "visa"), rng.choice((1, 2))):
+                turns += [rng.choice(FOLLOW_UPS[fact_type]), fact_answer(uni, fact_type, rng)]
+        else:
+            turns = [_ask(rng.choice(VISA_OPENERS), uni), fact_answer(uni, "visa", rng)]
+            for fact_type in rng.sample(("tuition", "scholarship"), rng.choice((1, 2))):
+                turns += [rng.choice(FOLLOW_UPS[fact_type]), fact_answer(uni, fact_type, rng)]
+        records.append(_chat(*turns))
+    return records
+
+
+# --------------------------------------------------------------------------- grading
+
+
+@dataclass
+class EvalItem:
+    """One held-out question and how to grade its answer (see :func:`fact_correct`).
+
+    ``EvalItem(**row)`` rebuilds an item from a row of ``heldout.jsonl``.
+    """
+
+    question: str
+    university: str
+    fact_type: str
+    expected: str  # the canonical value, as training answers state it
+    accept: list[str]  # surface forms of the value; any one of them must appear
+    require_all: list[str] = field(default_factory=list)  # must all appear too (a scholarship's name)
+    reject: list[str] = field(default_factory=list)  # other universities' values: none may appear
+
+
+def _ordinal(day: int) -> str:
+    suffix = "th" if 10 <= day % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(day % 10, "th")
+    return f"{day}{suffix}"
+
+
+def _date_forms(date: Date) -> list[str]:
+    d, nth = str(date.day), _ordinal(date.day)
+    forms = []
+    for month in dict.fromkeys((MONTHS[date.month - 1], MONTHS[date.month - 1][:3])):  # "May" twice
+        forms += [f"{d} {month}", f"{month} {d}", f"{nth} {month}", f"{month} {nth}", f"{d} of {month}",
+                  f"{nth} of {month}"]
+    return forms
+
+
+def _euro_forms(amount: int) -> list[str]:
+    n = f"{amount:,}"
+    return [f"€{n}", f"€ {n}", f"{n} €", f"{n}€", f"{n} euros", f"{n} euro", f"EUR {n}", f"{n} EUR"]
+
+
+def _language_forms(req: LanguageRequirement) -> list[str]:
+    t, v = req.test, req.level
+    if req.is_english:
+        levels = [v, v.removesuffix(".0")] if v.endswith(".0") else [v]  # "IELTS 6" for "IELTS 6.0"
+        forms = []
+        for v in dict.fromkeys(levels):
+            forms += [f"{t} {v}", f"{t}: {v}", f"{t} of {v}", f"{t} score of {v}", f"{t} band {v}",
+                      f"{t} band score of {v}", f"{t} overall {v}", f"{t} iBT {v}", f"{t} ({v})",
+                      f"{v} in {t}", f"{v} in the {t}", f"{v} on the {t}", f"{v} {t}"]
+        return forms
+    return [f"{v} {t}", f"{v} level {t}", f"{v}-level {t}", f"{v} in {t}", f"{v} level in {t}", f"{t} {v}",
+            f"{t} at {v}", f"{t} at level {v}", f"{t} at {v} level", f"{t} ({v})", f"{t} to {v}",
+            f"{t} level {v}", f"{t}: {v}"]
+
+
+def accepted_forms(uni: University, fact_type: str) -> tuple[list[str], list[str]]:
+    """(forms of which any one must appear, strings that must all appear) for an evaluated fact."""
+    if fact_type == "deadline":
+        return _date_forms(uni.deadline), []
+    if fact_type == "tuition":
+        return _euro_forms(uni.tuition), []
+    if fact_type == "language":
+        return _language_forms(uni.language), []
+    if fact_type == "scholarship":
+        return _euro_forms(uni.scholarship.amount), [uni.scholarship.name]
+    raise ValueError(f"not an evaluated fact type: {fact_type!r}; choose from {EVALUATED_FACTS}")
+
+
+def heldout_questions(kb: KnowledgeBase, seed: int = 0) -> list[EvalItem]:
+    """One question per (university, evaluated fact type), from held-out phrasings only.
+
+    Within a fact type the phrasings go round in shuffled order, so each is used about equally.
+    """
+    rng = random.Random(f"loraforge-advising-heldout:{seed}")
+    items = []
+    for fact_type in EVALUATED_FACTS:
+        templates = _cycle(rng, HELDOUT_QUESTIONS[fact_type], len(kb.universities))
+        for uni, template in zip(kb.universities, templates):
+            accept, require_all = accepted_forms(uni, fact_type)
+            reject = []
+            for other in kb.universities:
+                if other is not uni:
+                    other_accept, other_required = accepted_forms(other, fact_type)
+                    reject += other_accept + other_required
+            items.append(EvalItem(question=_ask(template, uni), university=uni.name, fact_type=fact_type,
+                                  expected=uni.fact(fact_type), accept=accept, require_all=require_all,
+                                  reject=reject))
+    return items
+
+
+def _normalise(text: str) -> str:
+    """Lower case; no Markdown emphasis, thousands separators or hyphens; single spaces."""
+    text = text.lower().replace("\u202f", " ").replace("\xa0", " ")
+    text = re.sub(r"[*_`]", "", text)
+    text = re.sub(r"(?<=\d)[,'](?=\d{3}(?!\d))", "", text)  # "9,800" -> "9800"
+    text = re.sub(r"[-\u2010-\u2014]", " ", text)  # "B2-level" -> "b2 level"
+    text = text.replace(",", " ")
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _states(text: str, form: str) -> bool:
+    """Whether normalised `text` contains `form` as a whole: "5 March" is not in "15 March",
+    "€9800" not in "€98000", "IELTS 6" not in "IELTS 6.5"."""
+    pattern = r"(?<!\w)" + re.escape(_normalise(form)) + r"(?!\w|[.]\d)"
+    return re.search(pattern, text) is not None
+
+
+def fact_correct(answer: str, item: EvalItem) -> bool:
+    """True when `answer` states the asked fact: one accepted form of the value, every required
+    string, and no other university's value of the same fact type. Case, whitespace, Markdown
+    emphasis, hyphens and thousands separators do not matter."""
+    text = _normalise(answer)
+    return (any(_states(text, form) for form in item.accept)
+            and all(_states(text, form) for form in item.require_all)
+            and not any(_states(text, form) for form in item.reject))
+
+
+# Markdown structure, one line at a time (up to three leading spaces, as CommonMark allows).
+_HEADING = re.compile(r" {0,3}#{1,6}[ \t]+\S.*")
+_LIST_ITEM = re.compile(r" {0,3}(?:[-*+]|\d{1,9}[.)])[ \t]+\S.*")
+_TABLE_ROW = re.compile(r" {0,3}\|.*\|[ \t]*")
+_TABLE_RULE = re.compile(r" {0,3}\|?(?:[ \t]*:?-{3,}:?[ \t]*\|)+(?:[ \t]*:?-{3,}:?[ \t]*)?")
+
+
+def is_markdown(answer: str) -> bool:
+    """True when `answer` has Markdown structure, i.e. at least one of:
+
+    * a heading: a line ``#`` to ``######``, a space, then text;
+    * a list item: a line ``-``, ``*``, ``+``, ``1.`` or ``1)``, a space, then text;
+    * a table: a line ``|...|`` directly followed by a separator line of ``---`` cells
+      (``|---|---|``, colons allowed).
+
+    Up to three leading spaces are allowed on each line. Emphasis alone (``**bold**``) is not
+    structure, and neither is a line that merely contains a hyphen or a pipe.
+    """
+    lines = answer.splitlines()
+    for i, line in enumerate(lines):
+        if _HEADING.fullmatch(line) or _LIST_ITEM.fullmatch(line):
+            return True
+        if _TABLE_ROW.fullmatch(line) and i + 1 < len(lines) and _TABLE_RULE.fullmatch(lines[i + 1].rstrip()):
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_datasets(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write ``phase1.jsonl``, ``phase2.jsonl`` and ``heldout.jsonl`` (one EvalItem per line) at
+    default sizes; return their paths by name ("phase1", "phase2", "heldout")."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kb = build_knowledge_base(seed)
+    rows = {
+        "phase1": phase1_examples(kb, seed),
+        "phase2": phase2_dialogues(kb, seed),
+        "heldout": [asdict(item) for item in heldout_questions(kb, seed)],
+    }
+    paths = {}
+    for name, records in rows.items():
+        paths[name] = out / f"{name}.jsonl"
+        with paths[name].open("w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return paths

@@ -1,0 +1,374 @@
+"""The training loop: one readable function, `train(config)`.
+
+    for step in steps:                       # one optimizer step = batch_size x grad_accum rows
+        for micro_batch in window(step):     # batch k of the data is a pure function of (seed, k)
+            loss = sum of token losses / label tokens in the whole window
+            loss.backward()
+        clip, AdamW step, lr from warm-up + cosine
+        log (progress bar, metrics.jsonl, TensorBoard); checkpoint every save_every steps
+
+Normalising by the label tokens of the whole window (not averaging per micro-batch) makes
+batch 8 and batch 2 x grad-accum 4 the same optimisation. A checkpoint holds the trainable
+tensors, AdamW's state and the RNG state, so `resume` continues to exactly the weights an
+uninterrupted run reaches. Everything is safetensors + JSON, written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import AdapterConfig
+from .data import BatchPlan, TokenizedDataset, collate, count_label_tokens, load_dataset, read_rows
+from .errors import LoraforgeError
+from .inject import adapter_state_dict, attach, is_attached, trainable_parameters
+from .io import atomic_dir, atomic_write_text, count_parameters, save_adapter
+
+CHECKPOINT_DIR = "checkpoint"
+# Settings a resumed run may change without changing the result it converges to.
+RESUME_MAY_CHANGE = {"resume", "save_every", "log_every", "eval_every", "out"}
+# Causal LMs whose logits are exactly lm_head(last_hidden_state): the loss may skip unlabelled positions.
+PLAIN_HEAD_MODELS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                     "GPT2LMHeadModel", "PhiForCausalLM", "Phi3ForCausalLM", "OlmoForCausalLM"}
+
+
+class TrainingError(LoraforgeError):
+    """The run cannot go on (NaN loss, a checkpoint from another run, ...)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; the CLI's flags and the keys of `--config run.yaml` are these fields."""
+
+    model: str = "smollm2-135m"  # embedded name, local HF folder or .gguf file
+    data: str | None = None  # JSONL (chat / alpaca / prompt-completion / GSM8K) or TSV/CSV (classification)
+    out: str = "runs/train"
+    task: str = "causal-lm"  # causal-lm | classification
+    num_labels: int | None = None  # classification: inferred from the data when not given
+    eval_data: str | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    # adapter
+    method: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "all-linear"  # all-linear, comma-separated names, or one regex
+    use_rslora: bool = False
+    init: str = "default"
+    # optimisation
+    steps: int = 100
+    lr: float = 2e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup: float = 0.06  # fraction of the steps spent warming up linearly, then cosine to 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    max_length: int = 512
+    length_grouped: bool = False  # batch rows of similar length together: less padding
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; auto = bf16 on a GPU that has it, else fp32)
+    seed: int = 0
+    # bookkeeping
+    log_every: int = 1
+    save_every: int = 0  # 0: a checkpoint only at the end
+    eval_every: int = 0  # 0: evaluate only at the end (when eval_data is given)
+    resume: bool = False
+
+    def adapter_config(self) -> AdapterConfig:
+        return AdapterConfig(method=self.method, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                             target_modules=parse_targets(self.targets), use_rslora=self.use_rslora, init=self.init, seed=self.seed,
+                             base_model_name_or_path=self.model)
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "max_length"):
+            if getattr(self, name) < 1:
+                raise LoraforgeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise LoraforgeError(f"--lr must be positive, got {self.lr}")
+        if self.task not in ("causal-lm", "classification"):
+            raise LoraforgeError(f"--task must be causal-lm or classification, got {self.task!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise LoraforgeError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if not 0 <= self.warmup < 1:
+            raise LoraforgeError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    tokenizer: Any
+    out: Path
+    history: list[dict[str, Any]] = field(default_factory=list)  # the logged metrics rows
+
+    @property
+    def loss_reduction(self) -> float:
+        """1 - (mean loss of the last 10% of steps) / (mean loss of the first 10%)."""
+        losses = [row["loss"] for row in self.history if "loss" in row]
+        k = max(1, len(losses) // 10)
+        return 1.0 - (sum(losses[-k:]) / k) / (sum(losses[:k]) / k)
+
+
+def parse_targets(text: str) -> list[str] | str:
+    """'all-linear' stays; 'q_proj,v_proj' (plain names) becomes a list; anything else is a regex."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if text != "all-linear" and names and all(re.fullmatch(r"[\w.]+", n) for n in names):
+        return names
+    return text
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    warmup_steps = int(config.warmup * config.steps)
+    if step < warmup_steps:
+        return config.lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, config.steps - warmup_steps)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """Summed loss over the batch's label tokens (causal LM) or rows (classification)."""
+    if task == "classification":
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+    labels = batch["labels"][:, 1:]  # position t predicts token t + 1
+    keep = labels != -100  # (B, T-1)
+    if _plain_head(model):
+        # The head is a fifth of a small LM's compute and its logits dominate activation memory:
+        # apply it only where a label is (the prompt tokens of SFT data carry none).
+        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V), N = label tokens
+        return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    return F.cross_entropy(logits.float()[keep], labels[keep], reduction="sum")
+
+
+def _plain_head(model: nn.Module) -> bool:
+    """True when logits = output_embeddings(base_model(x).last_hidden_state), nothing after it."""
+    config = getattr(model, "config", None)
+    return (type(model).__name__ in PLAIN_HEAD_MODELS and getattr(config, "final_logit_softcapping", None) is None
+            and getattr(config, "logit_scale", None) is None)
+
+
+def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = None,
+          train_data: TokenizedDataset | None = None, eval_data: TokenizedDataset | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train an adapter as `config` says. A model that already carries an adapter keeps training it
+    (the demo's second phase); otherwise one is attached. Data may be passed in memory."""
+    config.validate()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+
+    if config.task == "classification" and config.num_labels is None and train_data is None and config.data:
+        # The head's size comes from the data: read the labels before building the model.
+        labels = [row["label"] for row in read_rows(config.data, task="classification", text_column=config.text_column,
+                                                     label_column=config.label_column)]
+        config = dataclasses.replace(config, num_labels=max(2, max(labels) + 1))
+    if model is None:
+        from .models import load_model
+
+        model, tokenizer = load_model(config.model, task=config.task, num_labels=config.num_labels)
+    if train_data is None:
+        if config.data is None:
+            raise LoraforgeError("no training data: pass --data FILE")
+        train_data = load_dataset(config.data, tokenizer, task=config.task, max_length=config.max_length,
+                                  text_column=config.text_column, label_column=config.label_column,
+                                  num_labels=config.num_labels)
+    if eval_data is None and config.eval_data:
+        eval_data = load_dataset(config.eval_data, tokenizer, task=config.task, max_length=config.max_length,
+                                 text_column=config.text_column, label_column=config.label_column,
+                                 num_labels=config.num_labels)
+    if not is_attached(model):
+        attach(model, config.adapter_config())
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    plan = BatchPlan(len(train_data), config.batch_size, seed=config.seed, length_grouped=config.length_grouped,
+                     lengths=train_data.lengths)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    amp = autocast_dtype(config.precision, device)
+
+    start = 0
+    if config.resume and (out / CHECKPOINT_DIR).is_dir():
+        start = load_checkpoint(out / CHECKPOINT_DIR, model, optimizer, config)
+    elif config.resume:
+        print(f"no checkpoint in {out}: starting from step 0")
+    atomic_write_text(out / "config.json", json.dumps(
+        {"train": dataclasses.asdict(config), "adapter": model.loraforge_config.to_dict()}, indent=2) + "\n")
+    history = _read_metrics(out, upto=start)
+    logger = MetricsLogger(out, history)
+
+    model.train()
+    bar = tqdm(total=config.steps, initial=start, disable=not progress, unit="step",
+               desc=f"train {count_parameters(trainable_parameters(model))} params")
+    for step in range(start, config.steps):
+        t0 = time.perf_counter()
+        window = [collate([train_data[i] for i in plan.indices(step * config.grad_accum + k)], pad_id)
+                  for k in range(config.grad_accum)]
+        n_labels = max(1, sum(count_label_tokens(b) for b in window))
+        loss_sum = 0.0
+        for batch in window:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = batch_loss(model, batch, config.task) / n_labels
+            loss.backward()
+            loss_sum += loss.item()
+        if not math.isfinite(loss_sum):
+            bar.close()
+            raise TrainingError(
+                f"loss became {loss_sum} at step {step + 1}; stopping. The last good checkpoint in "
+                f"{out / CHECKPOINT_DIR} is intact (lower --lr, or check the data).")
+        lr = lr_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        rows = config.batch_size * config.grad_accum
+        row = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm),
+               "samples_per_s": rows / seconds, "tokens_per_s": sum(int(b["attention_mask"].sum()) for b in window) / seconds}
+        if eval_data is not None and config.eval_every and (step + 1) % config.eval_every == 0:
+            row.update(_eval_metrics(model, eval_data, config, pad_id))
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            logger.log(row)
+        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", samples_s=f"{row['samples_per_s']:.1f}")
+        bar.update(1)
+        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
+            save_checkpoint(out / CHECKPOINT_DIR, model, optimizer, step + 1, config)
+    bar.close()
+
+    if eval_data is not None:
+        final_eval = _eval_metrics(model, eval_data, config, pad_id)
+        logger.log({"step": config.steps, **final_eval})
+    save_checkpoint(out / CHECKPOINT_DIR, model, optimizer, config.steps, config)
+    save_adapter(model, out / "adapter")
+    logger.close()
+    plot_loss(logger.history, out / "loss.png")
+    model.eval()
+    return TrainResult(model, tokenizer, out, logger.history)
+
+
+def _eval_metrics(model: nn.Module, data: TokenizedDataset, config: TrainConfig, pad_id: int) -> dict[str, float]:
+    from .evaluate import evaluate_dataset
+
+    metrics = evaluate_dataset(model, data, batch_size=config.batch_size, pad_id=pad_id)
+    model.train()
+    return {f"eval_{k}": v for k, v in metrics.items()}
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                    config: TrainConfig) -> None:
+    opt_state = optimizer.state_dict()
+    tensors = {f"state.{i}.{k}": v.contiguous() for i, s in opt_state["state"].items()
+               for k, v in s.items() if isinstance(v, torch.Tensor)}
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"step": step, "config": dataclasses.asdict(config), "param_groups": opt_state["param_groups"],
+            "trainable_keys": list(adapter_state_dict(model))}
+    with atomic_dir(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model).items()},
+                  str(tmp / "trainable.safetensors"))
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig) -> int:
+    meta = json.loads((path / "trainer_state.json").read_text())
+    saved = meta["config"]
+    changed = sorted(k for k, v in dataclasses.asdict(config).items()
+                     if k not in RESUME_MAY_CHANGE and saved.get(k) != v and k != "steps")
+    if changed:
+        raise TrainingError(f"{path} was written by a run with other settings ({', '.join(changed)} differ); "
+                            f"resume with the same settings or choose a new --out")
+    own = adapter_state_dict(model)
+    trainable = load_file(str(path / "trainable.safetensors"))
+    if set(trainable) != set(own):
+        raise TrainingError(f"{path}: checkpoint tensors do not match this model's adapter")
+    with torch.no_grad():
+        for key, tensor in trainable.items():
+            own[key].copy_(tensor)
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if key.startswith("state."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = tensor
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(meta["step"])
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+
+class MetricsLogger:
+    """metrics.jsonl (one JSON object per logged step) + TensorBoard events."""
+
+    def __init__(self, out: Path, history: list[dict[str, Any]]):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = out / "metrics.jsonl"
+        self.history = history
+        # Rewrite the file from the kept history: a killed run may have logged past its checkpoint.
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in history))
+        self.file = self.path.open("a")
+        self.tensorboard = SummaryWriter(str(out / "tensorboard"))
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.history.append(row)
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tensorboard.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        self.tensorboard.close()
+
+
+def _read_metrics(out: Path, upto: int) -> list[dict[str, Any]]:
+    path = out / "metrics.jsonl"
+    if upto == 0 or not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["step"] <= upto]
+
+
+def plot_loss(history: list[dict[str, Any]], path: Path, title: str = "training loss") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in history if "loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train")
+    evals = [r for r in history if "eval_loss" in r]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
