@@ -111,7 +111,7 @@ def merge_to_folder(model: nn.Module, tokenizer: Any, out: str | Path, dtype: to
     plain = merge_and_unload(model)
     if dtype is not None:
         plain = plain.to(dtype)
-    for attr in ("loraforge_config", "loraforge_targets"):
+    for attr in ("loraforge_config", "loraforge_targets", "loraforge_adapter_keys"):
         if hasattr(plain, attr):
             delattr(plain, attr)
     with atomic_dir(out) as tmp:

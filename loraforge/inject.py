@@ -73,7 +73,12 @@ def _excluded_prefixes(model: nn.Module, config: AdapterConfig) -> list[str]:
 
 
 def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
-    """Wrap the target layers of `model` (in place) and freeze everything else. Returns `model`."""
+    """Wrap the target layers of `model` (in place) and freeze everything else. Returns `model`.
+
+    The adapter's state is whatever the wrapping created: every parameter and persistent buffer
+    that the model did not have before (plus `modules_to_save`). New parameters train; the
+    base model's stay frozen.
+    """
     if is_attached(model):
         raise AdapterError("this model already carries an adapter: detach() or merge_and_unload() it first")
     config = dataclasses.replace(config)  # the model keeps its own resolved copy
@@ -83,22 +88,23 @@ def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
         config.task_type = TASK_TYPES["classification"] if head else TASK_TYPES["causal-lm"]
     if config.modules_to_save is None and config.task_type == "SEQ_CLS" and head:
         config.modules_to_save = [head]
-    targets = find_targets(model, config)
     for param in model.parameters():
         param.requires_grad_(False)
+    base_tensors = {id(t) for t in model.state_dict(keep_vars=True).values()}
     rng = torch.random.fork_rng(devices=[]) if config.seed is not None else contextlib.nullcontext()
     with rng:
         if config.seed is not None:
             torch.manual_seed(config.seed)
-        for name in targets:
-            parent, child = _parent(model, name)
-            setattr(parent, child, method.layer(getattr(parent, child), config, name))
-    for layer in adapter_layers(model).values():
-        for param in layer.adapter_parameters().values():
-            param.requires_grad_(True)
+        if method.attach is not None:
+            targets = method.attach(model, config)
+        else:
+            targets = find_targets(model, config)
+            for name in targets:
+                parent, child = _parent(model, name)
+                setattr(parent, child, method.layer(getattr(parent, child), config, name))
+    model.loraforge_adapter_keys = [k for k, t in model.state_dict(keep_vars=True).items() if id(t) not in base_tensors]
     for name in config.modules_to_save or []:
-        module = _module(model, name)
-        for param in module.parameters():
+        for param in _module(model, name).parameters():
             param.requires_grad_(True)
     model.loraforge_config = config
     model.loraforge_targets = targets
@@ -148,10 +154,8 @@ def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """What an adapter saves, keyed by model path: adapter tensors and modules_to_save weights."""
-    state = {}
-    for name, layer in adapter_layers(model).items():
-        for pname, param in layer.adapter_parameters().items():
-            state[f"{name}.{pname}"] = param
+    everything = model.state_dict(keep_vars=True)
+    state = {key: everything[key] for key in model.loraforge_adapter_keys}
     for name in model.loraforge_config.modules_to_save or []:
         for pname, param in _module(model, name).named_parameters():
             state[f"{name}.{pname}"] = param
@@ -166,8 +170,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     for name, layer in adapter_layers(model).items():
         parent, child = _parent(model, name)
         setattr(parent, child, layer.base_layer)
-    model.loraforge_config = None
-    model.loraforge_targets = None
+    model.loraforge_config = model.loraforge_targets = model.loraforge_adapter_keys = None
     return model
 
 

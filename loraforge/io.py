@@ -127,8 +127,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     with torch.no_grad():
         for key, tensor in state.items():
             own[key].copy_(tensor.to(own[key].dtype))
-    for param in own.values():
-        param.requires_grad_(trainable)
+    for tensor in own.values():
+        if isinstance(tensor, nn.Parameter):
+            tensor.requires_grad_(trainable)
     return model
 
 

@@ -4,7 +4,7 @@ the CLI, the saver and the tests look methods up here and never by class."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ class Method:
     layer: type["AdapterLayer"]
     merges: bool  # the update folds exactly into the frozen weight
     peft_type: str | None  # PEFT can load the saved adapter as this type (None: it cannot)
+    # Methods that adapt whole blocks rather than single Linear layers (a mixture of experts in the
+    # FFN) bring their own attach(model, config) -> model; None: wrap each target Linear in `layer`.
+    attach: Callable[[nn.Module, "AdapterConfig"], nn.Module] | None = None
 
     def trainable_params(self, d_in: int, d_out: int, config: "AdapterConfig") -> int:
         """Count by building the layer on the meta device: no formula to keep in sync."""
@@ -35,11 +38,12 @@ class Method:
 _METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, axis: str, paper: str, merges: bool = True, peft_type: str | None = None):
+def register(name: str, *, axis: str, paper: str, merges: bool = True, peft_type: str | None = None,
+             attach: Callable[[nn.Module, "AdapterConfig"], nn.Module] | None = None):
     def wrap(layer_cls):
         if name in _METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        _METHODS[name] = Method(name, axis, paper, layer_cls, merges, peft_type)
+        _METHODS[name] = Method(name, axis, paper, layer_cls, merges, peft_type, attach)
         return layer_cls
 
     return wrap

@@ -142,6 +142,17 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the `aux_loss` tensors that modules set during the last forward (e.g. a mixture of
+    experts' load-balancing loss); each is consumed so that it is counted once."""
+    losses = []
+    for module in model.modules():
+        if getattr(module, "aux_loss", None) is not None:
+            losses.append(module.aux_loss)
+            module.aux_loss = None
+    return torch.stack(losses).sum() if losses else None
+
+
 def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
     """Summed loss over the batch's label tokens (causal LM) or rows (classification)."""
     if task == "classification":
@@ -223,11 +234,16 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
         window = [collate([train_data[i] for i in plan.indices(step * config.grad_accum + k)], pad_id)
                   for k in range(config.grad_accum)]
         n_labels = max(1, sum(count_label_tokens(b) for b in window))
-        loss_sum = 0.0
+        loss_sum, aux_sum = 0.0, 0.0
         for batch in window:
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 loss = batch_loss(model, batch, config.task) / n_labels
+                aux = auxiliary_loss(model)
+            if aux is not None:  # a per-micro-batch mean already: weight it by the batch's share
+                aux = aux / len(window)
+                aux_sum += aux.item()
+                loss = loss + aux
             loss.backward()
             loss_sum += loss.item()
         if not math.isfinite(loss_sum):
@@ -245,6 +261,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
         rows = config.batch_size * config.grad_accum
         row = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm),
                "samples_per_s": rows / seconds, "tokens_per_s": sum(int(b["attention_mask"].sum()) for b in window) / seconds}
+        if aux_sum:
+            row["aux_loss"] = aux_sum
         if eval_data is not None and config.eval_every and (step + 1) % config.eval_every == 0:
             row.update(_eval_metrics(model, eval_data, config, pad_id))
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:

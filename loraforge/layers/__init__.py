@@ -1,3 +1,8 @@
-"""One file per parametrisation; importing this package registers them all."""
+"""One file per parametrisation; importing this package imports them all, and each registers itself."""
 
-from . import lora  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")

@@ -5,7 +5,8 @@
 
 A subclass defines its tensors in `__init__`, `delta(x)` (never materialising d_out x d_in when a
 low-rank path exists) and `delta_weight()` (the d_out x d_in update, float32, for merging).
-Every parameter of the layer that is not under `base_layer.` is adapter state: trained and saved.
+Every parameter and persistent buffer the layer creates (i.e. not under `base_layer.`) is adapter
+state: saved with the adapter; its parameters train.
 """
 
 from __future__ import annotations
@@ -62,9 +63,6 @@ class AdapterLayer(nn.Module):
         if self.fan_in_fan_out:
             update = update.T
         weight.data = (weight.data.float() + sign * update).to(weight.dtype)
-
-    def adapter_parameters(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.named_parameters() if not n.startswith("base_layer.")}
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, merged={self.merged}"

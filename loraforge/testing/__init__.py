@@ -57,7 +57,7 @@ def tiny_llama(seed: int = 0, vocab_size: int = TINY_VOCAB) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=True, pad_token_id=0,
+        tie_word_embeddings=True, pad_token_id=0, initializer_range=0.2,
     )
     return LlamaForCausalLM(config).eval()
 

@@ -1,0 +1,131 @@
+"""Trainer: outputs, exact resume, accumulation equivalence, NaN stop, the loss's head shortcut."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import loraforge as lf
+from loraforge.data import collate, from_records
+from loraforge.train import TrainConfig, TrainingError, batch_loss, lr_at, train
+from loraforge.testing import tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
+
+TOK = tiny_tokenizer()
+
+
+def chat_records(n: int = 24) -> list[dict]:
+    # Responses of different lengths, so per-micro-batch averaging would differ from token normalisation.
+    return [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"## Sum\n- {i} + {i} = {2 * i}" + " ok" * (i % 5)}]}
+            for i in range(n)]
+
+
+def run(tmp_path, name="run", model=None, data=None, **kw):
+    settings = dict(rank=4, alpha=8, steps=6, lr=5e-3, batch_size=4) | kw
+    config = TrainConfig(out=str(tmp_path / name), **settings)
+    model = model or tiny_llama()
+    data = data or from_records(chat_records(), TOK, max_length=64)
+    return train(config, model=model, tokenizer=TOK, train_data=data, progress=False)
+
+
+def adapter_tensors(out) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def test_run_writes_everything_and_lowers_the_loss(tmp_path):
+    result = run(tmp_path, steps=20, lr=3e-2, rank=8)
+    out = result.out
+    for name in ("config.json", "metrics.jsonl", "loss.png", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "checkpoint/trainer_state.json"):
+        assert (out / name).is_file(), name
+    assert any((out / "tensorboard").iterdir())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert {"step", "loss", "lr", "samples_per_s"} <= set(rows[0])
+    assert result.loss_reduction > 0.3
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["rank"] == 8 and config["adapter"]["method"] == "lora"
+
+
+def test_resume_after_kill_reaches_the_same_weights(tmp_path, monkeypatch):
+    full = run(tmp_path, "full", steps=8, dropout=0.1)
+    # Kill a second run inside step 6 (its last checkpoint is from step 4), then resume it.
+    real_lr_at = lr_at
+
+    def killed_at_step_6(step, config):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real_lr_at(step, config)
+
+    monkeypatch.setattr("loraforge.train.lr_at", killed_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "killed", steps=8, dropout=0.1, save_every=2)
+    monkeypatch.setattr("loraforge.train.lr_at", real_lr_at)
+    resumed = run(tmp_path, "killed", steps=8, dropout=0.1, save_every=2, resume=True)
+    for key, value in adapter_tensors(full.out).items():
+        torch.testing.assert_close(adapter_tensors(resumed.out)[key], value, atol=1e-6, rtol=0)
+    steps = [json.loads(line)["step"] for line in (resumed.out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path):
+    run(tmp_path, "a", steps=2)
+    with pytest.raises(TrainingError, match="lr"):
+        run(tmp_path, "a", steps=4, lr=1e-2, resume=True)
+
+
+def test_gradient_accumulation_equals_the_full_batch(tmp_path):
+    one = run(tmp_path, "one", batch_size=4, grad_accum=1)
+    accum = run(tmp_path, "accum", batch_size=2, grad_accum=2)
+    # Same rows per step? BatchPlan cuts batch k from (seed, k): batch 4 step s == batches 2s, 2s+1 of size 2.
+    for key, value in adapter_tensors(one.out).items():
+        torch.testing.assert_close(adapter_tensors(accum.out)[key], value, atol=1e-5, rtol=0)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    original = batch_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch, task):  # steps 1-3 are fine, step 4 diverges
+        calls["n"] += 1
+        loss = original(model, batch, task)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr("loraforge.train.batch_loss", poisoned)
+    with pytest.raises(TrainingError, match="loss became nan at step 4"):
+        run(tmp_path, "nan", steps=6, save_every=1)
+    checkpoint = tmp_path / "nan" / "checkpoint"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 3
+    assert all(torch.isfinite(t).all() for t in load_file(str(checkpoint / "trainable.safetensors")).values())
+    assert not (tmp_path / "nan" / "adapter").exists()  # no final adapter from a diverged run
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_loss_on_label_positions_only_equals_full_logits(make):
+    model = lf.attach(make(), lf.AdapterConfig(rank=4, init="random"))
+    data = from_records(chat_records(6), TOK, max_length=64)
+    batch = collate(list(data), pad_id=0)
+    fast = batch_loss(model, batch, "causal-lm")
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    full = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
+                                             ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(fast, full, atol=1e-4, rtol=1e-5)
+
+
+def test_classification_training_trains_the_head(tmp_path):
+    rows = [{"text": ("good fine great " if i % 2 else "bad awful poor ") * 2, "label": i % 2} for i in range(32)]
+    data = from_records(rows, TOK, task="classification", max_length=32)
+    model = tiny_bert()
+    head_before = model.classifier.weight.detach().clone()
+    result = run(tmp_path, model=model, data=data, task="classification", steps=15, lr=1e-2)
+    assert not torch.equal(result.model.classifier.weight, head_before)
+    assert "base_model.model.classifier.weight" in adapter_tensors(result.out)
+    assert result.loss_reduction > 0.2
+
+
+def test_bad_settings_are_refused(tmp_path):
+    with pytest.raises(lf.LoraforgeError, match="--steps"):
+        run(tmp_path, steps=0)
+    with pytest.raises(lf.LoraforgeError, match="--precision"):
+        run(tmp_path, precision="fp8")
