@@ -36,7 +36,7 @@ from .tasks.advising import (
     phase2_dialogues,
     write_datasets,
 )
-from .train import TrainConfig, TrainResult, plot_loss, train
+from .train import TrainConfig, TrainResult, autocast_dtype, plot_loss, train
 
 SYSTEM = "You are a study-abroad advisor. Answer in Markdown."
 
@@ -48,7 +48,7 @@ class DemoSettings:
     alpha: float = 32.0
     targets: str = "all-linear"
     batch_size: int = 8
-    phase1_steps: int = 110
+    phase1_steps: int = 150
     phase1_lr: float = 3e-3
     phase2_steps: int = 20
     phase2_lr: float = 1e-3
@@ -60,13 +60,19 @@ def with_system(record: dict) -> dict:
     return {"messages": [{"role": "system", "content": SYSTEM}, *record["messages"]]}
 
 
-def ask(model, tokenizer, items, settings: DemoSettings) -> tuple[list[str], dict[str, float]]:
+def ask(model, tokenizer, items, settings: DemoSettings) -> tuple[list[str], dict[str, Any]]:
     questions = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": item.question}] for item in items]
-    answers = generate(model, tokenizer, questions, max_new_tokens=settings.max_new_tokens,
-                       batch_size=settings.eval_batch_size, progress=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_dtype("auto", torch.device("cpu")) is not None):
+        answers = generate(model, tokenizer, questions, max_new_tokens=settings.max_new_tokens,
+                           batch_size=settings.eval_batch_size, progress=True)
+    correct = [fact_correct(a, item) for a, item in zip(answers, items)]
+    by_type: dict[str, list[bool]] = {}
+    for item, ok in zip(items, correct):
+        by_type.setdefault(item.fact_type, []).append(ok)
     metrics = {
-        "fact_accuracy": sum(fact_correct(a, item) for a, item in zip(answers, items)) / len(items),
+        "fact_accuracy": sum(correct) / len(items),
         "markdown_rate": sum(is_markdown(a) for a in answers) / len(items),
+        "fact_accuracy_by_type": {t: sum(v) / len(v) for t, v in by_type.items()},
     }
     return answers, metrics
 
@@ -94,7 +100,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, settings: DemoSetting
         print(f"[{2 + len(results)}/4] {phase}: {len(data)} rows, {steps} steps")
         config = TrainConfig(model=settings.model, out=str(out / phase), rank=settings.rank, alpha=settings.alpha,
                              targets=settings.targets, steps=steps, lr=lr, batch_size=settings.batch_size,
-                             max_length=256, seed=seed)
+                             max_length=256, length_grouped=True, seed=seed)
         results.append(train(config, model=model, tokenizer=tokenizer, train_data=data))
 
     print("[4/4] asking the held-out questions again")
@@ -109,6 +115,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, settings: DemoSetting
         "fact_accuracy_after": after["fact_accuracy"],
         "markdown_rate_before": before["markdown_rate"],
         "markdown_rate_after": after["markdown_rate"],
+        "fact_accuracy_by_type_after": after["fact_accuracy_by_type"],
         "loss_reduction": results[0].loss_reduction,
         "loss_reduction_phase2": results[1].loss_reduction,
         "samples_per_s": samples / train_seconds,
@@ -119,6 +126,10 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, settings: DemoSetting
     }
     plot_loss(history, out / "loss.png", title="advising demo: phase 1 then phase 2")
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "answers.jsonl", "".join(
+        json.dumps({"question": item.question, "fact_type": item.fact_type, "expected": item.expected,
+                    "before": a, "after": b, "correct_after": fact_correct(b, item)}) + "\n"
+        for item, a, b in zip(items, answers_before, answers_after)))
     atomic_write_text(out / "report.md", render_report(summary, items, answers_before, answers_after))
     return summary
 
@@ -139,6 +150,9 @@ def render_report(summary: dict[str, Any], items, before: list[str], after: list
         f"| Markdown rate | {s['markdown_rate_before']:.2f} | {s['markdown_rate_after']:.2f} | 0.95 |",
         f"| training-loss reduction (phase 1) | | {s['loss_reduction']:.2f} | 0.527 |",
         f"| throughput (samples/s) | | {s['samples_per_s']:.2f} | |",
+        "",
+        "Fact accuracy after training, by fact type: "
+        + ", ".join(f"{t} {v:.2f}" for t, v in s["fact_accuracy_by_type_after"].items()) + ".",
         "",
         "![loss](loss.png)",
         "",

@@ -111,9 +111,10 @@ def merge_to_folder(model: nn.Module, tokenizer: Any, out: str | Path, dtype: to
     plain = merge_and_unload(model)
     if dtype is not None:
         plain = plain.to(dtype)
-    for attr in ("loraforge_config", "loraforge_targets", "loraforge_adapter_keys"):
-        if hasattr(plain, attr):
-            delattr(plain, attr)
+    for obj, attr in ((plain, "loraforge_config"), (plain, "loraforge_targets"), (plain, "loraforge_adapter_keys"),
+                      (plain.config, "loraforge_base")):
+        if hasattr(obj, attr):
+            delattr(obj, attr)  # a plain transformers folder: nothing of loraforge's in it
     with atomic_dir(out) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

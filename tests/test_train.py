@@ -22,7 +22,7 @@ def chat_records(n: int = 24) -> list[dict]:
 
 
 def run(tmp_path, name="run", model=None, data=None, **kw):
-    settings = dict(rank=4, alpha=8, steps=6, lr=5e-3, batch_size=4) | kw
+    settings = dict(rank=4, alpha=8, steps=6, lr=5e-3, batch_size=4, precision="fp32") | kw
     config = TrainConfig(out=str(tmp_path / name), **settings)
     model = model or tiny_llama()
     data = data or from_records(chat_records(), TOK, max_length=64)
