@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 import types
@@ -18,7 +19,9 @@ from typing import Any
 
 from .errors import LoraforgeError
 
-COMMANDS = "demo | train | eval | generate | merge | methods"
+COMMANDS = "demo | train | eval | generate | merge | methods | analyze | bench"
+# Commands that live with their feature: each of these modules has add_parser(subparsers).
+FEATURE_COMMANDS = ("loraforge.analysis.cli", "loraforge.bench.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_demo)
+
+    for module in FEATURE_COMMANDS:
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 

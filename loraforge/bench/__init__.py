@@ -1,0 +1,42 @@
+"""Benchmarks: reproducible commands whose tables go to docs/benchmarks.md, with the machine named."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import resource
+from pathlib import Path
+
+import torch
+
+BENCHMARKS_MD = Path("docs/benchmarks.md")
+
+
+def machine() -> str:
+    """One line naming the hardware the figures come from."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, CPU only, torch {torch.__version__}"
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def append_section(title: str, command: str, body: str, path: Path = BENCHMARKS_MD) -> None:
+    """Append a dated section (title, machine, command, table) to docs/benchmarks.md."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text("# Benchmarks\n\nEvery table below comes from the command shown above it, run on the machine named.\n")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with path.open("a") as f:
+        f.write(f"\n## {title} ({stamp})\n\nMachine: {machine()}\n\n```\n{command}\n```\n\n{body.rstrip()}\n")
