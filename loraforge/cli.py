@@ -19,9 +19,9 @@ from typing import Any
 
 from .errors import LoraforgeError
 
-COMMANDS = "demo | train | eval | generate | merge | methods | analyze | bench"
+COMMANDS = "demo | train | eval | generate | merge | methods | analyze | fed | serve | bench"
 # Commands that live with their feature: each of these modules has add_parser(subparsers).
-FEATURE_COMMANDS = ("loraforge.analysis.cli", "loraforge.bench.cli")
+FEATURE_COMMANDS = ("loraforge.analysis.cli", "loraforge.federated.cli", "loraforge.serve.cli", "loraforge.bench.cli")
 
 
 def main(argv: list[str] | None = None) -> int:

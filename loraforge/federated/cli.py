@@ -1,0 +1,102 @@
+"""`loraforge fed aggregate`: combine clients' adapters into one (FedAvg, FLoRA, LoRA-FAIR), or
+with --merge-into fold the aggregate into the base model as FLoRA's server does.
+`loraforge fed run`: federated training in Flower's simulation engine (flower.py; needs the fed extra)."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from ..errors import AdapterError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `fed` (with its `aggregate` and `run` subcommands) to the top-level `loraforge` subparsers."""
+    fed = subparsers.add_parser("fed", help="federated fine-tuning: aggregate clients' adapters, run on Flower")
+    sub = fed.add_subparsers(required=True, metavar="aggregate | run")
+    p = sub.add_parser("aggregate", help="aggregate adapter folders into one adapter (or a merged model)")
+    p.add_argument("--strategy", required=True, choices=["fedavg", "flora", "lora-fair"])
+    p.add_argument("--adapters", required=True, nargs="+", help="the clients' adapter folders (PEFT format)")
+    p.add_argument("--weights", help="comma-separated, one per adapter, non-negative, summing to 1 "
+                                     "(e.g. n_k / sum n_j); default: equal")
+    p.add_argument("--out", required=True, help="folder for the aggregate adapter (or the merged model)")
+    p.add_argument("--pad", action="store_true", help="fedavg / lora-fair: zero-pad clients to the largest rank")
+    p.add_argument("--lam", type=float, default=None,
+                   help="lora-fair: ridge weight of the server residual (default 0.01)")
+    p.add_argument("--merge-into", metavar="MODEL", help="fold the aggregate into this base model and write a "
+                                                         "plain Hugging Face folder to --out")
+    p.set_defaults(run=cmd_aggregate)
+
+    p = sub.add_parser("run", help="federated training in Flower's simulation engine (needs the [fed] extra)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="TSV/CSV (classification) or JSONL (causal-lm); the last "
+                                                 "--eval-fraction of rows is the held-out split")
+    p.add_argument("--task", choices=["classification", "causal-lm"], default="classification")
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (label skew)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--strategy", choices=["fedavg", "flora", "lora-fair"], default="fedavg")
+    p.add_argument("--ranks", default="8", help="one rank, or one per client (cycled; flora only)")
+    p.add_argument("--targets", default="all-linear")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--eval-fraction", type=float, default=0.1)
+    p.add_argument("--lam", type=float, default=1e-2, help="lora-fair: ridge weight of the server residual")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/fed")
+    p.add_argument("--resume", action="store_true", help="continue after the last finished round in --out")
+    p.add_argument("--cpus", type=int, default=2, help="CPUs the simulation may use (one per client at a time)")
+    p.set_defaults(run=cmd_run)
+    return fed
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from . import aggregate
+
+    weights = parse_weights(args.weights) if args.weights else None
+    options = {}
+    if args.pad:
+        if args.strategy == "flora":
+            raise AdapterError("--pad is for fedavg and lora-fair: flora stacks clients of any rank as they are")
+        options["pad"] = True
+    if args.lam is not None:
+        if args.strategy != "lora-fair":
+            raise AdapterError("--lam is for --strategy lora-fair")
+        options["lam"] = args.lam
+    if not args.merge_into:
+        result = aggregate(args.strategy, args.adapters, weights, out=args.out, **options)
+        print(f"{args.strategy}: aggregate of {len(args.adapters)} adapters (rank {result.config.rank}) "
+              f"written to {args.out}")
+        return 0
+    from ..evaluate import merge_to_folder
+    from ..io import load_pretrained
+
+    with tempfile.TemporaryDirectory(prefix="loraforge-fed-") as tmp:
+        adapter_dir = Path(tmp) / "aggregate"
+        aggregate(args.strategy, args.adapters, weights, out=adapter_dir, **options)
+        model, tokenizer = load_pretrained(args.merge_into, adapter_dir)
+        merge_to_folder(model, tokenizer, args.out)
+    print(f"{args.strategy}: aggregate of {len(args.adapters)} adapters merged into {args.merge_into}, "
+          f"written to {args.out}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        from .flower import FedRunConfig, run
+    except ImportError as exc:
+        raise AdapterError(f"fed run needs Flower: pip install 'loraforge[fed]' ({exc})") from exc
+    fields = {f: getattr(args, f) for f in FedRunConfig.__dataclass_fields__ if hasattr(args, f)}
+    out = run(FedRunConfig(**fields), num_cpus=args.cpus)
+    print(f"global adapter, metrics.jsonl and accuracy.png in {out}")
+    return 0
+
+
+def parse_weights(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError as exc:
+        raise AdapterError(f"--weights {text!r}: expected comma-separated numbers such as 0.2,0.3,0.5") from exc

@@ -1,0 +1,313 @@
+"""`loraforge fed run`: federated LoRA fine-tuning as a Flower ServerApp + ClientApp, run in
+Flower's simulation engine. The only file that imports flwr.
+
+Round t (every client takes part):
+  server -> clients   the global adapter G_t (PEFT-format tensors + its AdapterConfig as JSON)
+  client k            fedavg / lora-fair: start from G_t and train it (rank r);
+                      flora: merge G_t into its base copy, attach a fresh rank-r_k LoRA, train it
+  clients -> server   A_k, B_k (+ head), n_k and the client's AdapterConfig
+  server              G_{t+1} = fedavg / lora-fair aggregate (p_k = n_k / sum n_j), or for flora
+                      G_{t+1} = [G_t ; round aggregate] stacked (both have scale 1, so the global
+                      adapter is exactly the sum of all merged updates and PEFT loads it)
+A reply with an error, non-finite tensors or tensors that do not fit is dropped with a logged reason.
+After each round: held-out loss/accuracy, bytes each way -> metrics.jsonl (+ accuracy.png at the
+end); G_{t+1} -> out/global; out/checkpoint holds adapter, metrics and round number, replaced in
+one rename, and --resume starts after its round.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+
+from ..config import AdapterConfig
+from ..data import from_records, read_rows
+from ..errors import AdapterError, LoraforgeError
+from ..evaluate import evaluate_dataset
+from ..inject import adapter_state_dict, attach, merge_and_unload
+from ..io import atomic_dir, atomic_write_text, load_adapter
+from ..train import TrainConfig, parse_targets, train
+from . import STRATEGIES, ClientAdapter, check_clients, read_client, write_adapter
+from .aggregate import stack_onto
+
+log = logging.getLogger("loraforge.fed")
+CHECKPOINT = "checkpoint"  # global adapter + metrics + round counter of the last finished round
+
+
+@dataclass
+class FedRunConfig:
+    model: str
+    data: str  # TSV/CSV (classification) or JSONL (causal-lm); the last eval_fraction is held out
+    out: str = "runs/fed"
+    task: str = "classification"
+    clients: int = 10
+    partition: str = "iid"  # iid | dirichlet:ALPHA (label skew, smaller = more skewed)
+    rounds: int = 5
+    local_steps: int = 10
+    strategy: str = "fedavg"
+    ranks: str = "8"  # one rank, or one per client (cycled) for flora
+    targets: str = "all-linear"
+    lr: float = 1e-3
+    batch_size: int = 16
+    max_length: int = 64
+    eval_fraction: float = 0.1
+    lam: float = 1e-2  # lora-fair's ridge weight
+    seed: int = 0
+    resume: bool = False
+    num_labels: int | None = None  # classification: read from the data by prepare()
+
+    def rank_list(self) -> list[int]:
+        ranks = [int(r) for r in self.ranks.split(",")]
+        if self.strategy != "flora" and len(set(ranks)) > 1:
+            raise LoraforgeError(f"--ranks {self.ranks}: {self.strategy} averages factors of one rank; "
+                                 "heterogeneous ranks need --strategy flora")
+        return ranks
+
+
+def partition(labels: list[int], clients: int, scheme: str, seed: int) -> list[list[int]]:
+    """Row indices per client: iid (shuffled, equal split) or dirichlet:a (per label, client shares
+    ~ Dir(a), the usual label-skew split); every client gets at least one row."""
+    g = torch.Generator().manual_seed(seed)
+    if scheme == "iid":
+        order = torch.randperm(len(labels), generator=g).tolist()
+        return [order[k::clients] for k in range(clients)]
+    if not scheme.startswith("dirichlet:"):
+        raise LoraforgeError(f"--partition must be iid or dirichlet:ALPHA, got {scheme!r}")
+    concentration = torch.full((clients,), float(scheme.split(":", 1)[1]))
+    parts: list[list[int]] = [[] for _ in range(clients)]
+    for label in sorted(set(labels)):
+        rows = [i for i, y in enumerate(labels) if y == label]
+        rows = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
+        shares = torch.distributions.Dirichlet(concentration).sample()  # seeded by the global RNG below
+        cuts = (shares.cumsum(0) * len(rows)).round().long().tolist()
+        for k in range(clients):
+            parts[k] += rows[(cuts[k - 1] if k else 0):cuts[k]]
+    for k in range(clients):  # a client with no rows cannot train: lend it one from the largest
+        if not parts[k]:
+            parts[k].append(max(parts, key=len).pop())
+    return parts
+
+
+def split_rows(cfg: FedRunConfig) -> tuple[list[dict], list[list[dict]]]:
+    rows = read_rows(cfg.data, task=cfg.task)
+    n_eval = max(1, int(len(rows) * cfg.eval_fraction))
+    train_rows, held_out = rows[:-n_eval], rows[-n_eval:]
+    torch.manual_seed(cfg.seed)  # the Dirichlet draws
+    labels = [r.get("label", 0) for r in train_rows]
+    return held_out, [[train_rows[i] for i in part] for part in partition(labels, cfg.clients, cfg.partition, cfg.seed)]
+
+
+_BASES: dict[tuple[str, str], tuple] = {}  # (model, task) -> (model, tokenizer): loaded once per process
+
+
+def base_model(cfg: FedRunConfig) -> tuple[torch.nn.Module, object]:
+    from ..models import load_model
+
+    if (cfg.model, cfg.task) not in _BASES:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # a new classification head starts the same in every process
+            _BASES[cfg.model, cfg.task] = load_model(cfg.model, task=cfg.task, num_labels=cfg.num_labels)
+    model, tokenizer = _BASES[cfg.model, cfg.task]
+    return copy.deepcopy(model), tokenizer
+
+
+def with_global(cfg: FedRunConfig, glob: ClientAdapter | None, trainable: bool) -> tuple[torch.nn.Module, object]:
+    """A fresh base model carrying the global adapter (flora: merged into the weights)."""
+    model, tokenizer = base_model(cfg)
+    if glob is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_adapter(glob, Path(tmp) / "g")
+            load_adapter(model, Path(tmp) / "g", trainable=trainable)
+        if cfg.strategy == "flora" and trainable:
+            model = merge_and_unload(model)
+    return model, tokenizer
+
+
+# ---- messages --------------------------------------------------------------------------------------
+def encode(adapter: ClientAdapter, **metrics: float) -> RecordDict:
+    return RecordDict({"arrays": ArrayRecord({k: v.detach().cpu().contiguous() for k, v in adapter.tensors.items()}),
+                       "adapter": ConfigRecord({"config": json.dumps(adapter.config.to_dict()),
+                                                "targets": json.dumps(adapter.targets)}),
+                       "metrics": MetricRecord(metrics)})
+
+
+def decode(content: RecordDict, name: str) -> ClientAdapter:
+    tensors = content["arrays"].to_torch_state_dict()
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"{name}: tensor {key!r} holds NaN or inf values")
+    config = AdapterConfig.from_dict(json.loads(content["adapter"]["config"]))
+    return ClientAdapter(name, config, json.loads(content["adapter"]["targets"]), tensors)
+
+
+def nbytes(content: RecordDict) -> int:
+    return sum(a.numpy().nbytes for a in content["arrays"].values())
+
+
+# ---- client ----------------------------------------------------------------------------------------
+def client_train(msg: Message, context: Context) -> Message:
+    cfg = FedRunConfig(**json.loads(msg.content["run"]["config"]))
+    k, round_ = int(context.node_config["partition-id"]), int(msg.content["run"]["round"])
+    glob = decode(msg.content, "global") if "arrays" in msg.content else None
+    model, tokenizer = with_global(cfg, glob, trainable=True)
+    if cfg.strategy == "flora" or glob is None:  # a fresh rank-r_k LoRA, alpha = 2 r_k as in FLoRA
+        rank = cfg.rank_list()[k % len(cfg.rank_list())]
+        attach(model, AdapterConfig(rank=rank, alpha=2.0 * rank, target_modules=parse_targets(cfg.targets),
+                                    seed=cfg.seed + 1000 * round_ + k, base_model_name_or_path=cfg.model))
+    _, parts = split_rows(cfg)
+    data = rows_dataset(parts[k], tokenizer, cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train(TrainConfig(model=cfg.model, task=cfg.task, out=tmp, steps=cfg.local_steps, lr=cfg.lr,
+                                   batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed + round_,
+                                   warmup=0.0), model=model, tokenizer=tokenizer, train_data=data, progress=False)
+    adapter = ClientAdapter(f"client {k}", result.model.loraforge_config, list(result.model.loraforge_targets),
+                            {key: t.detach().clone() for key, t in adapter_state_dict(result.model).items()})
+    losses = [r["loss"] for r in result.history if "loss" in r]
+    return Message(encode(adapter, num_examples=len(data), train_loss=sum(losses) / len(losses)), reply_to=msg)
+
+
+def rows_dataset(rows: list[dict], tokenizer, cfg: FedRunConfig):
+    records = [{k: v for k, v in r.items() if k != "line"} for r in rows]
+    columns = {}
+    if cfg.task == "classification":
+        columns = {"text_column": "text", "label_column": "label", "num_labels": cfg.num_labels}
+    return from_records(records, tokenizer, task=cfg.task, max_length=cfg.max_length, **columns)
+
+
+# ---- server ----------------------------------------------------------------------------------------
+def server_main(grid: Grid, context: Context, cfg: FedRunConfig) -> None:
+    out = Path(cfg.out)
+    glob, start, history = None, 0, []
+    if cfg.resume and (out / CHECKPOINT / "state.json").is_file():
+        start = json.loads((out / CHECKPOINT / "state.json").read_text())["round"]
+        glob = read_client(out / CHECKPOINT / "global")
+        history = [json.loads(line) for line in (out / CHECKPOINT / "metrics.jsonl").read_text().splitlines()]
+        print(f"resuming after round {start}", flush=True)
+    elif cfg.strategy != "flora":  # FedIT / LoRA-FAIR: every client starts from one global init
+        model, _ = base_model(cfg)
+        rank = cfg.rank_list()[0]
+        attach(model, AdapterConfig(rank=rank, alpha=2.0 * rank, target_modules=parse_targets(cfg.targets),
+                                    seed=cfg.seed, base_model_name_or_path=cfg.model))
+        glob = ClientAdapter("global", model.loraforge_config, list(model.loraforge_targets),
+                             {k: t.detach().clone() for k, t in adapter_state_dict(model).items()})
+    held_out, _ = split_rows(cfg)
+    while len(list(grid.get_node_ids())) < cfg.clients:  # simulated nodes register asynchronously
+        time.sleep(0.1)
+    nodes = sorted(grid.get_node_ids())[:cfg.clients]
+    for round_ in range(start + 1, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        content = encode(glob) if glob is not None else RecordDict()
+        content["run"] = ConfigRecord({"config": json.dumps(dataclasses.asdict(cfg)), "round": round_})
+        replies = grid.send_and_receive([Message(content, message_type="train", dst_node_id=n) for n in nodes])
+        bytes_down = nbytes(content) * len(nodes) if "arrays" in content else 0
+        clients, counts, losses, dropped, bytes_up = [], [], [], {}, 0
+        for reply in replies:
+            name = f"node {reply.metadata.src_node_id}"
+            try:
+                if reply.has_error():
+                    raise LoraforgeError(reply.error.reason)
+                client = decode(reply.content, name)
+                reference = glob or (clients[0] if clients else client)
+                check_clients([reference, client], [0.5, 0.5])
+                wrong = [k for k, t in client.tensors.items() if t.shape != reference.tensors[k].shape]
+                if wrong and cfg.strategy != "flora":  # averaging needs the global's ranks
+                    raise AdapterError(f"{name}: key {wrong[0]!r} has shape {tuple(client.tensors[wrong[0]].shape)}, "
+                                       f"the global adapter {tuple(reference.tensors[wrong[0]].shape)}")
+            except LoraforgeError as exc:
+                dropped[name] = str(exc)
+                log.warning("round %d: dropped %s: %s", round_, name, exc)
+                continue
+            clients.append(client)
+            counts.append(float(reply.content["metrics"]["num_examples"]))
+            losses.append(float(reply.content["metrics"]["train_loss"]))
+            bytes_up += nbytes(reply.content)
+        if not clients:
+            raise LoraforgeError(f"round {round_}: every client failed: {dropped}")
+        weights = [n / sum(counts) for n in counts]
+        options = {"lam": cfg.lam} if cfg.strategy == "lora-fair" else {}
+        agg = STRATEGIES[cfg.strategy](clients, weights, **options)
+        glob = stack_onto(glob, agg) if cfg.strategy == "flora" else agg
+        model, _ = with_global(cfg, glob, trainable=False)
+        tokenizer = base_model(cfg)[1]
+        metrics = evaluate_dataset(model, rows_dataset(held_out, tokenizer, cfg), batch_size=32,
+                                   pad_id=tokenizer.pad_token_id or 0)
+        row = {"round": round_, "strategy": cfg.strategy, **{f"eval_{k}": v for k, v in metrics.items()},
+               "train_loss": sum(p * x for p, x in zip(weights, losses)), "clients": len(clients),
+               "dropped": dropped, "bytes_down": bytes_down,
+               "bytes_up": bytes_up, "seconds": time.perf_counter() - t0}
+        history.append(row)
+        lines = "".join(json.dumps(r) + "\n" for r in history)
+        with atomic_dir(out / CHECKPOINT) as tmp:  # adapter, metrics and round counter replaced together
+            write_adapter(glob, tmp / "global")
+            (tmp / "metrics.jsonl").write_text(lines)
+            (tmp / "state.json").write_text(json.dumps({"round": round_, "config": dataclasses.asdict(cfg)}) + "\n")
+        write_adapter(glob, out / "global")
+        atomic_write_text(out / "metrics.jsonl", lines)
+        print(f"round {round_}/{cfg.rounds}: " + " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "strategy"),
+            flush=True)
+    plot_rounds(history, out / "accuracy.png", cfg)
+
+
+def plot_rounds(history: list[dict], path: Path, cfg: FedRunConfig) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "eval_accuracy" if cfg.task == "classification" else "eval_loss"
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["round"] for r in history], [r[key] for r in history], "o-", label=cfg.strategy)
+    ax.set_xlabel("round")
+    ax.set_ylabel(key.removeprefix("eval_") + " (held out)")
+    ax.set_title(f"{cfg.model}, {cfg.clients} clients, {cfg.partition}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def prepare(cfg: FedRunConfig) -> None:
+    """Refuse bad settings before the simulation starts, and make the output folder."""
+    if cfg.strategy not in STRATEGIES:
+        raise LoraforgeError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {cfg.strategy!r}")
+    cfg.rank_list()
+    held_out, parts = split_rows(cfg)
+    if cfg.task == "classification":
+        cfg.num_labels = max(2, 1 + max(r["label"] for r in held_out + [r for part in parts for r in part]))
+    out = Path(cfg.out)
+    if cfg.resume and (out / CHECKPOINT / "state.json").is_file():
+        saved = json.loads((out / CHECKPOINT / "state.json").read_text())["config"]
+        changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in ("rounds", "resume") and saved.get(k) != v]
+        if changed:
+            raise LoraforgeError(f"--resume: {out} was run with other settings ({', '.join(changed)}); "
+                                 "resume with the same ones, or choose another --out")
+    elif cfg.resume:
+        print(f"no finished round in {out}: starting from round 1", flush=True)
+    elif out.is_dir() and any(out.iterdir()):
+        raise LoraforgeError(f"{out} is not empty: pass --resume to continue that run, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run(cfg: FedRunConfig, num_cpus: int = 2) -> Path:
+    """Run `cfg` in Flower's simulation engine (Ray; one CPU per simulated client at a time)."""
+    prepare(cfg)
+    client = ClientApp()
+    client.train()(client_train)
+    server = ServerApp()
+    server.main()(lambda grid, context: server_main(grid, context, cfg))
+    run_simulation(server, client, num_supernodes=cfg.clients,
+                   backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": num_cpus}})
+    return Path(cfg.out)

@@ -1,0 +1,55 @@
+"""`loraforge serve`: the OpenAI-compatible multi-adapter server on the command line."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+
+from ..errors import LoraforgeError
+
+LOOPBACK = ("localhost",)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve many LoRA adapters of one base model over an OpenAI-compatible API")
+    p.add_argument("--model", default="smollm2-135m", help="base causal LM: embedded name, HF folder or .gguf file")
+    p.add_argument("--adapters", default=None, help="folder whose sub-folders are adapters, served by folder name")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (loopback by default)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+    p.add_argument("--max-loaded", type=int, default=8, help="adapters held in compute slots at once (LRU)")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank accepted")
+    p.add_argument("--max-batch", type=int, default=32, help="requests in the running batch")
+    p.add_argument("--max-kv-tokens", type=int, default=16384, help="tokens the paged KV cache holds in all")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.set_defaults(run=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .server import create_app
+    except ImportError as exc:
+        raise LoraforgeError(f"`loraforge serve` needs the serve extra: pip install 'loraforge[serve]' ({exc})") from exc
+    from ..models import load_model
+    from .engine import Engine
+
+    if not _is_loopback(args.host) and args.api_key is None:
+        print(f"loraforge: warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
+              file=sys.stderr)
+    model, tokenizer = load_model(args.model, task="causal-lm")
+    engine = Engine(model, tokenizer, adapters_dir=args.adapters, max_loaded=args.max_loaded,
+                    max_rank=args.max_lora_rank, max_batch=args.max_batch, max_kv_tokens=args.max_kv_tokens,
+                    model_name=args.model)
+    app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host in LOOPBACK

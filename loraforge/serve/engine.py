@@ -1,0 +1,355 @@
+"""A continuous-batching generation engine serving many LoRA adapters on one base model (S-LoRA,
+"S-LoRA: Serving Thousands of Concurrent LoRA Adapters", arXiv 2311.03285).
+
+Each step runs one forward pass over a flat batch of tokens from every scheduled request: whole
+prompts of requests joining now (prefill) and the last token of requests already running (decode).
+Requests join and leave at token boundaries. Inside every adapted linear of the base model
+
+    Y = X W0ᵀ  +  s_a(t) · (X_t A_a(t)ᵀ) B_a(t)ᵀ     (row t; adapter a(t) of token t, never merged)
+
+the base matmul runs once for all T tokens and the low-rank path per token with its own adapter
+(AdapterPool.delta); requests are ordered by adapter slot so that equal adapters form segments.
+Keys and values live in a paged BlockPool; attention gathers each request's own blocks.
+
+The forward pass is written here over the Hugging Face Llama modules (embeddings, norms, rotary
+embedding, projections and MLP are theirs), so only the Llama family is served (SmolLM2 is Llama).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from ..errors import AdapterError, LoraforgeError
+from .kv_cache import BlockPool
+from .pool import AdapterPool
+
+SERVED_MODEL_TYPES = ("llama",)
+
+
+class RequestError(LoraforgeError):
+    """A request that cannot be served as asked (HTTP 400)."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None  # a request's own generator: its samples do not depend on its batch
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise RequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise RequestError(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop) or len(self.stop) > 16:
+            raise RequestError("stop must be at most 16 non-empty strings")
+
+
+@dataclass(eq=False)
+class Request:
+    id: str
+    prompt_ids: list[int]
+    adapter: str | None
+    params: SamplingParams
+    on_event: Callable[["Request", str], None] | None = None  # (request, new text), from the engine thread
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""  # text sent so far (a stop string and anything after it never is)
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error: ..."
+    slot: int = 0
+    blocks: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose keys/values are in the cache
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+
+class Engine:
+    def __init__(self, model: nn.Module, tokenizer: Any, adapters_dir: str | None = None, max_loaded: int = 8,
+                 max_rank: int = 16, block_size: int = 16, max_kv_tokens: int = 16384, max_batch: int = 32,
+                 max_batch_tokens: int = 4096, lora_kernel: str = "auto", model_name: str = "base"):
+        if getattr(model, "loraforge_config", None) is not None:
+            raise AdapterError("the model has an adapter attached: serve the bare base model (adapters come from the pool)")
+        if model.config.model_type not in SERVED_MODEL_TYPES or not hasattr(model, "lm_head"):
+            raise AdapterError(f"the engine serves causal LMs of the Llama family, not {model.config.model_type!r}")
+        self.model, self.tokenizer, self.model_name = model.eval(), tokenizer, model_name
+        self.max_batch, self.max_batch_tokens, self.lora_kernel = max_batch, max_batch_tokens, lora_kernel
+        self.max_model_len = model.config.max_position_embeddings
+        cfg, w = model.config, model.lm_head.weight
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.layer_modules = [{n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+                              for layer in model.model.layers]
+        modules = {f"model.layers.{i}.{n}": m for i, mods in enumerate(self.layer_modules) for n, m in mods.items()}
+        self.pool = AdapterPool(modules, adapters_dir, max_loaded, max_rank, base_name=model_name)
+        self.kv = BlockPool(cfg.num_hidden_layers, cfg.num_key_value_heads, self.head_dim,
+                            -(-max_kv_tokens // block_size), block_size, w.dtype, w.device)
+        eos = {tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)}
+        self.eos_ids = {e for e in eos if e is not None}
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self._inbox: collections.deque[Request] = collections.deque()  # appended by other threads
+        self._aborts: collections.deque[Request] = collections.deque()
+        self._ids = itertools.count()
+        self.generated_tokens, self.preemptions = 0, 0
+        self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)  # (time, tokens) per step
+
+    # ---- requests -------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], adapter: str | None = None, params: SamplingParams | None = None,
+                    on_event: Callable[[Request, str], None] | None = None) -> Request:
+        """Check and queue a request (thread-safe); it joins the batch at the next step."""
+        params = params or SamplingParams()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(ids)} tokens; the context holds {self.max_model_len}")
+        params = dataclasses.replace(params, max_tokens=min(params.max_tokens, self.max_model_len - len(ids)))
+        if self.kv.blocks_for(len(ids) + params.max_tokens) > self.kv.num_blocks:
+            raise RequestError(f"{len(ids)} prompt + {params.max_tokens} new tokens do not fit the KV cache")
+        if adapter is not None and adapter != self.model_name:
+            self.pool.check(adapter)  # unknown or invalid adapters are refused now, not in the batch
+        else:
+            adapter = None
+        req = Request(f"req-{next(self._ids)}", ids, adapter, params, on_event)
+        if params.seed is not None:
+            req.generator.manual_seed(params.seed)
+        else:
+            req.generator.seed()
+        self._inbox.append(req)
+        return req
+
+    def abort(self, req: Request) -> None:
+        """Stop a request and free its blocks and adapter slot at the next step (thread-safe)."""
+        self._aborts.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self._inbox or self._aborts or self.waiting or self.running)
+
+    def generate(self, prompts: list[str | list[int]], adapters: list[str | None],
+                 params: SamplingParams | None = None) -> list[Request]:
+        """Run these requests to the end in one continuous batch (for scripts and tests)."""
+        reqs = [self.add_request(p, a, params) for p, a in zip(prompts, adapters, strict=True)]
+        while not all(r.done.is_set() for r in reqs):
+            self.step()
+        return reqs
+
+    # ---- one iteration --------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> int:
+        """Admit, run one forward pass, sample one token per scheduled request. Returns how many ran."""
+        while self._inbox:
+            self.waiting.append(self._inbox.popleft())
+        while self._aborts:
+            req = self._aborts.popleft()
+            if req in self.waiting:
+                self.waiting.remove(req)
+            self._finish(req, "abort")
+        batch = self._schedule()
+        if not batch:
+            return 0
+        logits = self._forward(batch).float().cpu()  # (B, vocab); sampling runs on the host
+        for req, row in zip(batch, logits):
+            req.num_cached = len(req.prompt_ids) + len(req.output_ids)
+            self._append(req, self._sample(req, row))
+        self.generated_tokens += len(batch)
+        self.recent.append((time.monotonic(), len(batch)))
+        return len(batch)
+
+    def _schedule(self) -> list[Request]:
+        for req in list(self.running):  # each running request writes one more token
+            while req in self.running and not self.kv.grow(req.blocks, req.num_cached + 1):
+                youngest = max(self.running, key=lambda r: r.arrival)
+                self._preempt(youngest)  # it recomputes its keys when blocks free up (vLLM's recompute)
+        budget = self.max_batch_tokens - len(self.running)
+        while self.waiting and len(self.running) < self.max_batch:
+            req = self.waiting[0]
+            n = len(req.prompt_ids) + len(req.output_ids)
+            if (n > budget and self.running) or not self.kv.grow(req.blocks, n):
+                break
+            try:
+                slot = self.pool.acquire(req.adapter)
+            except AdapterError as exc:  # unloaded or changed on disk since it was queued: only this one fails
+                self.kv.release(self.waiting.popleft().blocks)
+                self._finish(req, f"error: {exc}")
+                continue
+            if slot is None:  # every adapter slot is held by running requests
+                self.kv.release(req.blocks)
+                break
+            req.slot, budget = slot, budget - n
+            self.running.append(self.waiting.popleft())
+        for req in itertools.islice(self.waiting, self.pool.max_loaded):
+            self.pool.prefetch(req.adapter)
+        self.running.sort(key=lambda r: r.slot)  # equal adapters become one segment
+        return list(self.running)
+
+    def _preempt(self, req: Request) -> None:
+        self.preemptions += 1
+        self.running.remove(req)
+        self.kv.release(req.blocks)
+        self.pool.release(req.adapter)
+        req.num_cached = 0
+        self.waiting.appendleft(req)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req.finish_reason is not None:
+            return
+        if req in self.running:
+            self.running.remove(req)
+            self.kv.release(req.blocks)
+            self.pool.release(req.adapter)
+        req.finish_reason = reason
+        self._notify(req, "")
+        req.done.set()
+
+    def fail_all(self, message: str) -> None:
+        for req in list(self.running) + list(self.waiting):
+            self._finish(req, f"error: {message}")
+        self.waiting.clear()
+
+    # ---- the forward pass -----------------------------------------------------------------------
+    def _forward(self, batch: list[Request]) -> torch.Tensor:
+        ids, positions, token_slots, segments, groups, last = [], [], [], [], [], []
+        decode = {"q": [], "keys": [], "pos": []}
+        for req in batch:
+            seq = req.prompt_ids + req.output_ids
+            start, n = len(ids), len(seq) - req.num_cached
+            pos = list(range(req.num_cached, len(seq)))
+            ids += seq[req.num_cached:]
+            positions += pos
+            token_slots += [req.slot] * n
+            if segments and segments[-1][0] == req.slot:
+                segments[-1] = (req.slot, segments[-1][1], start + n)
+            else:
+                segments.append((req.slot, start, start + n))
+            last.append(start + n - 1)
+            key_slots = self.kv.slots(req.blocks, torch.arange(len(seq)))
+            if n == 1:  # decode requests share one attention call, prefills get their own
+                decode["q"].append([start]), decode["keys"].append(key_slots), decode["pos"].append(pos)
+            else:
+                groups.append(_attention_group([list(range(start, start + n))], [key_slots], [pos]))
+        if decode["q"]:
+            groups.append(_attention_group(decode["q"], decode["keys"], decode["pos"]))
+        dev = self.kv.k.device  # indices are built on the host, then moved once
+        ids_t, pos_t = torch.tensor(ids, device=dev), torch.tensor(positions, device=dev)
+        write_slots = torch.cat([self.kv.slots(r.blocks, torch.arange(r.num_cached, len(r.prompt_ids) + len(r.output_ids)))
+                                 for r in batch]).to(dev)  # (T,)
+        groups = [tuple(t.to(dev) for t in group) for group in groups]
+        lora = (torch.tensor(token_slots, device=dev), segments)
+        inner = self.model.model
+        x = inner.embed_tokens(ids_t)  # (T, H)
+        cos, sin = inner.rotary_emb(x, pos_t[None])  # (1, T, hd) each
+        for i, layer in enumerate(inner.layers):
+            attn, mods = layer.self_attn, self.layer_modules[i]
+            h = layer.input_layernorm(x)  # (T, H)
+            q = self._linear(i, "self_attn.q_proj", h, lora).view(len(ids), -1, self.head_dim)  # (T, nh, hd)
+            k = self._linear(i, "self_attn.k_proj", h, lora).view(len(ids), -1, self.head_dim)  # (T, nkv, hd)
+            v = self._linear(i, "self_attn.v_proj", h, lora).view(len(ids), -1, self.head_dim)  # (T, nkv, hd)
+            q, k = apply_rotary_pos_emb(q, k, cos[0], sin[0], unsqueeze_dim=1)
+            self.kv.write(i, write_slots, k, v)
+            out = torch.empty_like(q)  # (T, nh, hd)
+            for group in groups:
+                self._attend(i, attn.scaling, q, out, *group)
+            x = x + self._linear(i, "self_attn.o_proj", out.flatten(1), lora)  # (T, H)
+            h = layer.post_attention_layernorm(x)
+            gate = layer.mlp.act_fn(self._linear(i, "mlp.gate_proj", h, lora)) * self._linear(i, "mlp.up_proj", h, lora)
+            x = x + self._linear(i, "mlp.down_proj", gate, lora)  # (T, H)
+        return self.model.lm_head(inner.norm(x[last]))  # (B, vocab)
+
+    def _linear(self, layer: int, name: str, x: torch.Tensor, lora: tuple[torch.Tensor, list]) -> torch.Tensor:
+        y = self.layer_modules[layer][name](x)  # the shared base matmul, all T tokens at once
+        delta = self.pool.delta(f"model.layers.{layer}.{name}", x, *lora, kernel=self.lora_kernel)
+        return y if delta is None else y + delta
+
+    def _attend(self, layer: int, scale: float, q: torch.Tensor, out: torch.Tensor, q_index: torch.Tensor,
+                q_valid: torch.Tensor, key_slots: torch.Tensor, mask: torch.Tensor) -> None:
+        """Attention of one group of requests over their own cached keys: q_index (G, Tq) flat token
+        rows, key_slots (G, L) cache slots, mask (G, 1, Tq, L) True where a query may look."""
+        k, v = self.kv.read(layer, key_slots)  # (G, L, nkv, hd)
+        qg = q[q_index].transpose(1, 2)  # (G, nh, Tq, hd)
+        rep = qg.shape[1] // k.shape[2]  # grouped-query attention: each kv head serves `rep` query heads
+        k = k.transpose(1, 2).repeat_interleave(rep, dim=1)  # (G, nh, L, hd)
+        v = v.transpose(1, 2).repeat_interleave(rep, dim=1)
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # (G, nh, Tq, hd)
+        out[q_index[q_valid]] = o.transpose(1, 2)[q_valid]
+
+    # ---- sampling and stopping ------------------------------------------------------------------
+    def _sample(self, req: Request, logits: torch.Tensor) -> int:
+        p = req.params
+        if p.temperature == 0.0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float() / p.temperature, dim=-1)  # (vocab,)
+        if p.top_p < 1.0:  # nucleus: the smallest set of top tokens whose mass reaches top_p
+            sorted_probs, order = probs.sort(descending=True)
+            keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        return int(torch.multinomial(probs, 1, generator=req.generator))
+
+    def _append(self, req: Request, token: int) -> None:
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
+        if token in self.eos_ids and not req.params.ignore_eos:  # send what was held back for a stop string
+            self._emit(req, self.tokenizer.decode(req.output_ids, skip_special_tokens=True))
+            return self._finish(req, "stop")
+        req.output_ids.append(token)
+        text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in req.params.stop) if i >= 0]
+        full = len(req.output_ids) >= req.params.max_tokens or req.num_cached + 1 >= self.max_model_len
+        if hits or full:
+            self._emit(req, text[:min(hits)] if hits else text)
+            return self._finish(req, "stop" if hits else "length")
+        held = max((k for s in req.params.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        held = held or (1 if text.endswith("\ufffd") else 0)  # half of a multi-byte character
+        self._emit(req, text[:len(text) - held])
+
+    def _emit(self, req: Request, visible: str) -> None:
+        delta, req.text = visible[len(req.text):], visible
+        if delta:
+            self._notify(req, delta)
+
+    def _notify(self, req: Request, delta: str) -> None:
+        if req.on_event is None:
+            return
+        try:
+            req.on_event(req, delta)
+        except Exception:  # noqa: BLE001  a listener that is gone (closed event loop) loses its request only
+            req.on_event = None
+            self.abort(req)
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self.recent) if now - t <= window]
+        return sum(n for _, n in recent) / window
+
+
+def _attention_group(q_rows: list[list[int]], key_slots: list[torch.Tensor], positions: list[list[int]]):
+    """Padded index tensors for one attention call: query i (at position p_i) sees keys 0..p_i."""
+    tq, length = max(map(len, q_rows)), max(map(len, key_slots))
+    q_index = torch.zeros(len(q_rows), tq, dtype=torch.long)
+    q_valid = torch.zeros(len(q_rows), tq, dtype=torch.bool)
+    slots = torch.zeros(len(q_rows), length, dtype=torch.long)
+    pos = torch.zeros(len(q_rows), tq, dtype=torch.long)  # padded queries sit at 0: they see key 0, no NaN
+    for g, (rows, keys, p) in enumerate(zip(q_rows, key_slots, positions)):
+        q_index[g, :len(rows)], q_valid[g, :len(rows)] = torch.tensor(rows), True
+        slots[g, :len(keys)], pos[g, :len(p)] = keys, torch.tensor(p)
+    mask = torch.arange(length)[None, None, :] <= pos[:, :, None]  # (G, Tq, L)
+    return q_index, q_valid, slots, mask[:, None]
+
+
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else [value]

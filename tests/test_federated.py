@@ -1,0 +1,367 @@
+"""Federated aggregation: the checks of shared/methods/flora.md and lora-fair.md, PEFT loading,
+the `fed aggregate` command, and bad input."""
+
+import argparse
+import dataclasses
+import itertools
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+import loraforge as lf
+from loraforge.federated import ClientAdapter, aggregate, lora_modules, read_client
+from loraforge.federated.cli import add_parser
+from loraforge.testing import tiny_bert, tiny_llama, tiny_tokenizer
+
+TARGETS = ["q_proj", "v_proj"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matrices: on the busy shared CPU a second intra-op thread's spin-waits made these tests ~10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_client(path, seed: int, rank: int = 4, alpha: float = 8, use_rslora: bool = False, targets=TARGETS,
+                base: str | None = None, rank_pattern: dict | None = None) -> str:
+    model = tiny_llama()
+    cfg = lf.AdapterConfig(rank=rank, alpha=alpha, init="random", seed=seed, target_modules=targets,
+                           use_rslora=use_rslora, base_model_name_or_path=base, rank_pattern=rank_pattern or {})
+    lf.attach(model, cfg)
+    lf.save_adapter(model, path / f"client{seed}")
+    return str(path / f"client{seed}")
+
+
+def exact_update(clients: list[ClientAdapter], weights: list[float], module: str) -> torch.Tensor:
+    return sum(p * c.delta_weight(module) for p, c in zip(weights, clients))  # (d_out, d_in)
+
+
+def random_client(seed: int, rank: int, shape=(12, 10), scale_alpha: float = 8.0) -> ClientAdapter:
+    """Random factors of a trained adapter's size (entries ~0.1) for one module, no model: for the algebra."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"m.lora_A.weight": 0.1 * torch.randn(rank, shape[1], generator=g),
+               "m.lora_B.weight": 0.1 * torch.randn(shape[0], rank, generator=g)}
+    config = lf.AdapterConfig(rank=rank, alpha=scale_alpha, target_modules=["m"])
+    return ClientAdapter(f"c{seed}", config, ["m"], tensors)
+
+
+def probe_logits(model) -> torch.Tensor:
+    ids = torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+# ---- FLoRA ---------------------------------------------------------------------------------------
+FLORA_CASES = {  # name: (ranks, alphas, use_rslora per client; client 0's rank_pattern)
+    "homogeneous": ([4, 4, 4], [8, 8, 8], [False] * 3, {}),
+    "heterogeneous": ([2, 4, 8], [4, 3, 16], [False] * 3, {}),
+    "rslora-mix": ([2, 8, 4], [2, 8, 5], [True, False, True], {}),
+    "per-module ranks": ([4, 8, 2], [8, 8, 4], [False] * 3, {"v_proj": 2}),  # the aggregate needs rank_pattern
+}
+
+
+@pytest.mark.parametrize("case", FLORA_CASES)
+def test_flora_is_exact_and_loads_in_loraforge_and_peft(tmp_path, case):
+    ranks, alphas, rslora, pattern = FLORA_CASES[case]
+    dirs = [save_client(tmp_path, k, r, a, s, rank_pattern=pattern if k == 0 else None)
+            for k, (r, a, s) in enumerate(zip(ranks, alphas, rslora))]
+    weights = [0.2, 0.3, 0.5]
+    aggregate("flora", dirs, weights, out=tmp_path / "agg")
+    clients, agg = [read_client(d) for d in dirs], read_client(tmp_path / "agg")
+    for module in lora_modules(agg.tensors):
+        stacked = sum(c.tensors[f"{module}.lora_A.weight"].shape[0] for c in clients)
+        assert agg.tensors[f"{module}.lora_A.weight"].shape[0] == stacked  # check 3: stacked rank = sum r_k
+        torch.testing.assert_close(agg.delta_weight(module), exact_update(clients, weights, module), atol=1e-6, rtol=0)
+    # check 6: the aggregate on a fresh model == base weights + sum p_k dW_k, in loraforge and in PEFT
+    expected = tiny_llama()
+    with torch.no_grad():
+        for module in lora_modules(agg.tensors):
+            expected.get_submodule(module).weight += exact_update(clients, weights, module)
+    ours = lf.load_adapter(tiny_llama(), tmp_path / "agg")
+    torch.testing.assert_close(probe_logits(ours), probe_logits(expected), atol=1e-5, rtol=0)
+    peft = PeftModel.from_pretrained(tiny_llama(), tmp_path / "agg").eval()
+    torch.testing.assert_close(probe_logits(peft), probe_logits(expected), atol=1e-5, rtol=0)
+
+
+def test_flora_one_client_is_that_client_and_order_does_not_matter():
+    clients, weights = [random_client(k, r) for k, r in enumerate([3, 5, 2])], [0.5, 0.25, 0.25]
+    alone = aggregate("flora", clients[:1], [1.0])
+    torch.testing.assert_close(alone.delta_weight("m"), clients[0].delta_weight("m"), atol=1e-6, rtol=0)
+    reference = aggregate("flora", clients, weights).delta_weight("m")
+    for order in itertools.permutations(range(3)):  # check 4
+        permuted = aggregate("flora", [clients[i] for i in order], [weights[i] for i in order])
+        torch.testing.assert_close(permuted.delta_weight("m"), reference, atol=1e-6, rtol=0)
+    assert torch.linalg.matrix_rank(reference) <= min(10, 12, 3 + 5 + 2)
+
+
+# ---- FedAvg (FedIT) --------------------------------------------------------------------------------
+def test_fedavg_differs_from_the_exact_update_by_the_cross_terms():
+    clients = [random_client(k, 4, scale_alpha=a) for k, a in enumerate([8.0, 8.0, 8.0])]
+    weights = [0.2, 0.3, 0.5]
+    avg = aggregate("fedavg", clients, weights)
+    exact = exact_update(clients, weights, "m")
+    s = clients[0].scale("m")
+    factors = [c.factors("m") for c in clients]
+    pairs = itertools.product(zip(weights, factors), repeat=2)
+    all_terms = sum(p * q * s * b @ a for (p, (_, b)), (q, (a, _)) in pairs)  # sum_kj p_k p_j s B_k A_j
+    torch.testing.assert_close(avg.delta_weight("m") - exact, all_terms - exact, atol=1e-5, rtol=0)
+    assert (avg.delta_weight("m") - exact).norm() > 1e-2  # check 2: not exact for K >= 2
+    same = aggregate("fedavg", [clients[0]] * 3, weights)  # degenerate case: identical clients are exact
+    torch.testing.assert_close(same.delta_weight("m"), clients[0].delta_weight("m"), atol=1e-5, rtol=0)
+
+
+def test_fedavg_needs_one_rank_unless_padded():
+    clients, weights = [random_client(0, 2), random_client(1, 4)], [0.5, 0.5]
+    with pytest.raises(lf.AdapterError, match=r"c1: key 'm.lora_A.weight' has rank 4.*--pad"):
+        aggregate("fedavg", clients, weights)
+    padded = aggregate("fedavg", clients, weights, pad=True)  # check 5: the zero-padding baseline
+    (a0, b0), (a1, b1) = clients[0].factors("m"), clients[1].factors("m")
+    a_pad = 0.5 * torch.cat([a0, torch.zeros(2, 10)]) + 0.5 * a1
+    # scales 4 and 2 differ, so they are folded into B and the aggregate has scale 1
+    b_pad = 0.5 * 4 * torch.cat([b0, torch.zeros(12, 2)], 1) + 0.5 * 2 * b1
+    torch.testing.assert_close(padded.delta_weight("m"), b_pad @ a_pad, atol=1e-5, rtol=0)
+    assert (padded.delta_weight("m") - exact_update(clients, weights, "m")).norm() > 1e-2
+
+
+# ---- LoRA-FAIR -------------------------------------------------------------------------------------
+def fair_setup():
+    clients, weights = [random_client(k, 4) for k in range(3)], [0.2, 0.3, 0.5]
+    a_bar = sum(p * c.factors("m")[0] for p, c in zip(weights, clients)).double()  # (4, 10)
+    b_bar = sum(p * c.factors("m")[1] for p, c in zip(weights, clients)).double()  # (12, 4)
+    return clients, weights, a_bar, b_bar, exact_update(clients, weights, "m").double() / clients[0].scale("m")
+
+
+def test_lora_fair_identical_clients_need_no_residual():  # check 1
+    client = random_client(0, 4)
+    fair = aggregate("lora-fair", [client] * 3, [0.2, 0.3, 0.5], lam=0.01)
+    for key in ("m.lora_A.weight", "m.lora_B.weight"):
+        torch.testing.assert_close(fair.tensors[key], client.tensors[key], atol=1e-6, rtol=0)
+
+
+def test_lora_fair_limit_is_the_least_squares_closed_form():  # checks 2 and 6
+    clients, weights, a_bar, b_bar, target = fair_setup()
+    fair = aggregate("lora-fair", clients, weights, lam=0.0)
+    b_ls = target @ a_bar.T @ torch.linalg.inv(a_bar @ a_bar.T)  # B' = dW A^T (A A^T)^-1
+    torch.testing.assert_close(fair.tensors["m.lora_B.weight"].double(), b_ls, atol=1e-5, rtol=0)
+    projector = a_bar.T @ torch.linalg.inv(a_bar @ a_bar.T) @ a_bar  # (10, 10)
+    residual = (fair.factors("m")[1].double() @ a_bar - target).norm()
+    torch.testing.assert_close(residual, (target @ (torch.eye(10, dtype=torch.float64) - projector)).norm(),
+                               atol=1e-5, rtol=0)
+    assert residual <= (b_bar @ a_bar - target).norm()
+    assert residual > 1e-3  # not exact: rank 4 < min(12, 10)
+
+
+def test_lora_fair_never_worse_than_fedavg_and_lam_shrinks_the_residual():  # checks 3, 4, 5
+    clients, weights, _, _, _ = fair_setup()
+    exact = exact_update(clients, weights, "m")
+    fedavg_error = (aggregate("fedavg", clients, weights).delta_weight("m") - exact).norm()
+    b_bar = aggregate("fedavg", clients, weights).tensors["m.lora_B.weight"]
+    residual_norms = []
+    for lam in [0.0, 0.01, 0.1, 1.0, 10.0]:
+        fair = aggregate("lora-fair", clients, weights, lam=lam)
+        assert (fair.delta_weight("m") - exact).norm() <= fedavg_error + 1e-6
+        assert sum(t.numel() for t in fair.tensors.values()) == 4 * (12 + 10)  # one rank-r pair, like FedIT
+        residual_norms.append((fair.tensors["m.lora_B.weight"] - b_bar).norm().item())
+    assert residual_norms == sorted(residual_norms, reverse=True) and residual_norms[-1] < residual_norms[0]
+
+
+# ---- every strategy on real adapter folders ------------------------------------------------------
+@pytest.mark.parametrize("strategy", ["fedavg", "lora-fair"])
+def test_averaged_aggregates_load_in_loraforge_and_peft(tmp_path, strategy):
+    dirs = [save_client(tmp_path, 0, 4, 8), save_client(tmp_path, 1, 4, 4)]  # scales 2 and 1: folded, scale 1
+    agg = aggregate(strategy, dirs, [0.4, 0.6], out=tmp_path / "agg")
+    assert agg.config.rank == 4
+    expected = tiny_llama()
+    with torch.no_grad():
+        for module in lora_modules(agg.tensors):
+            expected.get_submodule(module).weight += agg.delta_weight(module)
+    torch.testing.assert_close(probe_logits(lf.load_adapter(tiny_llama(), tmp_path / "agg")), probe_logits(expected),
+                               atol=1e-5, rtol=0)
+    peft = PeftModel.from_pretrained(tiny_llama(), tmp_path / "agg").eval()
+    torch.testing.assert_close(probe_logits(peft), probe_logits(expected), atol=1e-5, rtol=0)
+
+
+# ---- bad input: a clear error naming the adapter and the key, nothing written ---------------------
+BAD_INPUTS = {  # name: (client kwargs per adapter, weights, message)
+    "other targets": ([{}, {"targets": ["q_proj"]}], [0.5, 0.5], r"client1.*'target_modules'"),
+    "other base": ([{"base": "a"}, {"base": "b"}], [0.5, 0.5], r"client1: key 'base_model_name_or_path' is 'b'"),
+    "nan weight": ([{}, {}], [float("nan"), 1.0], r"weight nan for adapter .*client0"),
+    "inf weight": ([{}, {}], [float("inf"), 0.0], r"weight inf for adapter .*client0"),
+    "negative weight": ([{}, {}], [-0.5, 1.5], r"weight -0.5 for adapter .*client0.*non-negative"),
+    "weights not summing to 1": ([{}, {}], [0.3, 0.3], r"weights sum to 0.6, not 1"),
+    "one weight too few": ([{}, {}], [1.0], r"1 weights for 2 adapters"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_refused_and_nothing_written(tmp_path, case):
+    kwargs, weights, message = BAD_INPUTS[case]
+    dirs = [save_client(tmp_path, k, **kw) for k, kw in enumerate(kwargs)]
+    with pytest.raises(lf.AdapterError, match=message):
+        aggregate("flora", dirs, weights, out=tmp_path / "agg")
+    assert not (tmp_path / "agg").exists()
+
+
+def test_adapter_for_another_shape_or_with_nan_tensors_is_refused(tmp_path):
+    with pytest.raises(lf.AdapterError, match=r"c1: key 'm.lora_A.weight' has shape \(4, 11\).*another base model"):
+        aggregate("flora", [random_client(0, 4), random_client(1, 4, shape=(12, 11))])
+    bad = save_client(tmp_path, 0)
+    tensors = lf.io.load_file(f"{bad}/adapter_model.safetensors")
+    key = next(iter(tensors))
+    tensors[key][0, 0] = float("nan")
+    lf.io.save_file(tensors, f"{bad}/adapter_model.safetensors")
+    with pytest.raises(lf.AdapterError, match=f"{key}.*NaN"):
+        aggregate("fedavg", [bad, save_client(tmp_path, 1)], out=tmp_path / "agg")
+    assert not (tmp_path / "agg").exists()
+
+
+# ---- `loraforge fed aggregate` -----------------------------------------------------------------------
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["fed", "aggregate", *argv])
+    return args.run(args)
+
+
+def test_cli_aggregates_and_merges_into_the_base(tmp_path):
+    dirs = [save_client(tmp_path, k, r, 2 * r) for k, r in enumerate([2, 4, 8])]
+    assert run_cli(["--strategy", "flora", "--adapters", *dirs, "--weights", "0.2,0.3,0.5", "--out",
+                    str(tmp_path / "agg")]) == 0
+    assert json.loads((tmp_path / "agg" / "adapter_config.json").read_text())["r"] == 14
+    tiny_llama().save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    assert run_cli(["--strategy", "flora", "--adapters", *dirs, "--weights", "0.2,0.3,0.5",
+                    "--merge-into", str(tmp_path / "base"), "--out", str(tmp_path / "merged")]) == 0
+    merged = type(tiny_llama()).from_pretrained(tmp_path / "merged").eval()
+    expected = lf.load_adapter(tiny_llama(), tmp_path / "agg")
+    torch.testing.assert_close(probe_logits(merged), probe_logits(expected), atol=1e-5, rtol=0)
+    with pytest.raises(lf.AdapterError, match="weights sum to 1.1"):
+        run_cli(["--strategy", "fedavg", "--adapters", *dirs[:2], "--weights", "0.5,0.6", "--out", str(tmp_path / "x")])
+    with pytest.raises(lf.AdapterError, match="--pad is for fedavg"):
+        run_cli(["--strategy", "flora", "--pad", "--adapters", *dirs, "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
+# ---- `fed run` on Flower ---------------------------------------------------------------------------
+@pytest.fixture
+def fed_setup(tmp_path):
+    """A tiny classifier folder and a 60-row TSV whose label shows in the words."""
+    tiny_bert().save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    rows = [("good nice fine " if i % 2 else "bad poor awful ") + "abc"[i % 3] for i in range(60)]
+    (tmp_path / "data.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(rows)))
+    return tmp_path
+
+
+class LocalGrid:
+    """Flower's Grid contract in this process (each message goes straight to the ClientApp's
+    function), with some nodes broken: fast tests of the server's logic without Ray."""
+
+    def __init__(self, nodes: int, broken: dict):
+        from loraforge.federated.flower import client_train
+
+        self.nodes, self.broken, self.client_train = list(range(1, nodes + 1)), broken, client_train
+
+    def get_node_ids(self):
+        return self.nodes
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Context, Error, Message, RecordDict
+
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            context = Context(run_id=1, node_id=node, node_config={"partition-id": node - 1}, state=RecordDict(),
+                              run_config={})
+            try:
+                replies.append(self.broken.get(node, self.client_train)(msg, context))
+            except Exception as exc:  # what Flower does with a ClientApp that raises
+                replies.append(Message(Error(code=0, reason=str(exc)), reply_to=msg))
+        return replies
+
+
+@pytest.fixture
+def flower_identity():
+    pytest.importorskip("flwr")
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0  # what run_simulation sets
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def nan_client(msg, context):
+    from flwr.app import ArrayRecord
+
+    from loraforge.federated.flower import client_train
+
+    reply = client_train(msg, context)
+    poisoned = reply.content["arrays"].to_torch_state_dict()
+    next(iter(poisoned.values()))[0] = float("nan")
+    reply.content["arrays"] = ArrayRecord(poisoned)
+    return reply
+
+
+def failing_client(msg, context):
+    raise RuntimeError("out of memory on this client")
+
+
+# lora-fair's client and server paths are fedavg's plus the residual: one of the two is enough here
+@pytest.mark.parametrize("strategy,ranks", [("flora", "2,4,4,8"), ("lora-fair", "4")])
+def test_fed_rounds_drop_bad_clients_checkpoint_and_resume(fed_setup, flower_identity, strategy, ranks, capsys,
+                                                           caplog):
+    from loraforge.federated.flower import FedRunConfig, prepare, server_main
+
+    cfg = FedRunConfig(model=str(fed_setup / "base"), data=str(fed_setup / "data.tsv"), out=str(fed_setup / "run"),
+                       clients=4, partition="dirichlet:0.5", rounds=1, local_steps=2, strategy=strategy, ranks=ranks,
+                       batch_size=4, eval_fraction=0.2)
+    grid = LocalGrid(4, {3: failing_client, 4: nan_client})
+    prepare(cfg)
+    server_main(grid, None, cfg)
+    resumed = dataclasses.replace(cfg, rounds=2, resume=True)
+    prepare(resumed)
+    server_main(grid, None, resumed)
+    rows = [json.loads(line) for line in (fed_setup / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["clients"] == 2 and 0 <= r["eval_accuracy"] <= 1 for r in rows)
+    reasons = list(rows[1]["dropped"].values())  # an error reply and a reply with NaN tensors
+    assert "out of memory on this client" in reasons[0] and "NaN" in reasons[1]
+    assert "dropped node 3: out of memory" in caplog.text
+    assert "resuming after round 1" in capsys.readouterr().out
+    glob = read_client(fed_setup / "run" / "global")
+    rank = glob.tensors["bert.encoder.layer.0.attention.self.query.lora_A.weight"].shape[0]
+    assert rank == (2 * (2 + 4) if strategy == "flora" else 4)  # flora: two rounds of clients 1 and 2 stacked
+    lf.load_adapter(tiny_bert(), fed_setup / "run" / "global")  # the checkpointed global fits the base
+    with pytest.raises(lf.LoraforgeError, match="other settings .*local_steps"):
+        prepare(dataclasses.replace(resumed, local_steps=3))
+    with pytest.raises(lf.LoraforgeError, match="not empty"):
+        prepare(cfg)
+
+
+def test_flora_stacks_rounds_exactly():
+    from loraforge.federated.aggregate import stack_onto
+
+    rounds = [aggregate("flora", [random_client(2 * t, 2), random_client(2 * t + 1, 3)], [0.4, 0.6]) for t in range(3)]
+    glob = None
+    for agg in rounds:
+        glob = stack_onto(glob, agg)
+    torch.testing.assert_close(glob.delta_weight("m"), sum(a.delta_weight("m") for a in rounds), atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_fed_run_in_flowers_simulation_engine(fed_setup):
+    pytest.importorskip("flwr")
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["fed", "run", "--model", str(fed_setup / "base"), "--data", str(fed_setup / "data.tsv"),
+                              "--clients", "2", "--rounds", "1", "--local-steps", "1", "--strategy", "flora",
+                              "--ranks", "2,4", "--batch-size", "4", "--out", str(fed_setup / "run")])
+    assert args.run(args) == 0
+    assert json.loads((fed_setup / "run" / "metrics.jsonl").read_text())["clients"] == 2
+    assert (fed_setup / "run" / "accuracy.png").is_file()

@@ -1,0 +1,121 @@
+"""The adapter pool: LRU slots, reference counts, validation at load, PEFT adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import loraforge as lf
+from loraforge.serve import AdapterPool, Engine, SamplingParams, UnknownAdapterError
+from loraforge.testing import tiny_llama, tiny_tokenizer
+
+
+def save(root, name, **config):
+    model = tiny_llama()
+    lf.attach(model, lf.AdapterConfig(init="random", **config))
+    return lf.save_adapter(model, root / name)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pool")
+    for i, rank in enumerate([4, 8, 4, 8]):
+        save(root, f"n{i}", rank=rank, seed=i)
+    return root
+
+
+def pool_for(root, **kw) -> AdapterPool:
+    return Engine(tiny_llama(), tiny_tokenizer(), adapters_dir=root, **kw).pool
+
+
+def test_lru_eviction_only_of_idle_adapters(root):
+    pool = pool_for(root, max_loaded=2)
+    assert pool.acquire("n0") == 1 and pool.acquire("n1") == 2
+    assert pool.acquire("n2") is None  # both slots held by running requests
+    pool.release("n0")
+    pool.release("n1")
+    pool.acquire("n1"), pool.release("n1")  # n1 is now the most recently used
+    assert pool.acquire("n2") == 1  # evicts n0, the least recently used
+    assert list(pool.slot_of) == ["n1", "n2"] and (pool.hits, pool.misses, pool.evictions) == (1, 3, 1)
+    module = "model.layers.1.mlp.down_proj"
+    assert pool.rank[module][1] == 4 and pool.rank[module][2] == 8
+    assert torch.equal(pool.A[module][1, 4:], torch.zeros(12, 64))  # rank 4 in a rank-16 slot: zero rows
+    with pytest.raises(UnknownAdapterError, match="'n9'"):
+        pool.acquire("n9")
+
+
+def test_queued_requests_prefetch_their_adapter_into_an_empty_slot(root):
+    engine = Engine(tiny_llama(), tiny_tokenizer(), adapters_dir=root, max_loaded=2, max_batch=1)
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    first, queued = engine.add_request("abc", "n0", params), engine.add_request("abc", "n1", params)
+    engine.step()
+    assert engine.running == [first] and "n1" in engine.pool.slot_of and not engine.pool.refs.get("n1")
+    while engine.has_work():
+        engine.step()
+    assert (engine.pool.hits, engine.pool.misses) == (1, 2) and queued.finish_reason == "length"
+
+
+def test_more_adapters_than_slots_in_one_batch_stay_exact(root):
+    """Spec check 5: with capacity 2, four adapters are served in turn and results are unchanged."""
+    names = ["n0", "n1", "n2", "n3", None]
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    small = Engine(tiny_llama(), tiny_tokenizer(), adapters_dir=root, max_loaded=2)
+    large = Engine(tiny_llama(), tiny_tokenizer(), adapters_dir=root, max_loaded=4)
+    got = [r.output_ids for r in small.generate(["abc", "de", "fghij", "k", "lm"], names, params)]
+    assert got == [r.output_ids for r in large.generate(["abc", "de", "fghij", "k", "lm"], names, params)]
+    assert small.pool.evictions >= 2 and not any(small.pool.refs.values())
+
+
+def test_peft_lora_adapter_is_served_like_its_merge(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"],
+                                                               init_lora_weights=False))
+    model.save_pretrained(tmp_path / "peft-a")
+    merged = model.merge_and_unload()
+    engine = Engine(tiny_llama(), tiny_tokenizer(), adapters_dir=tmp_path)
+    out = engine.generate(["hello"], ["peft-a"], SamplingParams(max_tokens=5, ignore_eos=True))[0].output_ids
+    ids = tiny_tokenizer().encode("hello")
+    with torch.no_grad():
+        for _ in range(5):
+            ids.append(int(merged(torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+    assert out == ids[-5:]
+
+
+def test_an_adapter_unloaded_while_queued_fails_only_its_request(root):
+    engine = Engine(tiny_llama(), tiny_tokenizer(), adapters_dir=root)
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    doomed, other = engine.add_request("abc", "n0", params), engine.add_request("abc", "n1", params)
+    engine.pool.unregister("n0")
+    while not other.done.is_set():
+        engine.step()
+    assert doomed.finish_reason.startswith("error: unknown adapter 'n0'") and other.finish_reason == "length"
+    assert engine.kv.free_blocks == engine.kv.num_blocks
+
+
+@pytest.mark.parametrize("case, match", [
+    ("dora", "'dora' adapter: only plain LoRA"),
+    ("head", "trains whole modules"),
+    ("rank", "rank 32 > max rank 16"),
+    ("stray-key", "key 'model.embed_tokens.lora_A.weight' has no place"),
+    ("no-B", "lacks its lora_B"),
+])
+def test_invalid_adapters_are_refused_at_load_naming_the_problem(tmp_path, case, match):
+    if case == "dora":
+        save(tmp_path, case, method="dora", rank=4, seed=0)
+    elif case == "head":
+        save(tmp_path, case, rank=4, seed=0, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    elif case == "rank":
+        save(tmp_path, case, rank=32, seed=0)
+    else:
+        folder = save(tmp_path, case, rank=4, seed=0, target_modules=["q_proj"])
+        tensors = load_file(folder / "adapter_model.safetensors")
+        key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+        if case == "stray-key":
+            tensors["base_model.model.model.embed_tokens.lora_A.weight"] = tensors[key].clone()
+        else:
+            del tensors[key]
+        save_file(tensors, folder / "adapter_model.safetensors")
+    pool = pool_for(tmp_path)
+    with pytest.raises(lf.AdapterError, match=match):
+        pool.check(case)
