@@ -3,6 +3,7 @@
     import loraforge as lf
     model, tokenizer = lf.load_model("smollm2-135m")
     lf.attach(model, lf.AdapterConfig(rank=16, alpha=32, target_modules="all-linear"))
+    lf.initialize(model, data, batches=8)       # only for starts that need data (lora-ga, eva, lora-sb)
     ...train...
     lf.save_adapter(model, "out/adapter")      # PEFT's format
 """
@@ -21,6 +22,7 @@ from .inject import (
     trainable_parameters,
     unmerge,
 )
+from .init import initialize
 from .io import load_adapter, save_adapter
 from .registry import get_method, methods
 

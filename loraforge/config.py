@@ -21,7 +21,9 @@ from .errors import AdapterError
 CONFIG_NAME = "adapter_config.json"
 LORAFORGE_CONFIG_NAME = "loraforge_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-INITS = ("default", "gaussian", "random")
+INITS = ("default", "gaussian", "random")  # the layers' own; loraforge/init/ registers the others
+# PEFT inits whose saved tensors are relative to a base weight the init overwrote (W0 minus the start).
+PEFT_RESIDUAL_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 TASK_TYPES = {"causal-lm": "CAUSAL_LM", "classification": "SEQ_CLS"}
 
 
@@ -36,7 +38,8 @@ class AdapterConfig:
     target_modules: list[str] | str = "all-linear"
     use_rslora: bool = False
     # "default": A Kaiming-uniform (a=sqrt 5), B = 0; "gaussian": A ~ N(0, 1/r^2), B = 0;
-    # "random": both non-zero (tests only: the adapter then changes the output at step 0).
+    # "random": both non-zero (tests only: the adapter then changes the output at step 0);
+    # or an initialiser registered in loraforge/init/ ("pissa", "lora-ga", "eva", ...).
     init: str = "default"
     seed: int | None = None  # seeds torch's RNG just before the adapter tensors are created
     modules_to_save: list[str] | None = None  # trained in full and saved (e.g. a classification head)
@@ -54,8 +57,11 @@ class AdapterConfig:
             raise AdapterError(f"alpha must be positive, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise AdapterError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS:
-            raise AdapterError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        from .init import initializer_names, resolve_initializer  # init/ builds on this module
+
+        if self.init not in INITS + initializer_names():
+            raise AdapterError(f"init must be one of {', '.join(INITS + initializer_names())}, got {self.init!r}")
+        resolve_initializer(self)  # refuses an initialiser that cannot start this method
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             try:
                 re.compile(self.target_modules)
@@ -100,8 +106,9 @@ class AdapterConfig:
             "bias": "none",
             "fan_in_fan_out": False,  # per-layer in loraforge; PEFT detects Conv1D itself
             "use_rslora": self.use_rslora,
-            "use_dora": False,
-            "init_lora_weights": {"default": True, "gaussian": "gaussian", "random": False}[self.init],
+            "use_dora": self.method == "dora",  # PEFT keeps DoRA inside its LORA type
+            # Any other start is in the saved tensors already (PiSSA-like ones are converted on save).
+            "init_lora_weights": {"gaussian": "gaussian", "random": False}.get(self.init, True),
             "modules_to_save": self.modules_to_save,
             "layers_to_transform": None,
             "layers_pattern": None,
@@ -117,11 +124,14 @@ class AdapterConfig:
         for key in ("layers_to_transform", "layers_pattern"):
             if data.get(key):
                 raise AdapterError(f"adapter_config.json sets {key!r}, which loraforge does not read yet")
-        if data.get("use_dora"):
-            raise AdapterError("adapter_config.json sets use_dora: DoRA adapters are not supported yet")
         init = data.get("init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(PEFT_RESIDUAL_INITS):
+            raise AdapterError(
+                f"adapter_config.json has init_lora_weights={init!r}: its tensors are relative to the residual base "
+                "weights that init left behind, not to the original model. Save it from PEFT with "
+                "save_pretrained(..., path_initial_model_for_weight_conversion=...) to get a LoRA for the original base")
         return cls(
-            method="lora",
+            method="dora" if data.get("use_dora") else "lora",
             rank=int(data.get("r", 8)),
             alpha=float(data.get("lora_alpha", 8)),
             dropout=float(data.get("lora_dropout", 0.0)),

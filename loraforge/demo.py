@@ -34,22 +34,23 @@ from .tasks.advising import (
     is_markdown,
     write_datasets,
 )
-from .train import TrainConfig, TrainResult, autocast_dtype, plot_loss, train
+from .train import TrainConfig, TrainResult, plot_loss, train
 
-SYSTEM = "You are a study-abroad advisor. Answer in Markdown."
+SYSTEM = "You are a study-abroad advisor."
 
 
 @dataclasses.dataclass
 class DemoSettings:
     model: str = "smollm2-135m"
     universities: int = 12  # x 4 evaluated fact types = the held-out questions
+    per_fact: int = 8  # training phrasings per evaluated fact (every phrasing of the pool)
     rank: int = 16
     alpha: float = 32.0
     targets: str = "all-linear"
     batch_size: int = 8
-    phase1_steps: int = 150
+    phase1_steps: int = 180
     phase1_lr: float = 3e-3
-    phase2_steps: int = 20
+    phase2_steps: int = 12
     phase2_lr: float = 1e-3
     max_new_tokens: int = 64
     eval_batch_size: int = 48
@@ -57,9 +58,8 @@ class DemoSettings:
 
 def ask(model, tokenizer, items, settings: DemoSettings) -> tuple[list[str], dict[str, Any]]:
     questions = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": item.question}] for item in items]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_dtype("auto", torch.device("cpu")) is not None):
-        answers = generate(model, tokenizer, questions, max_new_tokens=settings.max_new_tokens,
-                           batch_size=settings.eval_batch_size, progress=True)
+    answers = generate(model, tokenizer, questions, max_new_tokens=settings.max_new_tokens,
+                       batch_size=settings.eval_batch_size, progress=True)
     correct = [fact_correct(a, item) for a, item in zip(answers, items)]
     by_type: dict[str, list[bool]] = {}
     for item, ok in zip(items, correct):
@@ -81,7 +81,8 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, settings: DemoSetting
 
     model, tokenizer = load_model(settings.model)
     # The data go through files, as `loraforge train --data out/data/phase1.jsonl` would read them.
-    paths = write_datasets(out / "data", seed=seed, n_universities=settings.universities, system=SYSTEM)
+    paths = write_datasets(out / "data", seed=seed, n_universities=settings.universities, system=SYSTEM,
+                           per_fact=settings.per_fact)
     phase1 = load_dataset(paths["phase1"], tokenizer, max_length=256)
     phase2 = load_dataset(paths["phase2"], tokenizer, max_length=256)
     items = heldout_questions(build_knowledge_base(seed, n_universities=settings.universities), seed)

@@ -79,10 +79,15 @@ def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
     that the model did not have before (plus `modules_to_save`). New parameters train; the
     base model's stay frozen.
     """
+    from .init import resolve_initializer, start_at_attach  # init/ builds on this module
+
     if is_attached(model):
         raise AdapterError("this model already carries an adapter: detach() or merge_and_unload() it first")
     config = dataclasses.replace(config)  # the model keeps its own resolved copy
     method = get_method(config.method)
+    initializer = resolve_initializer(config)
+    # A non-zero start that must not show in the output needs its own layer (init/residual.py).
+    layer_cls = initializer.layer if initializer is not None and initializer.layer is not None else method.layer
     head = classification_head(model)
     if config.task_type is None:
         config.task_type = TASK_TYPES["classification"] if head else TASK_TYPES["causal-lm"]
@@ -101,13 +106,16 @@ def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
             targets = find_targets(model, config)
             for name in targets:
                 parent, child = _parent(model, name)
-                setattr(parent, child, method.layer(getattr(parent, child), config, name))
+                setattr(parent, child, layer_cls(getattr(parent, child), config, name))
+        # Weight-based starts run now, in the seeded RNG; data-based ones wait for init.initialize().
+        init_report = start_at_attach(model, config)
     model.loraforge_adapter_keys = [k for k, t in model.state_dict(keep_vars=True).items() if id(t) not in base_tensors]
     for name in config.modules_to_save or []:
         for param in _module(model, name).parameters():
             param.requires_grad_(True)
     model.loraforge_config = config
     model.loraforge_targets = targets
+    model.loraforge_init = init_report  # None until a data-based start has run
     return model
 
 
@@ -170,7 +178,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     for name, layer in adapter_layers(model).items():
         parent, child = _parent(model, name)
         setattr(parent, child, layer.base_layer)
-    model.loraforge_config = model.loraforge_targets = model.loraforge_adapter_keys = None
+    model.loraforge_config = model.loraforge_targets = model.loraforge_adapter_keys = model.loraforge_init = None
     return model
 
 

@@ -5,6 +5,11 @@
       loraforge_config.json        the AdapterConfig dataclass, whole
       adapter_model.safetensors    base_model.model.<module path>.lora_A.weight, ...
 
+A layer whose update is exactly s·B' A' for some factors but whose own tensors are not PEFT's
+(LoRA-XS's B R A; PiSSA / LoRA-GA's B A − B0 A0) provides `lora_factors() -> (A', B')`; it is saved as
+that plain LoRA, relative to the original base weights, so PEFT loads it and loraforge reloads it
+as method "lora" (the trainer's checkpoint keeps the native tensors for resuming).
+
 Only safetensors and JSON are ever read: nothing a user hands us is unpickled. A folder is written
 next to its destination and renamed into place, so a crash leaves the old adapter or the new one,
 never half of either.
@@ -12,11 +17,13 @@ never half of either.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import shutil
 import tempfile
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,6 +34,7 @@ from torch import nn
 
 from .config import CONFIG_NAME, LORAFORGE_CONFIG_NAME, WEIGHTS_NAME, AdapterConfig, read_adapter_config
 from .errors import AdapterError
+from .init import InitReport
 from .inject import HEAD_NAMES, adapter_layers, adapter_state_dict, attach, detach
 from .registry import get_method
 
@@ -67,8 +75,9 @@ def save_adapter(model: nn.Module, adapter_dir: str | Path, extra_json: dict[str
         raise AdapterError("the model has no adapter attached: nothing to save")
     if any(layer.merged for layer in adapter_layers(model).values()):
         raise AdapterError("the adapter is merged into the weights: unmerge() before saving it")
+    config, state = _plain_lora(model, config)
     method = get_method(config.method)
-    tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     peft_json = config.to_peft_dict(list(model.loraforge_targets), method.peft_type or f"LORAFORGE_{method.name.upper()}")
     peft_json["fan_in_fan_out"] = any(layer.fan_in_fan_out for layer in adapter_layers(model).values())
     peft_json.update(extra_json or {})
@@ -77,6 +86,30 @@ def save_adapter(model: nn.Module, adapter_dir: str | Path, extra_json: dict[str
         (tmp / CONFIG_NAME).write_text(json.dumps(peft_json, indent=2) + "\n")
         (tmp / LORAFORGE_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return Path(adapter_dir)
+
+
+def _plain_lora(model: nn.Module, config: AdapterConfig) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """The adapter's config and tensors, with layers that have `lora_factors` written as plain LoRA
+    of rank k = A'.shape[0] and the same scale s: alpha times k/r (sqrt(k/r) under rsLoRA; k/r is 1
+    or 2, so alpha/rank gives s back bit for bit)."""
+    state = adapter_state_dict(model)
+    factored = {name: layer for name, layer in adapter_layers(model).items() if hasattr(layer, "lora_factors")}
+    if not factored:
+        return config, state
+    shapes = {}
+    for name, layer in factored.items():
+        state = {k: v for k, v in state.items() if not k.startswith(name + ".")}
+        lora_a, lora_b = layer.lora_factors()  # (k, d_in), (d_out, k)
+        state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = lora_a, lora_b
+        k = lora_a.shape[0]
+        shapes[name] = (k, config.alpha_for(name) * (math.sqrt(k / layer.rank) if config.use_rslora else k / layer.rank))
+    rank, alpha = Counter(shapes.values()).most_common(1)[0][0]
+    plain = dataclasses.replace(
+        config, method="lora", init="default", rank=rank, alpha=alpha,
+        rank_pattern={n: k for n, (k, _) in shapes.items() if k != rank},
+        alpha_pattern={n: a for n, (_, a) in shapes.items() if a != alpha},
+        extras={"converted_from": {"method": config.method, "init": config.init, "rank": config.rank, "alpha": config.alpha}})
+    return plain, state
 
 
 def read_adapter(adapter_dir: str | Path) -> tuple[AdapterConfig, list[str] | str, dict[str, torch.Tensor]]:
@@ -130,6 +163,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     for tensor in own.values():
         if isinstance(tensor, nn.Parameter):
             tensor.requires_grad_(trainable)
+    model.loraforge_init = InitReport(config.init, 0.0, details={"loaded_from": str(adapter_dir)})  # nothing to run
     return model
 
 

@@ -64,3 +64,4 @@ def methods() -> list[Method]:
 def _load_builtin_methods() -> None:
     # Importing the layers package runs every method file's @register.
     from . import layers  # noqa: F401
+    from . import moe  # noqa: F401

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from .config import AdapterConfig
 from .data import BatchPlan, TokenizedDataset, collate, count_label_tokens, load_dataset, read_rows
 from .errors import LoraforgeError
+from .init import initialize, needs_data
 from .inject import adapter_state_dict, attach, is_attached, trainable_parameters
 from .io import atomic_dir, atomic_write_text, count_parameters, save_adapter
 
@@ -67,7 +68,8 @@ class TrainConfig:
     dropout: float = 0.0
     targets: str = "all-linear"  # all-linear, comma-separated names, or one regex
     use_rslora: bool = False
-    init: str = "default"
+    init: str = "default"  # default | gaussian | pissa | lora-ga | eva (lora-xs and lora-sb bring their own)
+    init_batches: int = 8  # training batches a data-based start (lora-ga, eva, lora-sb) reads before step 1
     # optimisation
     steps: int = 100
     lr: float = 2e-4
@@ -92,7 +94,7 @@ class TrainConfig:
                              base_model_name_or_path=self.model)
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "max_length"):
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "init_batches"):
             if getattr(self, name) < 1:
                 raise LoraforgeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -214,12 +216,15 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
                                  num_labels=config.num_labels)
     if not is_attached(model):
         attach(model, config.adapter_config())
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if needs_data(model):  # before the optimizer: EVA changes the layers' shapes
+        initialize(model, train_data, batches=config.init_batches, batch_size=config.batch_size, pad_id=pad_id,
+                   lr=lr_at(0, config), seed=config.seed, progress=progress)
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     plan = BatchPlan(len(train_data), config.batch_size, seed=config.seed, length_grouped=config.length_grouped,
                      lengths=train_data.lengths)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     amp = autocast_dtype(config.precision, device)
 
     start = 0
@@ -228,7 +233,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
     elif config.resume:
         print(f"no checkpoint in {out}: starting from step 0")
     atomic_write_text(out / "config.json", json.dumps(
-        {"train": dataclasses.asdict(config), "adapter": model.loraforge_config.to_dict()}, indent=2) + "\n")
+        {"train": dataclasses.asdict(config), "adapter": model.loraforge_config.to_dict(),
+         "init": dataclasses.asdict(model.loraforge_init) if model.loraforge_init else None}, indent=2) + "\n")
     history = _read_metrics(out, upto=start)
     logger = MetricsLogger(out, history)
 

@@ -1,0 +1,118 @@
+"""The shared checks, run for every registered per-layer method on tiny LLaMA and GPT-2 (Conv1D).
+
+A method gets these by registering; its own file tests its paper's equations and spec checks.
+Methods with their own `attach` hook (block-level, or sharing tensors across layers) are left
+out of the table; their test files call the `check_*` functions below directly.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import loraforge as lf
+from loraforge.testing import tiny_gpt2, tiny_llama
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+PER_LAYER = [m.name for m in lf.methods() if m.attach is None]
+
+
+def config(method: str, **kw) -> lf.AdapterConfig:
+    return lf.AdapterConfig(**{"method": method, "rank": 4, "alpha": 8, "seed": 1, **kw})
+
+
+def batch(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 100, (2, 9), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch()).logits
+
+
+def perturb(model: nn.Module, scale: float = 0.05) -> nn.Module:
+    """Move every trainable tensor off its init (fixed seed), so that the update is not trivial."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+def check_attach(cfg: lf.AdapterConfig, make) -> None:
+    base = make()
+    model = lf.attach(make(), cfg)
+    assert lf.adapter_layers(model) and lf.trainable_parameters(model) > 0
+    base_names = {n for n, _ in base.named_parameters()}
+    for name, p in model.named_parameters():
+        assert not (p.requires_grad and name.replace(".base_layer", "") in base_names), name
+    assert logits(model).shape == logits(base).shape
+
+
+def check_save_load(cfg: lf.AdapterConfig, make, tmp_path) -> None:
+    model = perturb(lf.attach(make(), cfg))
+    lf.save_adapter(model, tmp_path / "adapter")
+    assert torch.equal(logits(lf.load_adapter(make(), tmp_path / "adapter")), logits(model))
+
+
+def check_merge(cfg: lf.AdapterConfig, make) -> None:
+    model = perturb(lf.attach(make(), cfg))
+    unmerged = logits(model)
+    lf.merge(model)
+    torch.testing.assert_close(logits(model), unmerged, atol=1e-5, rtol=0)
+    lf.unmerge(model)
+    torch.testing.assert_close(logits(model), unmerged, atol=1e-5, rtol=0)
+    lf.detach(model)
+    for (name, p), (_, p0) in zip(model.named_parameters(), make().named_parameters()):
+        torch.testing.assert_close(p, p0, atol=1e-5, rtol=0, msg=name)
+
+
+def check_param_count(cfg: lf.AdapterConfig) -> None:
+    for d_in, d_out in [(32, 48), (48, 32)]:
+        model = lf.attach(nn.Sequential(nn.Linear(d_in, d_out)), cfg)
+        assert lf.get_method(cfg.method).trainable_params(d_in, d_out, cfg) == lf.trainable_parameters(model)
+
+
+def check_loss_decreases(cfg: lf.AdapterConfig, make, lr: float = 1e-2) -> None:
+    model = lf.attach(make(), cfg).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    data = batch()
+    losses = []
+    for _ in range(20):
+        loss = model(**data, labels=data["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.01, losses
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("method", PER_LAYER)
+def test_attach(method, model):
+    check_attach(config(method), MODELS[model])
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("method", PER_LAYER)
+def test_save_load_round_trip_on_fresh_model(method, model, tmp_path):
+    check_save_load(config(method), MODELS[model], tmp_path)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("method", [m for m in PER_LAYER if lf.get_method(m).merges])
+def test_merge_equals_unmerged_and_unmerge_restores(method, model):
+    check_merge(config(method), MODELS[model])
+
+
+@pytest.mark.parametrize("method", PER_LAYER)
+def test_trainable_params_match_a_wrapped_linear(method):
+    check_param_count(config(method))
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("method", PER_LAYER)
+def test_loss_decreases_on_a_fixed_batch(method, model):
+    check_loss_decreases(config(method), MODELS[model])
