@@ -19,27 +19,30 @@ PROJ = ("gate_proj", "up_proj", "down_proj")
 
 def make_block(d=8, d_ff=16, bias=False, init="random", rank=2, **extras) -> MixLoRAFFN:
     torch.manual_seed(0)
-    mlp = LlamaMLP(LlamaConfig(hidden_size=d, intermediate_size=d_ff, mlp_bias=bias, num_attention_heads=1)).requires_grad_(False)
-    config = lf.AdapterConfig(method="mixlora", rank=rank, alpha=2 * rank, init=init, extras=extras)
-    return MixLoRAFFN(mlp, config, "mlp")
+    config = LlamaConfig(hidden_size=d, intermediate_size=d_ff, mlp_bias=bias, num_attention_heads=1)
+    mlp = LlamaMLP(config).requires_grad_(False)
+    return MixLoRAFFN(mlp, lf.AdapterConfig(method="mixlora", rank=rank, alpha=2 * rank, init=init, extras=extras), "mlp")
 
 
 def tokens(n=7, d=8, seed=1) -> torch.Tensor:
     return torch.randn(1, n, d, generator=torch.Generator().manual_seed(seed))  # (1, N, d)
 
 
+def expert_projection(block: MixLoRAFFN, name: str, e: int, v: torch.Tensor) -> torch.Tensor:
+    """(W + s B_e A_e) v + b with the dense d_out x d_in weight of expert e."""
+    layer, lora = getattr(block.base_layer, name), block.experts[name]
+    return torch.nn.functional.linear(v, layer.weight + lora.scaling * lora.lora_B[e] @ lora.lora_A[e], layer.bias)
+
+
 def naive(block: MixLoRAFFN, h: torch.Tensor) -> torch.Tensor:
-    """y = sum over chosen e of w_e FFN_e(h), token by token, with dense W + s B_e A_e."""
-    mlp, out = block.base_layer, []
+    """y = sum over the chosen e of w_e FFN_e(h), token by token, expert by expert."""
+    out = []
     for x in h.reshape(-1, h.shape[-1]):
-        p = torch.softmax(block.router.weight @ x, -1)
-        top_p, top = p.topk(block.top_k)
+        top_p, top = torch.softmax(block.router.weight @ x, -1).topk(block.top_k)
         y = 0
         for w, e in zip(top_p / top_p.sum(), top.tolist()):
-            lin = {n: (lambda v, n=n: torch.nn.functional.linear(
-                v, getattr(mlp, n).weight + block.experts[n].scaling * block.experts[n].lora_B[e] @ block.experts[n].lora_A[e],
-                getattr(mlp, n).bias)) for n in PROJ}
-            y = y + w * lin["down_proj"](mlp.act_fn(lin["gate_proj"](x)) * lin["up_proj"](x))
+            z = block.base_layer.act_fn(expert_projection(block, "gate_proj", e, x)) * expert_projection(block, "up_proj", e, x)
+            y = y + w * expert_projection(block, "down_proj", e, z)
         out.append(y)
     return torch.stack(out).reshape(h.shape)
 
@@ -232,6 +235,7 @@ def test_twenty_training_steps_lower_the_loss_and_log_aux_loss(tmp_path):
     (tiny_bert, {}, "model_type 'bert'"),
     (tiny_llama, {"top_k": 9}, "top_k"),
     (tiny_llama, {"num_experts": 0}, "num_experts"),
+    (tiny_llama, {"num_experts": "8"}, "num_experts"),
     (tiny_llama, {"aux_norm": "gshard"}, "aux_norm"),
     (tiny_llama, {"router_init_std": 0}, "router_init_std"),
     (tiny_llama, {"experts": 4}, "unknown extras"),

@@ -65,18 +65,19 @@ class MixLoRAOptions:
 
     @classmethod
     def of(cls, config: AdapterConfig) -> "MixLoRAOptions":
-        unknown = sorted(set(config.extras) - {f.name for f in dataclasses.fields(cls)})
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(config.extras) - set(known))
         if unknown:
-            raise AdapterError(f"mixlora: unknown extras {unknown}; known: num_experts, top_k, aux_loss_coef, "
-                               "router_init_std, aux_norm")
+            raise AdapterError(f"mixlora: unknown extras {unknown}; known: {', '.join(known)}")
         o = cls(**config.extras)
-        checks = [("num_experts", type(o.num_experts) is int and o.num_experts >= 1, "a positive integer"),
-                  ("top_k", type(o.top_k) is int and 1 <= o.top_k <= o.num_experts, f"an integer in [1, num_experts={o.num_experts}]"),
-                  ("aux_loss_coef", isinstance(o.aux_loss_coef, (int, float)) and o.aux_loss_coef >= 0, "a number >= 0"),
-                  ("router_init_std", isinstance(o.router_init_std, (int, float)) and o.router_init_std > 0, "a number > 0"),
-                  ("aux_norm", o.aux_norm in ("mixtral", "switch"), "'mixtral' or 'switch'")]
+        number = (int, float)
+        checks = [("num_experts", lambda v: type(v) is int and v >= 1, "a positive integer"),  # before top_k reads it
+                  ("top_k", lambda v: type(v) is int and 1 <= v <= o.num_experts, "an integer in [1, num_experts]"),
+                  ("aux_loss_coef", lambda v: isinstance(v, number) and v >= 0, "a number >= 0"),
+                  ("router_init_std", lambda v: isinstance(v, number) and v > 0, "a number > 0"),
+                  ("aux_norm", lambda v: v in ("mixtral", "switch"), "'mixtral' or 'switch'")]
         for key, ok, want in checks:
-            if not ok:
+            if not ok(getattr(o, key)):
                 raise AdapterError(f"mixlora: extras[{key!r}] must be {want}, got {getattr(o, key)!r}")
         return o
 
