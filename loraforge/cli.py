@@ -100,10 +100,11 @@ def add_dataclass_flags(p: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = _base_type(hints[f.name])
+        text = f"{f.metadata.get('help', '')} (default {f.default})".lstrip()
         if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"default {f.default}")
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         else:
-            p.add_argument(flag, type=kind, help=f"default {f.default}")
+            p.add_argument(flag, type=kind, help=text)
 
 
 def _base_type(hint: Any) -> type:

@@ -25,8 +25,8 @@ class Method:
     merges: bool  # the update folds exactly into the frozen weight
     peft_type: str | None  # PEFT can load the saved adapter as this type (None: it cannot)
     # Methods that adapt whole blocks rather than single Linear layers (a mixture of experts in the
-    # FFN) bring their own attach(model, config) -> model; None: wrap each target Linear in `layer`.
-    attach: Callable[[nn.Module, "AdapterConfig"], nn.Module] | None = None
+    # FFN) bring their own attach(model, config) -> paths they replaced; None: wrap each target Linear.
+    attach: Callable[[nn.Module, "AdapterConfig"], list[str]] | None = None
 
     def trainable_params(self, d_in: int, d_out: int, config: "AdapterConfig") -> int:
         """Count by building the layer on the meta device: no formula to keep in sync."""
@@ -39,7 +39,7 @@ _METHODS: dict[str, Method] = {}
 
 
 def register(name: str, *, axis: str, paper: str, merges: bool = True, peft_type: str | None = None,
-             attach: Callable[[nn.Module, "AdapterConfig"], nn.Module] | None = None):
+             attach: Callable[[nn.Module, "AdapterConfig"], list[str]] | None = None):
     def wrap(layer_cls):
         if name in _METHODS:
             raise ValueError(f"method {name!r} registered twice")

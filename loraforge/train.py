@@ -49,44 +49,49 @@ class TrainingError(LoraforgeError):
     """The run cannot go on (NaN loss, a checkpoint from another run, ...)."""
 
 
+def opt(default: Any, help: str = "") -> Any:
+    """A TrainConfig field whose help text becomes the CLI flag's help."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     """Everything a run needs; the CLI's flags and the keys of `--config run.yaml` are these fields."""
 
-    model: str = "smollm2-135m"  # embedded name, local HF folder or .gguf file
-    data: str | None = None  # JSONL (chat / alpaca / prompt-completion / GSM8K) or TSV/CSV (classification)
-    out: str = "runs/train"
-    task: str = "causal-lm"  # causal-lm | classification
-    num_labels: int | None = None  # classification: inferred from the data when not given
-    eval_data: str | None = None
-    text_column: str | None = None
-    label_column: str | None = None
+    model: str = opt("smollm2-135m", "embedded name, local HF folder or .gguf file")
+    data: str | None = opt(None, "JSONL (chat / alpaca / prompt-completion / GSM8K) or TSV/CSV (classification)")
+    out: str = opt("runs/train", "run folder: config, metrics, checkpoint, adapter/")
+    task: str = opt("causal-lm", "causal-lm | classification")
+    num_labels: int | None = opt(None, "classification: inferred from the data when not given")
+    eval_data: str | None = opt(None, "held-out data in the same form as --data")
+    text_column: str | None = opt(None, "classification text column; None: sentence or text")
+    label_column: str | None = opt(None, "classification label column; None: label")
     # adapter
-    method: str = "lora"
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: str = "all-linear"  # all-linear, comma-separated names, or one regex
-    use_rslora: bool = False
-    init: str = "default"  # default | gaussian | pissa | lora-ga | eva (lora-xs and lora-sb bring their own)
-    init_batches: int = 8  # training batches a data-based start (lora-ga, eva, lora-sb) reads before step 1
+    method: str = opt("lora", "a name from `loraforge methods`")
+    rank: int = opt(8, "adapter rank r")
+    alpha: float = opt(16.0, "scale s = alpha / r (alpha / sqrt(r) with --use-rslora)")
+    dropout: float = opt(0.0, "dropout on the adapter branch input only")
+    targets: str = opt("all-linear", "all-linear, comma-separated names, or one regex")
+    use_rslora: bool = opt(False, "rank-stabilised scale alpha / sqrt(r)")
+    init: str = opt("default", "default | gaussian | pissa | lora-ga | eva (lora-xs and lora-sb bring their own)")
+    init_batches: int = opt(8, "training batches a data-based start (lora-ga, eva, lora-sb) reads before step 1")
     # optimisation
-    steps: int = 100
-    lr: float = 2e-4
-    batch_size: int = 8
-    grad_accum: int = 1
-    warmup: float = 0.06  # fraction of the steps spent warming up linearly, then cosine to 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0 turns clipping off
-    max_length: int = 512
-    length_grouped: bool = False  # batch rows of similar length together: less padding
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; auto = bf16 where the hardware has it)
-    seed: int = 0
+    steps: int = opt(100, "optimizer steps")
+    lr: float = opt(2e-4, "peak learning rate (AdamW)")
+    batch_size: int = opt(8, "rows per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    warmup: float = opt(0.06, "fraction of the steps spent warming up linearly, then cosine to 0")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "0 turns clipping off")
+    max_length: int = opt(512, "tokens per row; longer rows are truncated")
+    length_grouped: bool = opt(False, "batch rows of similar length together: less padding")
+    precision: str = opt("auto", "auto | fp32 | bf16 | fp16 (autocast; auto = bf16 where the hardware has it)")
+    seed: int = opt(0, "seeds the adapter init, data order and dropout")
     # bookkeeping
-    log_every: int = 1
-    save_every: int = 0  # 0: a checkpoint only at the end
-    eval_every: int = 0  # 0: evaluate only at the end (when eval_data is given)
-    resume: bool = False
+    log_every: int = opt(1, "steps between metrics.jsonl rows")
+    save_every: int = opt(0, "0: a checkpoint only at the end")
+    eval_every: int = opt(0, "0: evaluate only at the end (when eval_data is given)")
+    resume: bool = opt(False, "continue from --out's checkpoint")
 
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(method=self.method, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
