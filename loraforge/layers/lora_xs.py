@@ -19,9 +19,11 @@ estimated from gradients (init/lora_sb.py); `attach` / `initialize` run them. Bu
 has random orthonormal B, A and R = 0 (R ~ N(0, 1) with init="random", for tests): a valid layer
 whose output equals the base's.
 
-B and A are persistent buffers, so they are saved with the adapter and no optimizer sees them.
-`lora_factors` gives the plain LoRA (A, B R) of the same rank and scale, which save_adapter writes:
-PEFT, vLLM and transformers load it; nothing is lost for inference.
+B and A are persistent buffers: trainer checkpoints hold them and no optimizer sees them.
+save_adapter writes the plain LoRA (A, B R) of the same rank and scale that `lora_factors` gives:
+PEFT, vLLM and transformers load it, and nothing is lost for inference (loraforge reloads it as
+method "lora", so training on from a saved adapter trains A and B R; resume from a checkpoint
+to keep training R alone).
 """
 
 from __future__ import annotations
