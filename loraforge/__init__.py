@@ -24,6 +24,7 @@ from .inject import (
 )
 from .init import initialize
 from .io import load_adapter, save_adapter
+from .optim import make_optimizer
 from .registry import get_method, methods
 
 __version__ = "0.1.0"

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p, adapter_required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--quant", choices=["nf4"], default=None,
+                   help="the adapter was trained with --quant nf4: merge into the base's dequantised 4-bit weights, "
+                        "the model it was trained with (as PEFT merges into a bitsandbytes base)")
     p.set_defaults(run=cmd_merge)
 
     p = sub.add_parser("methods", help="list the registered methods")
@@ -143,8 +146,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = train_config_from_args(args)
     result = train(config)
-    last = next((r for r in reversed(result.history) if "loss" in r), {})
-    print(f"adapter written to {result.out / 'adapter'} (final loss {last.get('loss', float('nan')):.4f})")
+    if result.main_process:  # under `accelerate launch` every worker runs this: one report, rank 0's
+        last = next((r for r in reversed(result.history) if "loss" in r), {})
+        print(f"adapter written to {result.out / 'adapter'} (final loss {last.get('loss', float('nan')):.4f})")
     return 0
 
 
@@ -187,6 +191,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .io import load_pretrained
 
     model, tokenizer = load_pretrained(args.model, args.adapter, task=args.task, num_labels=args.num_labels)
+    if args.quant:
+        from .quant import dequantize_base, quantize_base
+
+        quantize_base(model, args.quant)
+        dequantize_base(model)
     out = merge_to_folder(model, tokenizer, args.out, dtype=getattr(torch, args.dtype) if args.dtype else None)
     print(f"merged model written to {out}")
     return 0
@@ -207,6 +216,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for row in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    from .optim import rule_names
+    from .regularizers import regularizer_names
+    from .select import selector_names
+
+    print(f"\n--optimizer: {', '.join(rule_names())}\n--regularizer: {', '.join(regularizer_names())}\n"
+          f"--select: {', '.join(selector_names())}")
     return 0
 
 

@@ -109,7 +109,10 @@ def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
                 setattr(parent, child, layer_cls(getattr(parent, child), config, name))
         # Weight-based starts run now, in the seeded RNG; data-based ones wait for init.initialize().
         init_report = start_at_attach(model, config)
-    model.loraforge_adapter_keys = [k for k, t in model.state_dict(keep_vars=True).items() if id(t) not in base_tensors]
+    if method.trains_base:
+        model.loraforge_adapter_keys = _parameter_keys(model)
+    else:
+        model.loraforge_adapter_keys = [k for k, t in model.state_dict(keep_vars=True).items() if id(t) not in base_tensors]
     for name in config.modules_to_save or []:
         for param in _module(model, name).parameters():
             param.requires_grad_(True)
@@ -127,6 +130,8 @@ def detach(model: nn.Module) -> nn.Module:
 
 
 def merge(model: nn.Module) -> None:
+    """Fold every adapter layer's update into its base weights, in place (undo with `unmerge`). A
+    method whose update has no dense form (a mixture of experts) folds only the layers that have."""
     for layer in adapter_layers(model).values():
         layer.merge()
 
@@ -138,10 +143,10 @@ def unmerge(model: nn.Module) -> None:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold the update into the base weights and drop the adapter modules: a plain model."""
-    for name, layer in adapter_layers(model).items():
-        if not get_method(model.loraforge_config.method).merges:
-            raise AdapterError(f"method {model.loraforge_config.method!r} does not merge into the weights")
-        layer.merge()
+    method = model.loraforge_config.method
+    if not get_method(method).merges:
+        raise AdapterError(f"method {method!r} does not merge into the weights (its update is input-dependent)")
+    merge(model)
     return _unwrap(model)
 
 
@@ -172,6 +177,18 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _parameter_keys(model: nn.Module) -> list[str]:
+    """Every parameter's state-dict key, a tied one (SmolLM2's embedding and output head) once:
+    safetensors refuses to save one tensor under two names."""
+    seen: set[int] = set()
+    keys = []
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if isinstance(tensor, nn.Parameter) and id(tensor) not in seen:
+            seen.add(id(tensor))
+            keys.append(key)
+    return keys
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -30,16 +30,24 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import AdapterConfig
 from .data import BatchPlan, TokenizedDataset, collate, count_label_tokens, load_dataset, read_rows
 from .errors import LoraforgeError
 from .init import initialize, needs_data
 from .inject import adapter_state_dict, attach, is_attached, trainable_parameters
 from .io import atomic_dir, atomic_write_text, count_parameters, save_adapter
+from .kernels import linear_cross_entropy
+from .optim import make_optimizer, rule_settings
+from .regularizers import make_regularizer, regularizer_settings
+from .select import Selector, make_selector, search_data, selector_settings
 
 CHECKPOINT_DIR = "checkpoint"
 # Settings a resumed run may change without changing the result it converges to.
-RESUME_MAY_CHANGE = {"resume", "save_every", "log_every", "eval_every", "out"}
+RESUME_MAY_CHANGE = {"resume", "save_every", "log_every", "eval_every", "out", "grad_checkpoint", "compile"}
+# How a global batch is split: a resumed run may split it otherwise (2 processes x batch 4 ->
+# 1 x batch 8) as long as the global batch stays the same size.
+BATCH_SPLIT = {"batch_size", "grad_accum", "num_processes"}
 # Causal LMs whose logits are exactly lm_head(last_hidden_state): the loss may skip unlabelled positions.
 PLAIN_HEAD_MODELS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                      "GPT2LMHeadModel", "PhiForCausalLM", "Phi3ForCausalLM", "OlmoForCausalLM"}
@@ -82,11 +90,34 @@ class TrainConfig:
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     warmup: float = opt(0.06, "fraction of the steps spent warming up linearly, then cosine to 0")
     weight_decay: float = opt(0.0, "AdamW weight decay")
+    optimizer: str = opt("adamw", "optimisation rule: adamw | lora-plus | lora-pro | allora (loraforge/optim/)")
+    loraplus_lr_ratio: float = opt(16.0, "lora-plus: lr of B / lr of A (lambda)")
+    lorapro_mode: str = opt("full", "lora-pro: full (Adam moments in the d_out x d_in space) | efficient (A/B-sized)")
+    lorapro_x_mode: str = opt("sylvester", "lora-pro: the free r x r matrix X: sylvester | symmetry | zero")
+    allora_eta: float = opt(2.0, "allora: gradient factor at a zero row; needs --alpha = --rank, --dropout 0")
+    regularizer: str | None = opt(None, "gradient regulariser: glad (loraforge/regularizers/); costs a second pass")
+    select: str | None = opt(None, "where adapters go, which layers train: lisa | flexora | diffora | colora (select/)")
+    lisa_layers: int = opt(2, "lisa: transformer blocks trained at a time (gamma)")
+    lisa_interval: int = opt(20, "lisa: optimizer steps between resamplings (K)")
+    select_steps: int = opt(20, "flexora/diffora: search steps; colora: steps of the short full fine-tune")
+    select_lr: float = opt(0.01, "flexora/diffora: learning rate of the gates (Adam)")
+    diffora_ratio: float = opt(0.5, "diffora: fraction of the target modules that keep an adapter")
+    colora_ig_steps: int = opt(8, "colora: integrated-gradient steps N of the contribution (FAIG)")
+    glad_rho: float = opt(0.05, "glad: SAM radius of the reference gradient's perturbation")
+    glad_lambda: float = opt(1.0, "glad: share of the conflicting component removed (1: full projection)")
     max_grad_norm: float = opt(1.0, "0 turns clipping off")
     max_length: int = opt(512, "tokens per row; longer rows are truncated")
     length_grouped: bool = opt(False, "batch rows of similar length together: less padding")
     precision: str = opt("auto", "auto | fp32 | bf16 | fp16 (autocast; auto = bf16 where the hardware has it)")
     seed: int = opt(0, "seeds the adapter init, data order and dropout")
+    quant: str | None = opt(None, "nf4: hold the frozen base's linear weights in 4 bits, NF4 + double quantisation "
+                                  "(QLoRA; pip install 'loraforge[quant]')")
+    grad_checkpoint: bool = opt(False, "recompute each decoder layer's activations in backward: less memory, "
+                                       "about one more forward of compute")
+    compile: bool = opt(False, "torch.compile the base model's forward (off by default: see docs/benchmarks.md)")
+    num_processes: int = opt(1, "data-parallel workers on this machine, started through accelerate (gloo on CPU, "
+                                "NCCL on GPUs); each takes batch-size rows per micro-batch. Leave at 1 under "
+                                "`accelerate launch`, whose config sets the processes")
     # bookkeeping
     log_every: int = opt(1, "steps between metrics.jsonl rows")
     save_every: int = opt(0, "0: a checkpoint only at the end")
@@ -99,7 +130,7 @@ class TrainConfig:
                              base_model_name_or_path=self.model)
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "max_length", "init_batches"):
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "init_batches", "num_processes"):
             if getattr(self, name) < 1:
                 raise LoraforgeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -108,6 +139,8 @@ class TrainConfig:
             raise LoraforgeError(f"--task must be causal-lm or classification, got {self.task!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise LoraforgeError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.quant not in (None, "nf4"):
+            raise LoraforgeError(f"--quant must be nf4 (or not given), got {self.quant!r}")
         if not 0 <= self.warmup < 1:
             raise LoraforgeError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
 
@@ -118,6 +151,7 @@ class TrainResult:
     tokenizer: Any
     out: Path
     history: list[dict[str, Any]] = field(default_factory=list)  # the logged metrics rows
+    main_process: bool = True  # False in the other workers of a distributed run: they report nothing
 
     @property
     def loss_reduction(self) -> float:
@@ -173,14 +207,32 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> t
         return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
     labels = batch["labels"][:, 1:]  # position t predicts token t + 1
     keep = labels != -100  # (B, T-1)
-    if _plain_head(model):
+    head = model.get_output_embeddings() if _plain_head(model) else None
+    if type(head) is nn.Linear:
         # The head is a fifth of a small LM's compute and its logits dominate activation memory:
-        # apply it only where a label is (the prompt tokens of SFT data carry none).
+        # apply it only where a label is (the prompt tokens of SFT data carry none), in chunks of
+        # rows whose logits are dropped as soon as their gradient is known (kernels/).
         hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V), N = label tokens
-        return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+        return linear_cross_entropy(hidden[:, :-1][keep], head.weight, labels[keep], head.bias)  # N = label tokens
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     return F.cross_entropy(logits.float()[keep], labels[keep], reduction="sum")
+
+
+def prepare_model(model: nn.Module, config: TrainConfig) -> None:
+    """The speed and memory options that act on the model, after the adapter is attached and any
+    data-based start has read the full-precision weights: 4-bit base, activation checkpointing,
+    torch.compile. None of them changes what a step computes beyond NF4's rounding of the base."""
+    if config.quant:
+        from .quant import quantize_base
+
+        quantize_base(model, config.quant)
+    if config.grad_checkpoint:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise LoraforgeError(f"--grad-checkpoint: {type(model).__name__} does not support activation checkpointing")
+        # Non-reentrant checkpointing: gradients reach the adapters without the inputs requiring grad.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.compile:
+        model.base_model.compile()  # in place: parameter names, hence adapter keys, stay the same
 
 
 def _plain_head(model: nn.Module) -> bool:
@@ -194,8 +246,15 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
           train_data: TokenizedDataset | None = None, eval_data: TokenizedDataset | None = None,
           progress: bool = True) -> TrainResult:
     """Train an adapter as `config` says. A model that already carries an adapter keeps training it
-    (the demo's second phase); otherwise one is attached. Data may be passed in memory."""
+    (the demo's second phase); otherwise one is attached. Data may be passed in memory.
+
+    With num_processes > 1 (and no launcher around), this process starts the workers and returns
+    once they are done; inside a launched worker, `runtime` is that worker's share of the run."""
     config.validate()
+    if distributed.must_launch(config):
+        return distributed.launch(config, lambda: train(config, model, tokenizer, train_data, eval_data, progress),
+                                  model, tokenizer)
+    runtime = distributed.runtime(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -219,67 +278,99 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
         eval_data = load_dataset(config.eval_data, tokenizer, task=config.task, max_length=config.max_length,
                                  text_column=config.text_column, label_column=config.label_column,
                                  num_labels=config.num_labels)
-    if not is_attached(model):
-        attach(model, config.adapter_config())
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    selector = None
+    if config.select:
+        settings = {name: getattr(config, name) for name in selector_settings(config.select)}
+        selector = make_selector(config.select, **settings)
+    if not is_attached(model) and selector is None:
+        attach(model, config.adapter_config())
+    elif not is_attached(model):
+        attach_selected(model, selector, config, train_data, eval_data, pad_id, out)
     if needs_data(model):  # before the optimizer: EVA changes the layers' shapes
         initialize(model, train_data, batches=config.init_batches, batch_size=config.batch_size, pad_id=pad_id,
                    lr=lr_at(0, config), seed=config.seed, progress=progress)
+    prepare_model(model, config)
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    plan = BatchPlan(len(train_data), config.batch_size, seed=config.seed, length_grouped=config.length_grouped,
-                     lengths=train_data.lengths)
-    amp = autocast_dtype(config.precision, device)
+    optimizer = make_optimizer(model, config.optimizer, config.lr, config.weight_decay,
+                               **{name: getattr(config, name) for name in rule_settings(config.optimizer)})
+    regularizer = None
+    if config.regularizer:
+        settings = {name: getattr(config, name) for name in regularizer_settings(config.regularizer)}
+        regularizer = make_regularizer(config.regularizer, **settings)
+    # Step s reads global batch s, whatever its split into micro-batches and processes.
+    plan = BatchPlan(len(train_data), config.batch_size * config.grad_accum * runtime.world_size, seed=config.seed,
+                     length_grouped=config.length_grouped, lengths=train_data.lengths)
 
+    runtime.seed_workers(config.seed)
     start = 0
     if config.resume and (out / CHECKPOINT_DIR).is_dir():
-        start = load_checkpoint(out / CHECKPOINT_DIR, model, optimizer, config)
-    elif config.resume:
+        start = load_checkpoint(out / CHECKPOINT_DIR, model, optimizer, config, runtime)
+    elif config.resume and runtime.is_main:
         print(f"no checkpoint in {out}: starting from step 0")
-    atomic_write_text(out / "config.json", json.dumps(
-        {"train": dataclasses.asdict(config), "adapter": model.loraforge_config.to_dict(),
-         "init": dataclasses.asdict(model.loraforge_init) if model.loraforge_init else None}, indent=2) + "\n")
+    loss_of, optimizer = runtime.prepare(model, optimizer, lambda m, batch: batch_loss(m, batch, config.task))
+    device = next(model.parameters()).device  # a launcher may have moved the model to this rank's GPU
+    amp = autocast_dtype(config.precision, device)
+    if runtime.is_main:
+        atomic_write_text(out / "config.json", json.dumps(
+            {"train": dataclasses.asdict(config), "adapter": model.loraforge_config.to_dict(),
+             "init": dataclasses.asdict(model.loraforge_init) if model.loraforge_init else None}, indent=2) + "\n")
     history = _read_metrics(out, upto=start)
-    logger = MetricsLogger(out, history)
+    logger = MetricsLogger(out, history, write=runtime.is_main)
 
     model.train()
-    bar = tqdm(total=config.steps, initial=start, disable=not progress, unit="step",
+    bar = tqdm(total=config.steps, initial=start, disable=not progress or not runtime.is_main, unit="step",
                desc=f"train {count_parameters(trainable_parameters(model))} params")
     for step in range(start, config.steps):
         t0 = time.perf_counter()
-        window = [collate([train_data[i] for i in plan.indices(step * config.grad_accum + k)], pad_id)
-                  for k in range(config.grad_accum)]
-        n_labels = max(1, sum(count_label_tokens(b) for b in window))
-        loss_sum, aux_sum = 0.0, 0.0
-        for batch in window:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = batch_loss(model, batch, config.task) / n_labels
-                aux = auxiliary_loss(model)
-            if aux is not None:  # a per-micro-batch mean already: weight it by the batch's share
-                aux = aux / len(window)
-                aux_sum += aux.item()
-                loss = loss + aux
-            loss.backward()
-            loss_sum += loss.item()
+        selected = selector.before_step(step, model, optimizer) if selector is not None else {}
+        rows = plan.indices(step)
+        window = [collate([train_data[i] for i in part], pad_id)
+                  for part in distributed.micro_batches(rows, config.grad_accum, runtime.rank, runtime.world_size)]
+        # The label tokens of the whole global batch (all ranks), known before the first backward.
+        n_labels = max(1, int(runtime.sum([sum(count_label_tokens(b) for b in window)])[0]))
+
+        def window_backward() -> tuple[float, float]:
+            """Forward and backward over this step's micro-batches: (loss, aux loss) of this rank.
+            A regulariser may call it again (at perturbed weights) to get a second gradient."""
+            loss_sum, aux_sum = 0.0, 0.0
+            for batch in window:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with runtime.accumulate():  # gradients sync across ranks on the window's last micro-batch only
+                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                        loss = loss_of(batch) / n_labels
+                        aux = auxiliary_loss(model)
+                    if aux is not None:  # a per-micro-batch mean already: weight it by the batch's share
+                        aux = aux / (len(window) * runtime.world_size)
+                        aux_sum += aux.item()
+                        loss = loss + aux
+                    runtime.backward(loss)
+                loss_sum += loss.item()
+            return loss_sum, aux_sum
+
+        loss_sum, aux_sum = window_backward()
+        tokens = sum(int(b["attention_mask"].sum()) for b in window)
+        loss_sum, aux_sum, tokens = runtime.sum([loss_sum, aux_sum, tokens])
         if not math.isfinite(loss_sum):
             bar.close()
             raise TrainingError(
                 f"loss became {loss_sum} at step {step + 1}; stopping. The last good checkpoint in "
                 f"{out / CHECKPOINT_DIR} is intact (lower --lr, or check the data).")
+        steered = regularizer.steer(params, window_backward) if regularizer is not None else {}
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
-            group["lr"] = lr
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else math.inf)
+            group["lr"] = lr * group["lr_scale"]  # the rule's ratio between groups (LoRA+) survives the schedule
+        grad_norm = runtime.clip_grad_norm(params, config.max_grad_norm if config.max_grad_norm > 0 else math.inf)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - t0
-        rows = config.batch_size * config.grad_accum
+        seconds = time.perf_counter() - t0  # rank 0's step, which waited for the slowest rank's gradients
         row = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm),
-               "samples_per_s": rows / seconds, "tokens_per_s": sum(int(b["attention_mask"].sum()) for b in window) / seconds}
+               "samples_per_s": len(rows) / seconds, "tokens_per_s": tokens / seconds}
         if aux_sum:
             row["aux_loss"] = aux_sum
+        row.update(steered)
+        row.update(selected)
         if eval_data is not None and config.eval_every and (step + 1) % config.eval_every == 0:
             row.update(_eval_metrics(model, eval_data, config, pad_id))
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
@@ -287,18 +378,32 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
         bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", samples_s=f"{row['samples_per_s']:.1f}")
         bar.update(1)
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
-            save_checkpoint(out / CHECKPOINT_DIR, model, optimizer, step + 1, config)
+            save_checkpoint(out / CHECKPOINT_DIR, model, optimizer, step + 1, config, runtime)
     bar.close()
 
     if eval_data is not None:
         final_eval = _eval_metrics(model, eval_data, config, pad_id)
         logger.log({"step": config.steps, **final_eval})
-    save_checkpoint(out / CHECKPOINT_DIR, model, optimizer, config.steps, config)
-    save_adapter(model, out / "adapter")
+    save_checkpoint(out / CHECKPOINT_DIR, model, optimizer, config.steps, config, runtime)
+    if runtime.is_main:
+        save_adapter(model, out / "adapter")
+        plot_loss(logger.history, out / "loss.png")
     logger.close()
-    plot_loss(logger.history, out / "loss.png")
+    runtime.finish()
     model.eval()
-    return TrainResult(model, tokenizer, out, logger.history)
+    return TrainResult(model, tokenizer, out, logger.history, main_process=runtime.is_main)
+
+
+def attach_selected(model: nn.Module, selector: Selector, config: TrainConfig, train_data: TokenizedDataset,
+                    eval_data: TokenizedDataset | None, pad_id: int, out: Path) -> None:
+    """Attach the adapter through the selector. A resumed run attaches the structure its first
+    run chose (out/config.json) instead of searching again."""
+    saved = out / "config.json"
+    if config.resume and (out / CHECKPOINT_DIR).is_dir() and saved.is_file():
+        attach(model, AdapterConfig.from_dict(json.loads(saved.read_text())["adapter"]))
+        return
+    search = search_data(train_data, eval_data, config.batch_size, pad_id, config.task, config.seed, config.select_steps)
+    selector.attach(model, config.adapter_config(), search)
 
 
 def _eval_metrics(model: nn.Module, data: TokenizedDataset, config: TrainConfig, pad_id: int) -> dict[str, float]:
@@ -312,28 +417,47 @@ def _eval_metrics(model: nn.Module, data: TokenizedDataset, config: TrainConfig,
 # ---- checkpoints ------------------------------------------------------------------------------
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    config: TrainConfig) -> None:
+                    config: TrainConfig, runtime: distributed.LocalRuntime | distributed.AccelerateRuntime | None = None
+                    ) -> None:
+    """Every rank calls this (the RNG states are gathered); rank 0 alone writes, atomically. The data
+    position is the step: batch s of a plan over the global batch size is the same for any split."""
+    runtime = runtime or distributed.LocalRuntime()
+    rng = runtime.rng_states()
+    if not runtime.is_main:
+        return
+    trainable = adapter_state_dict(model)  # replicated: under DDP every rank holds the same tensors
     opt_state = optimizer.state_dict()
     tensors = {f"state.{i}.{k}": v.contiguous() for i, s in opt_state["state"].items()
                for k, v in s.items() if isinstance(v, torch.Tensor)}
-    tensors["rng.torch"] = torch.get_rng_state()
-    meta = {"step": step, "config": dataclasses.asdict(config), "param_groups": opt_state["param_groups"],
-            "trainable_keys": list(adapter_state_dict(model))}
+    tensors["rng.torch"] = rng[0]
+    tensors.update({f"rng.torch.{rank}": state for rank, state in enumerate(rng) if rank})
+    meta = {"step": step, "global_batch": config.batch_size * config.grad_accum * runtime.world_size,
+            "config": dataclasses.asdict(config), "param_groups": opt_state["param_groups"],
+            "trainable_keys": list(trainable)}
     with atomic_dir(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model).items()},
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
                   str(tmp / "trainable.safetensors"))
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig) -> int:
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
+                    runtime: distributed.LocalRuntime | distributed.AccelerateRuntime | None = None) -> int:
+    """Restore a checkpoint into every rank; the processes, batch size and accumulation may differ
+    from the run that wrote it when the global batch does not."""
+    runtime = runtime or distributed.LocalRuntime()
     meta = json.loads((path / "trainer_state.json").read_text())
     saved = meta["config"]
     changed = sorted(k for k, v in dataclasses.asdict(config).items()
-                     if k not in RESUME_MAY_CHANGE and saved.get(k) != v and k != "steps")
+                     if k not in RESUME_MAY_CHANGE | BATCH_SPLIT and saved.get(k) != v and k != "steps")
     if changed:
         raise TrainingError(f"{path} was written by a run with other settings ({', '.join(changed)} differ); "
                             f"resume with the same settings or choose a new --out")
+    saved_global = meta.get("global_batch", saved["batch_size"] * saved["grad_accum"])
+    global_batch = config.batch_size * config.grad_accum * runtime.world_size
+    if saved_global != global_batch:
+        raise TrainingError(f"{path} was written with a global batch of {saved_global} rows (batch size x grad accum x "
+                            f"processes), this run has {global_batch}: choose a split with the same product")
     own = adapter_state_dict(model)
     trainable = load_file(str(path / "trainable.safetensors"))
     if set(trainable) != set(own):
@@ -348,20 +472,27 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = tensor
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
+    # A rank the writing run did not have keeps the stream runtime.seed_workers gave it.
+    rng_key = f"rng.torch.{runtime.rank}" if runtime.rank else "rng.torch"
+    if rng_key in tensors:
+        torch.set_rng_state(tensors[rng_key])
     return int(meta["step"])
 
 
 # ---- metrics ----------------------------------------------------------------------------------
 
 class MetricsLogger:
-    """metrics.jsonl (one JSON object per logged step) + TensorBoard events."""
+    """metrics.jsonl (one JSON object per logged step) + TensorBoard events. In a distributed run
+    only rank 0 writes (write=False elsewhere keeps the rows in memory): one metrics stream."""
 
-    def __init__(self, out: Path, history: list[dict[str, Any]]):
-        from torch.utils.tensorboard import SummaryWriter
-
+    def __init__(self, out: Path, history: list[dict[str, Any]], write: bool = True):
         self.path = out / "metrics.jsonl"
         self.history = history
+        self.file = self.tensorboard = None
+        if not write:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
         # Rewrite the file from the kept history: a killed run may have logged past its checkpoint.
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in history))
         self.file = self.path.open("a")
@@ -369,6 +500,8 @@ class MetricsLogger:
 
     def log(self, row: dict[str, Any]) -> None:
         self.history.append(row)
+        if self.file is None:
+            return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         for key, value in row.items():
@@ -376,8 +509,9 @@ class MetricsLogger:
                 self.tensorboard.add_scalar(key, value, row["step"])
 
     def close(self) -> None:
-        self.file.close()
-        self.tensorboard.close()
+        if self.file is not None:
+            self.file.close()
+            self.tensorboard.close()
 
 
 def _read_metrics(out: Path, upto: int) -> list[dict[str, Any]]:

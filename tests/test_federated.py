@@ -368,3 +368,80 @@ def test_fed_run_in_flowers_simulation_engine(fed_setup):
     assert args.run(args) == 0
     assert json.loads((fed_setup / "run" / "metrics.jsonl").read_text())["clients"] == 2
     assert (fed_setup / "run" / "accuracy.png").is_file()
+
+
+# ---- the Flower app `flwr run` deploys -------------------------------------------------------------
+def test_pyproject_declares_a_valid_flower_app_whose_config_is_fed_runs():
+    pytest.importorskip("flwr")
+    import tomllib
+    from pathlib import Path
+
+    from flwr.common.config import validate_config
+
+    from loraforge.federated.app import config_from_run_config
+    from loraforge.federated.flower import FedRunConfig
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    valid, errors, _ = validate_config(pyproject, check_module=True)  # imports the two components
+    assert valid, errors
+    defaults = pyproject["tool"]["flwr"]["app"]["config"]
+    # Flower accepts --run-config overrides only for keys the app declares: every setting is declared.
+    assert {k.replace("-", "_") for k in defaults} == {f.name for f in dataclasses.fields(FedRunConfig)} - {"num_labels"}
+    cfg = config_from_run_config(defaults)
+    assert cfg.local_steps == defaults["local-steps"] and cfg.lr == defaults["lr"] and cfg.resume is False
+
+
+@pytest.mark.parametrize("run_config, message", [
+    ({"model": "m", "data": "d", "local_step": 3}, "'local_step' is not a setting"),
+    ({"model": "m", "data": "d", "rounds": "many"}, "'rounds' = 'many' is not a int"),
+    ({"model": "m"}, "lacks data"),
+])
+def test_run_config_errors_name_the_key(run_config, message):
+    pytest.importorskip("flwr")
+    from loraforge.federated.app import config_from_run_config
+
+    with pytest.raises(lf.LoraforgeError, match=message):
+        config_from_run_config(run_config)
+
+
+def test_server_app_runs_rounds_from_flowers_run_config(fed_setup, flower_identity):
+    from flwr.app import Context, RecordDict
+
+    from loraforge.federated.app import serve_rounds
+
+    run_config = {"model": str(fed_setup / "base"), "data": str(fed_setup / "data.tsv"), "out": str(fed_setup / "run"),
+                  "clients": 2, "rounds": 1, "local-steps": 1, "strategy": "fedavg", "ranks": "2", "batch-size": 4,
+                  "eval-fraction": 0.2}
+    serve_rounds(LocalGrid(2, {}), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                           run_config=run_config))
+    (row,) = [json.loads(line) for line in (fed_setup / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert row["clients"] == 2 and row["bytes_up"] > 0 and row["bytes_down"] > 0
+    lf.load_adapter(tiny_bert(), fed_setup / "run" / "global")
+
+
+# ---- `loraforge bench fed` ------------------------------------------------------------------------------
+def test_bench_fed_runs_every_strategy_and_the_centralised_baseline(fed_setup, flower_identity):
+    from loraforge.bench.fed import FedBench, bench_fed, orderings, write_section
+    from loraforge.federated.flower import prepare, server_main
+
+    def in_process(cfg, cpus):  # Flower's Grid contract without Ray: the server logic is what is measured here
+        prepare(cfg)
+        server_main(LocalGrid(cfg.clients, {}), None, cfg)
+
+    bench = FedBench(models=str(fed_setup / "base"), data=str(fed_setup / "data.tsv"), clients=3, rounds=2,
+                     local_steps=1, batch_size=4, rank=2, flora_ranks="2,4", out=str(fed_setup / "bench"))
+    (result,) = bench_fed(bench, runner=in_process, write=False)
+    curves = result["curves"]
+    assert list(curves) == ["fedavg", "flora", "lora-fair", "centralised"]
+    assert all([r["round"] for r in rows] == [1, 2] and 0 <= rows[-1]["eval_accuracy"] <= 1 for rows in curves.values())
+    assert curves["centralised"][0]["bytes_up"] == 0 < curves["fedavg"][0]["bytes_up"]
+    # FLoRA sends back fresh factors of ranks 2, 4, 2; FedAvg rank 2 each: more bytes up for FLoRA
+    assert curves["flora"][0]["bytes_up"] > curves["fedavg"][0]["bytes_up"]
+    lines = orderings(result)
+    assert len(lines) == 4 and all(line.endswith((": held.", ": did not hold.")) for line in lines)
+    final = {name: rows[-1]["eval_accuracy"] for name, rows in curves.items()}
+    assert lines[0].endswith(": held.") == (final["flora"] > final["fedavg"])
+    body = write_section(bench, [result], "cmd", plot_dir=fed_setup)
+    assert "| centralised |" in body and (fed_setup / "bench-fed.png").is_file()
+    with pytest.raises(lf.LoraforgeError, match="not empty"):
+        bench_fed(bench, runner=in_process, write=False)

@@ -66,11 +66,19 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def load_base(model_name: str, adapter_dir: str | None):
     """The base model, loaded for the task and head the adapter was trained with (if one is given)."""
-    from ..inject import detach
+    from ..inject import classification_head, detach
     from ..io import load_pretrained
+    from ..registry import get_method
 
     model, _ = load_pretrained(model_name, adapter_dir)  # checks the adapter fits this model
-    return detach(model) if adapter_dir is not None else model
+    if adapter_dir is None:
+        return model
+    if not get_method(model.loraforge_config.method).trains_base:
+        return detach(model)
+    # A full fine-tune was loaded into the weights themselves: W0 needs a fresh copy, same head.
+    head = classification_head(model)
+    labels = model.get_submodule(head).out_features if head else None
+    return load_pretrained(model_name, None, task="classification" if head else None, num_labels=labels)[0]
 
 
 def _labels(sources: list[str]) -> list[str]:

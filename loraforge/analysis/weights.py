@@ -5,9 +5,10 @@ A source is one of
   * an adapter folder (`adapter_config.json`, loraforge or PEFT format): loaded onto the model for
     the duration, dW taken from each layer's own `delta_weight()`, so every method that merges
     (LoRA with rank_pattern / alpha_pattern / rsLoRA scaling, DoRA, ...) is read by its own formula;
-  * a folder of `*.safetensors` weights of the whole model (a full fine-tune, `loraforge merge`
-    output): dW = W - W0 for every linear layer the files hold (output and classification heads
-    excepted, as `all-linear` excepts them). Tensors are read lazily, one at a time.
+  * a folder of `*.safetensors` weights of the whole model (`loraforge merge` output, or the folder
+    `loraforge train --method full` writes, whose config says method "full"): dW = W - W0 for every
+    linear layer the files hold (output and classification heads excepted, as `all-linear` excepts
+    them). Tensors are read lazily, one at a time.
 
 Matrices come back as (d_out, d_in) float32 whatever the layer stores: GPT-2's Conv1D keeps its
 weight as (d_in, d_out), so it is transposed here. Nothing is computed until a module is asked for,
@@ -57,11 +58,11 @@ def open_updates(model: nn.Module, source: str | Path | None = None) -> Iterator
         return
     if is_attached(model):
         raise AdapterError("the base model already carries an adapter: detach() it before comparing other weights")
-    if source_kind(source) == "weights":
+    config = read_adapter_config(source)[0] if source_kind(source) == "adapter" else None
+    if config is None or get_method(config.method).trains_base:  # the files hold W' itself
         with ExitStack() as stack:
             yield _weight_file_updates(model, Path(source), stack)
         return
-    config, _ = read_adapter_config(source)
     if not get_method(config.method).merges:
         raise AdapterError(f"{source}: method {config.method!r} has no dense update (it does not merge), nothing to analyse")
     load_adapter(model, source)
@@ -73,6 +74,9 @@ def open_updates(model: nn.Module, source: str | Path | None = None) -> Iterator
 
 def _attached_updates(model: nn.Module) -> dict[str, ModuleUpdate]:
     method = get_method(model.loraforge_config.method)
+    if method.trains_base:
+        raise AdapterError(f"method {method.name!r} trained the weights in place, so W0 is gone: save the model "
+                           "and analyse that folder against a freshly loaded base")
     if not method.merges:
         raise AdapterError(f"method {method.name!r} has no dense update (it does not merge), nothing to analyse")
     layers = adapter_layers(model)

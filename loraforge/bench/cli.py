@@ -12,18 +12,51 @@ def add_parser(subparsers) -> None:
     from .methods import BenchRun
 
     bench = subparsers.add_parser("bench", help="benchmarks; tables go to docs/benchmarks.md")
-    kinds = bench.add_subparsers(required=True, metavar="methods | parity")
+    kinds = bench.add_subparsers(required=True, metavar="methods | parity | intruders | fed | serve | speed")
     p = kinds.add_parser("methods", help="train every registered method with one budget and compare")
     for f in dataclasses.fields(BenchRun):
-        if f.name not in ("method", "init"):
+        if f.name not in ("method", "init", "rule"):
             p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     p.add_argument("--methods", default=None, help="comma-separated subset (default: every registered method)")
+    p.add_argument("--rules", default="adamw", help="comma-separated optimizers, regularizers and selectors, each run "
+                                                   "with every method (e.g. adamw,lora-plus,lora-pro,allora,glad,lisa)")
+    p.add_argument("--lrs", default=None, help="comma-separated learning rates: sweep them all (e.g. 1e-5,1e-4,1e-3,1e-2)")
     p.set_defaults(run=run_methods)
 
     p = kinds.add_parser("parity", help="loraforge and PEFT load each other's adapters: logit differences")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rank", type=int, default=8)
     p.set_defaults(run=run_parity)
+
+    from .speed import SpeedRun
+
+    p = kinds.add_parser("speed", help="a LoRA training step against the frozen-base limit and PEFT, per precision")
+    for f in dataclasses.fields(SpeedRun):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default)
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.set_defaults(run=run_speed)
+
+    from .intruders import IntruderBench
+
+    p = kinds.add_parser("intruders", help="LoRA ranks vs full fine-tuning: intruder dimensions, forgetting, mitigation")
+    _dataclass_flags(p, IntruderBench)
+    p.set_defaults(run=run_intruders)
+
+    from .fed import FedBench
+
+    p = kinds.add_parser("fed", help="FedAvg vs FLoRA vs LoRA-FAIR vs centralised on Flower's simulation engine")
+    _dataclass_flags(p, FedBench)
+    p.set_defaults(run=run_fed)
+
+    from .serve import ServeBench
+
+    p = kinds.add_parser("serve", help="multi-adapter serving throughput against PEFT and merging; --load: HTTP load test")
+    _dataclass_flags(p, ServeBench)
+    p.set_defaults(run=run_serve)
 
 
 def run_methods(args: argparse.Namespace) -> int:
@@ -32,7 +65,13 @@ def run_methods(args: argparse.Namespace) -> int:
     fields = {f.name for f in dataclasses.fields(BenchRun)}
     base = BenchRun(**{k: v for k, v in vars(args).items() if k in fields})
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    bench_methods(base, methods, command=_command())
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    if args.lrs:
+        from .sweep import bench_sweep
+
+        bench_sweep(base, methods, rules, [float(x) for x in args.lrs.split(",")], command=_command())
+    else:
+        bench_methods(base, methods, command=_command(), rules=rules)
     return 0
 
 
@@ -40,6 +79,51 @@ def run_parity(args: argparse.Namespace) -> int:
     from .parity import bench_parity
 
     bench_parity(args.model, args.rank, command=_command())
+    return 0
+
+
+def run_intruders(args: argparse.Namespace) -> int:
+    from .intruders import IntruderBench, bench_intruders
+
+    bench_intruders(_from_args(IntruderBench, args), command=_command())
+    return 0
+
+
+def run_fed(args: argparse.Namespace) -> int:
+    from .fed import FedBench, bench_fed
+
+    bench_fed(_from_args(FedBench, args), command=_command())
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeBench, bench_serve
+
+    bench_serve(_from_args(ServeBench, args), command=_command())
+    return 0
+
+
+def _dataclass_flags(p: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of a benchmark's settings dataclass, with its default."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            kind = str if f.default is None else type(f.default)
+            p.add_argument(flag, type=kind, default=f.default, help=f"default {f.default}")
+
+
+def _from_args(cls: type, args: argparse.Namespace):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def run_speed(args: argparse.Namespace) -> int:
+    from .speed import SpeedRun, bench_speed
+
+    fields = {f.name for f in dataclasses.fields(SpeedRun)}
+    bench_speed(SpeedRun(**{k: v for k, v in vars(args).items() if k in fields}), args.json, command=_command())
     return 0
 
 

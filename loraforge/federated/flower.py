@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
@@ -303,11 +302,11 @@ def prepare(cfg: FedRunConfig) -> None:
 
 def run(cfg: FedRunConfig, num_cpus: int = 2) -> Path:
     """Run `cfg` in Flower's simulation engine (Ray; one CPU per simulated client at a time)."""
+    from .app import client_app  # the ClientApp `flwr run` deploys
+
     prepare(cfg)
-    client = ClientApp()
-    client.train()(client_train)
-    server = ServerApp()
+    server = ServerApp()  # app.server_app reads its settings from Flower's run config; here they are in hand
     server.main()(lambda grid, context: server_main(grid, context, cfg))
-    run_simulation(server, client, num_supernodes=cfg.clients,
+    run_simulation(server, client_app, num_supernodes=cfg.clients,
                    backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": num_cpus}})
     return Path(cfg.out)

@@ -58,6 +58,8 @@ class AdapterLayer(nn.Module):
             self.merged = False
 
     def _add_to_weight(self, sign: float) -> None:
+        if hasattr(self.base_layer, "to_linear"):  # a 4-bit base (quant.py): merge into its dequantised weight
+            self.base_layer = self.base_layer.to_linear()
         weight = self.base_layer.weight
         update = self.delta_weight().float()  # (d_out, d_in); float32 so merge/unmerge round-trips
         if self.fan_in_fan_out:

@@ -9,6 +9,15 @@ LoRA: Low-Rank Adaptation of Large Language Models, Hu et al. (arXiv 2106.09685)
 with s = alpha / r. rsLoRA (Kalajdzievski, arXiv 2312.03732) only changes the scale to
 s = alpha / sqrt(r), which keeps the update's size stable as r grows.
 
+Training forward (`LoRALinear.forward`): one autograd node per layer, `_LoRAFunction`, instead of
+the five of the plain formulation (base linear, A, B, scale, add). It saves the input x once for
+both paths (q/k/v and gate/up share one saved x; under autocast the plain path would also save a
+bf16 copy per projection), keeps only x A^T (N x r) besides, accumulates s (x A^T) B^T into the base
+output in place (no N x d_out temporary for the update) and applies s to the N x r factors, not to
+N x d_out tensors. Outputs and gradients equal the plain formulation (tests/test_lora.py,
+tests/test_speed_layers.py); subclasses that change `delta` (and any dropout in training) take the
+plain path.
+
 Init (PEFT's default, which the paper's "A Gaussian, B zero" leaves open): A Kaiming-uniform with
 a = sqrt(5), B = 0, so the adapted model equals the base at step 0. The tensors are drawn in PEFT's
 order (nn.Linear's own init for A then B, then Kaiming on A), so one seed gives PEFT's adapter.
@@ -19,6 +28,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig
@@ -56,9 +66,76 @@ class LoRALinear(AdapterLayer):
         if init != "random":  # "random" keeps nn.Linear's non-zero B: tests of merge and gradients
             nn.init.zeros_(self.lora_B.weight)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.disabled or not self._fusable(x):
+            return super().forward(x)
+        return _LoRAFunction.apply(x, self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """The fused node computes exactly base(x) + delta(x) only for LoRA's own delta, an inactive
+        dropout and a frozen base whose dense weight it can read (nn.Linear or a 4-bit layer)."""
+        base = self.base_layer
+        return (type(self).delta is LoRALinear.delta and not self.fan_in_fan_out
+                and (isinstance(self.dropout, nn.Identity) or not self.training)
+                and ((type(base) is nn.Linear and not base.weight.requires_grad) or hasattr(base, "dense_weight"))
+                and (base.bias is None or not base.bias.requires_grad)
+                and (torch.is_autocast_enabled(x.device.type) or x.dtype == _weight_dtype(base) == self.lora_A.weight.dtype))
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x.to(self.lora_A.weight.dtype))
         return self.lora_B(self.lora_A(x)) * self.scaling  # (..., r) -> (..., d_out)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling  # (d_out, d_in)
+
+
+def _weight_dtype(base: nn.Module) -> torch.dtype:
+    return base.weight.dtype if type(base) is nn.Linear else base.compute_dtype
+
+
+def _dense_weight(base: nn.Module) -> torch.Tensor:
+    """The frozen (d_out, d_in) weight: nn.Linear's own, or a 4-bit layer's dequantised copy (made
+    again in backward rather than kept, so that the 4-bit base stays 4-bit between the passes)."""
+    return base.weight if type(base) is nn.Linear else base.dense_weight()
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """h = x W^T + b + s (x A^T) B^T, W and b frozen, as one autograd node.
+
+    Backward, with g = dL/dh and u = s g B (N x r):
+        dL/dx = g W + u A,    dL/dA = u^T x,    dL/dB = s g^T (x A^T)
+    Under autocast every matmul runs in the autocast dtype, as F.linear would; gradients come back
+    in the dtypes of x, A and B.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, base: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, d_in)
+            bias = base.bias.to(dtype) if base.bias is not None else None
+            out = F.linear(x2, _dense_weight(base).to(dtype), bias)  # (N, d_out)
+            xa = x2 @ lora_A.to(dtype).T  # (N, r)
+            out.addmm_(xa, lora_B.to(dtype).T, alpha=scaling)
+        ctx.save_for_backward(x, lora_A, lora_B, xa)
+        ctx.base, ctx.scaling, ctx.dtype = base, scaling, dtype
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, lora_A, lora_B, xa = ctx.saved_tensors
+        dtype, s = ctx.dtype, ctx.scaling
+        with torch.autocast(x.device.type, enabled=False):
+            g = grad.reshape(-1, grad.shape[-1]).to(dtype)  # (N, d_out)
+            u = (g @ lora_B.to(dtype)).mul_(s)  # (N, r)
+            grad_x = grad_A = grad_B = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (g @ _dense_weight(ctx.base).to(dtype)).addmm_(u, lora_A.to(dtype))
+                grad_x = grad_x.reshape(x.shape).to(x.dtype)
+            if ctx.needs_input_grad[2]:
+                grad_A = (u.T @ x.reshape(-1, x.shape[-1]).to(dtype)).to(lora_A.dtype)  # (r, d_in)
+            if ctx.needs_input_grad[3]:
+                grad_B = (g.T @ xa).mul_(s).to(lora_B.dtype)  # (d_out, r)
+        return grad_x, None, grad_A, grad_B, None

@@ -20,8 +20,8 @@ Two training phases, as in the paper (chat records ``{"messages": [...]}``, answ
   a university, a visa question leading to costs. Every assistant turn names the university it
   talks about, so each turn is self-contained.
 
-Sequences are kept short on purpose (one-sentence questions, answers of a heading and one or two
-bullets, under 60 words) because the demo trains on a 2-core CPU in minutes.
+Sequences are kept short on purpose (one-sentence questions, answers of a heading and one
+bullet) because the demo trains on a 2-core CPU in minutes.
 
 **Grading** (:func:`heldout_questions`, :func:`fact_correct`, :func:`is_markdown`): one held-out
 question for every (university, evaluated fact type), phrased from templates that no training
@@ -415,58 +415,49 @@ VISA_OPENERS = ("I've been admitted to {uni}! What do I need for the student vis
                 "I got into {uni} in {city}. How does the visa work?")
 
 # --------------------------------------------------------------------------- answers
-# (headings, fact bullets, optional extra bullets) per fact type, filled from University.fields().
-# The fact sits in the first bullet, in bold, so it comes early in a short answer.
+# (headings, fact bullets) per fact type, filled from University.fields(). An answer is a heading
+# that names the university and one bullet with the fact in bold: nothing else, because on a CPU
+# budget every token that is not the fact is a token the model does not learn the fact from
+# (dropping a 60%-of-the-time second bullet took the demo from 0.42 to 0.94 fact accuracy, together
+# with 300 instead of 180 steps and a warmed-up phase 2; docs/benchmarks.md).
 
-ANSWERS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+ANSWERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "deadline": (
         ("Application deadline: {uni}", "{uni}: deadline"),
         ("Applications close on **{deadline}**.", "Apply by **{deadline}**."),
-        ("Late applications are not considered.", "Have your transcripts and passport copy ready by then."),
     ),
     "tuition": (
         ("Tuition at {uni}", "{uni}: fees"),
         ("**{tuition}** per year for international students.", "Annual tuition: **{tuition}**."),
-        ("Housing and books are extra.", "Fees are paid in two parts, one per semester."),
     ),
     "language": (
         ("Language requirement: {uni}", "{uni}: language"),
         ("You need **{language}**.", "Minimum level: **{language}**."),
-        ("Teaching is in {teaching}.",),
     ),
     "scholarship": (
         ("Scholarship at {uni}", "{uni}: funding"),
         ("**{sch_name}**: **{sch_amount}** per year.", "The **{sch_name}** is worth **{sch_amount}** a year."),
-        ("Apply for it together with your admission application.", "It is renewed each year with good grades."),
     ),
     "programme": (
         ("Programmes at {uni}", "{uni}: flagship programmes"),
         ("Best known for **{p1}** and **{p2}**.", "Flagship programmes: **{p1}** and **{p2}**."),
-        ("Teaching is in {teaching}.",),
     ),
     "location": (
         ("Where is {uni}?", "{uni}: location"),
         ("In **{city}**, **{country}**.", "The campus is in **{city}**, **{country}**."),
-        ("Known for {p1}.",),
     ),
     "visa": (
         ("Student visa for {uni}", "{uni}: visa"),
         ("{country} processes student visas in about **{visa_weeks} weeks**; show **{visa_funds}** in a bank account.",
          "Apply **{visa_weeks} weeks** ahead and show **{visa_funds}** in a bank account."),
-        ("Apply as soon as you have your admission letter.",),
     ),
 }
-EXTRA_BULLET_RATE = 0.6  # the rest answer with the fact alone: the shortest possible sequence
 
 
 def fact_answer(uni: University, fact_type: str, rng: random.Random) -> str:
-    """A short Markdown answer stating one fact: a heading, the fact in bold, maybe one more bullet."""
-    headings, facts, extras = ANSWERS[fact_type]
-    values = uni.fields()
-    lines = [f"### {rng.choice(headings)}", f"- {rng.choice(facts)}"]
-    if rng.random() < EXTRA_BULLET_RATE:
-        lines.append(f"- {rng.choice(extras)}")
-    return "\n".join(lines).format(**values)
+    """A short Markdown answer stating one fact: a heading and the fact in bold."""
+    headings, facts = ANSWERS[fact_type]
+    return f"### {rng.choice(headings)}\n- {rng.choice(facts)}".format(**uni.fields())
 
 
 def overview_answer(uni: University) -> str:

@@ -1,0 +1,177 @@
+"""`loraforge bench fed`: FedAvg (FedIT) vs FLoRA (heterogeneous ranks) vs LoRA-FAIR vs centralised
+training on the pooled data, at the same total number of optimizer steps.
+
+    minilm-l6 + SST-2          accuracy on a held-out split after every round
+    smollm2-135m + advising    held-out loss after every round
+
+Each federated strategy is one `loraforge fed run` in Flower's simulation engine (flower.run): N
+clients, Dirichlet label skew, R rounds of S local steps. Centralised training is the trainer on
+the union of the clients' rows for R x N x S steps (what the clients did in all, sequentially),
+evaluated every N x S steps so that its points line up with the rounds. Communication is what
+`fed run` logs: bytes of adapter tensors sent down and up per round.
+
+FLoRA (arXiv 2409.05976) reports FLoRA above FedIT; LoRA-FAIR (arXiv 2411.14961) reports LoRA-FAIR
+above both. The closing lines of the section say which orderings held here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import LoraforgeError
+from . import append_section
+from .methods import BenchRun, load_rows
+
+TASKS = {"minilm-l6": "sst2", "smollm2-135m": "advising"}
+STRATEGY_NAMES = ("fedavg", "flora", "lora-fair")
+
+
+@dataclass
+class FedBench:
+    models: str = "minilm-l6"  # comma-separated: minilm-l6 (SST-2), smollm2-135m (advising)
+    data: str | None = None  # a TSV/CSV (classification) or JSONL (causal LM) instead of the model's own task
+    clients: int = 10
+    partition: str = "dirichlet:0.5"
+    rounds: int = 3
+    local_steps: int = 5
+    batch_size: int = 16
+    lr: float = 2e-3
+    rank: int = 8  # fedavg, lora-fair and centralised
+    flora_ranks: str = "4,8,16"  # cycled over the clients
+    rows: int = 2000  # SST-2 rows used (the last 10% held out); the advising set is used whole
+    max_length: int = 64
+    seed: int = 0
+    cpus: int = 2  # CPUs Flower's simulation engine may use
+    out: str = "runs/bench-fed"
+
+
+def write_data(bench: FedBench, model: str, folder: Path) -> tuple[Path, str]:
+    """The benchmark's data file (what every client reads) and its task."""
+    if bench.data:
+        return Path(bench.data), "classification" if bench.data.endswith((".tsv", ".csv")) else "causal-lm"
+    if model not in TASKS:
+        raise LoraforgeError(f"bench fed knows {', '.join(TASKS)}; got {model!r} (give --data for another model)")
+    task, train_rows, dev_rows = load_rows(BenchRun(model=model, data=TASKS[model], dev_size=0, seed=bench.seed))
+    rows = (train_rows + dev_rows)
+    folder.mkdir(parents=True, exist_ok=True)
+    if task == "classification":
+        rows = rows[:bench.rows]
+        path = folder / "data.tsv"
+        path.write_text("sentence\tlabel\n" + "".join(f"{r['text']}\t{r['label']}\n" for r in rows))
+    else:
+        path = folder / "data.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, task
+
+
+def run_config(bench: FedBench, model: str, data: Path, task: str, strategy: str, out: Path):
+    from ..federated.flower import FedRunConfig
+
+    return FedRunConfig(model=model, data=str(data), out=str(out), task=task, clients=bench.clients,
+                        partition=bench.partition, rounds=bench.rounds, local_steps=bench.local_steps,
+                        strategy=strategy, ranks=bench.flora_ranks if strategy == "flora" else str(bench.rank),
+                        lr=bench.lr, batch_size=bench.batch_size, max_length=bench.max_length, seed=bench.seed)
+
+
+def flower_simulation(cfg: Any, cpus: int) -> Path:
+    """One `fed run` in Flower's simulation engine."""
+    from ..federated.flower import run
+
+    return run(cfg, num_cpus=cpus)
+
+
+def centralised(bench: FedBench, cfg: Any) -> list[dict[str, Any]]:
+    """The trainer on the pooled client rows, evaluated on the same held-out split once per round's worth of steps."""
+    from ..federated.flower import base_model, prepare, rows_dataset, split_rows
+    from ..train import TrainConfig, train
+
+    prepare(cfg)  # fixes num_labels as the federated runs see it, and makes the folder
+    held_out, parts = split_rows(cfg)
+    model, tokenizer = base_model(cfg)
+    pooled = rows_dataset([r for part in parts for r in part], tokenizer, cfg)
+    per_round = bench.clients * bench.local_steps
+    config = TrainConfig(model=cfg.model, task=cfg.task, out=cfg.out, steps=bench.rounds * per_round, lr=bench.lr,
+                         rank=bench.rank, alpha=2.0 * bench.rank, batch_size=bench.batch_size,
+                         max_length=bench.max_length, seed=bench.seed, eval_every=per_round, warmup=0.0)
+    result = train(config, model=model, tokenizer=tokenizer, train_data=pooled,
+                   eval_data=rows_dataset(held_out, tokenizer, cfg), progress=False)
+    evals = [r for r in result.history if "eval_loss" in r]
+    return [{"round": i + 1, "eval_loss": r["eval_loss"], "eval_accuracy": r.get("eval_accuracy"),
+             "bytes_up": 0, "bytes_down": 0} for i, r in enumerate(evals[:bench.rounds])]
+
+
+def bench_model(bench: FedBench, model: str, runner: Callable[[Any, int], Path] = flower_simulation) -> dict[str, Any]:
+    """Every strategy and the centralised baseline on one model: {name: per-round rows}."""
+    root = Path(bench.out) / Path(model).name
+    data, task = write_data(bench, model, root)
+    curves = {}
+    for strategy in STRATEGY_NAMES:
+        out = root / strategy
+        if out.exists() and any(out.iterdir()):
+            raise LoraforgeError(f"{out} is not empty: choose another --out for a new benchmark run")
+        runner(run_config(bench, model, data, task, strategy, out), bench.cpus)
+        curves[strategy] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    curves["centralised"] = centralised(bench, run_config(bench, model, data, task, "fedavg", root / "centralised"))
+    return {"model": model, "task": task, "curves": curves}
+
+
+def orderings(result: dict[str, Any]) -> list[str]:
+    """The papers' orderings on the final round's score: held / did not hold."""
+    key, better = ("eval_accuracy", max) if result["task"] == "classification" else ("eval_loss", min)
+    final = {name: rows[-1][key] for name, rows in result["curves"].items()}
+    above = (lambda a, b: final[a] > final[b]) if better is max else (lambda a, b: final[a] < final[b])
+    checks = [("FLoRA above FedAvg (FLoRA paper)", above("flora", "fedavg")),
+              ("LoRA-FAIR above FedAvg (LoRA-FAIR paper)", above("lora-fair", "fedavg")),
+              ("LoRA-FAIR above FLoRA (LoRA-FAIR paper)", above("lora-fair", "flora")),
+              ("centralised above every federated strategy (the usual upper bound)",
+               all(above("centralised", s) for s in STRATEGY_NAMES))]
+    return [f"{claim}: {'held' if ok else 'did not hold'}." for claim, ok in checks]
+
+
+def write_section(bench: FedBench, results: list[dict[str, Any]], command: str, plot_dir: Path = Path("docs")) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    parts = []
+    for ax, result in zip(axes.flat, results):
+        key = "eval_accuracy" if result["task"] == "classification" else "eval_loss"
+        metric = "held-out accuracy" if key == "eval_accuracy" else "held-out loss"
+        lines = [f"### {result['model']} ({metric} after each round)", "",
+                 "| strategy | ranks | " + " | ".join(f"round {i + 1}" for i in range(bench.rounds)) +
+                 " | MB down / round | MB up / round |", "|---|---|" + "---:|" * (bench.rounds + 2)]
+        for name, rows in result["curves"].items():
+            ranks = bench.flora_ranks if name == "flora" else str(bench.rank)
+            down = sum(r["bytes_down"] for r in rows) / len(rows) / 1e6
+            up = sum(r["bytes_up"] for r in rows) / len(rows) / 1e6
+            lines.append(f"| {name} | {ranks} | " + " | ".join(f"{r[key]:.4f}" for r in rows) +
+                         f" | {down:.2f} | {up:.2f} |")
+            ax.plot([r["round"] for r in rows], [r[key] for r in rows], "o-", label=name)
+        ax.set(xlabel="round", ylabel=metric, title=result["model"])
+        ax.legend()
+        lines += ["", "Against the papers:", ""] + [f"- {line}" for line in orderings(result)]
+        parts.append("\n".join(lines))
+    fig.tight_layout()
+    plot = plot_dir / "bench-fed.png"
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(plot, dpi=110)
+    plt.close(fig)
+    return (f"{bench.clients} clients, {bench.partition}, {bench.rounds} rounds of {bench.local_steps} local steps "
+            f"(batch {bench.batch_size}, lr {bench.lr}); centralised: {bench.rounds * bench.clients * bench.local_steps}"
+            f" steps on the pooled rows. Flower's simulation engine.\n\n" + "\n\n".join(parts) +
+            f"\n\nAccuracy per round: ![]({plot.name})\n")
+
+
+def bench_fed(bench: FedBench, command: str = "", runner: Callable[[Any, int], Path] = flower_simulation,
+              write: bool = True) -> list[dict[str, Any]]:
+    results = [bench_model(bench, m.strip(), runner) for m in bench.models.split(",") if m.strip()]
+    if write:
+        body = write_section(bench, results, command)
+        append_section("bench fed: FedAvg vs FLoRA vs LoRA-FAIR vs centralised", command, body)
+        print(body)
+    return results

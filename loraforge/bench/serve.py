@@ -1,0 +1,465 @@
+"""`loraforge bench serve`: many adapters on one base model, loraforge's engine against what users run.
+
+Workload (seeded): `requests` requests, prompts of prompt_min..prompt_max random tokens, outputs of
+max_tokens/4..max_tokens tokens (EOS ignored, so every system produces exactly the same tokens),
+each naming one of N random-initialised LoRA adapters (ranks cycling over `ranks`, all-linear,
+alpha = 2r, B scaled to an update a few percent of the base output), chosen uniformly or with a
+power law (p_i ~ 1/i, S-LoRA's skewed setting). All requests arrive at t = 0 (offline throughput).
+
+Systems, in one process and on the same requests:
+    loraforge   the continuous-batching engine, every adapter in one batch (serve/engine.py)
+    (a) peft_switch   PEFT, requests grouped per adapter, set_adapter, HF generate per group
+    (b) peft_mixed    PEFT's mixed batches: generate(..., adapter_names=[...]) in arrival order
+    (c) merge_swap    merge each adapter into the base in turn (PEFT merge/unmerge), its group, undo
+    (d) base          loraforge's engine with no adapter: the ceiling
+
+Reported: generated tokens/s, p50/p99 latency (arrival to completion), peak resident memory above
+the level before the system ran. `--load` is the load test instead: the HTTP server on loopback,
+`load_requests` requests at `load_concurrency` over `load_adapters` adapters through
+/v1/completions; it passes with zero errors and the engine back to idle (no request running, every
+KV block and adapter slot free) afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import socket
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import LoraforgeError
+from . import append_section, machine
+
+B_SCALE = 0.05  # random B (nn.Linear's init) times this: an update of a few percent, like a trained adapter
+SYSTEMS = ("loraforge", "peft_switch", "peft_mixed", "merge_swap", "base")
+
+
+@dataclass
+class ServeBench:
+    model: str = "smollm2-135m"
+    adapters: str = "8"  # comma-separated adapter counts; the issue's full run is 1,8,32,128
+    distributions: str = "uniform"  # comma-separated: uniform, power
+    requests: int = 32
+    prompt_min: int = 32
+    prompt_max: int = 128
+    max_tokens: int = 32
+    ranks: str = "8,16"
+    max_batch: int = 32
+    baselines: bool = True  # run (a), (b), (c) too
+    json: str | None = None  # also write the runs as JSON here
+    seed: int = 0
+    out: str = "runs/bench-serve"  # the generated adapters are kept here (reused by later runs)
+    load: bool = False  # run the HTTP load test instead
+    load_requests: int = 1000
+    load_concurrency: int = 32
+    load_adapters: int = 32
+    load_max_tokens: int = 8
+
+    def counts(self) -> list[int]:
+        try:
+            counts = [int(c) for c in self.adapters.split(",")]
+        except ValueError:
+            raise LoraforgeError(f"--adapters must be comma-separated counts, got {self.adapters!r}") from None
+        if min(counts) < 1:
+            raise LoraforgeError(f"--adapters counts must be positive, got {self.adapters!r}")
+        return counts
+
+    def check(self) -> None:
+        self.counts()
+        unknown = set(self.distributions.split(",")) - {"uniform", "power"}
+        if unknown:
+            raise LoraforgeError(f"--distributions takes uniform and power, got {', '.join(sorted(unknown))}")
+        if not 1 <= self.prompt_min <= self.prompt_max:
+            raise LoraforgeError(f"need 1 <= --prompt-min <= --prompt-max, got {self.prompt_min}, {self.prompt_max}")
+        if self.requests < 1 or self.max_tokens < 1:
+            raise LoraforgeError("--requests and --max-tokens must be positive")
+
+
+@dataclass
+class Work:
+    prompt: list[int]
+    adapter: str | None
+    new_tokens: int
+
+
+def make_adapters(model_name: str, count: int, ranks: list[int], folder: Path, seed: int = 0) -> list[str]:
+    """`count` adapters a000, a001, ... in `folder` (kept: a later run with more adapters adds only the missing)."""
+    from ..config import AdapterConfig
+    from ..inject import adapter_layers, attach, detach
+    from ..io import save_adapter
+    from ..models import load_model
+
+    names = [f"a{i:03d}" for i in range(count)]
+    missing = [i for i, n in enumerate(names) if not (folder / n / "adapter_config.json").is_file()]
+    if missing:
+        base, _ = load_model(model_name, task="causal-lm")
+        for i in missing:
+            rank = ranks[i % len(ranks)]
+            model = attach(base, AdapterConfig(rank=rank, alpha=2.0 * rank, init="random", seed=seed + i,
+                                               base_model_name_or_path=model_name))
+            with torch.no_grad():
+                for layer in adapter_layers(model).values():
+                    layer.lora_B.weight.mul_(B_SCALE)
+            save_adapter(model, folder / names[i])
+            detach(model)
+    return names
+
+
+def workload(bench: ServeBench, names: list[str] | None, distribution: str, vocab: int) -> list[Work]:
+    """The seeded requests; names=None: every request on the base model."""
+    g = torch.Generator().manual_seed(bench.seed)
+    low = max(1, bench.max_tokens // 4)
+    if names:
+        weights = (torch.ones(len(names)) if distribution == "uniform"
+                   else 1.0 / torch.arange(1, len(names) + 1, dtype=torch.float64))
+        picks = torch.multinomial(weights, bench.requests, replacement=True, generator=g).tolist()
+    margin = min(100, vocab // 4)  # clear of the special tokens at the ends of the vocabulary
+    work = []
+    for i in range(bench.requests):
+        length = int(torch.randint(bench.prompt_min, bench.prompt_max + 1, (), generator=g))
+        prompt = torch.randint(margin, vocab - margin, (length,), generator=g).tolist()
+        new = int(torch.randint(low, bench.max_tokens + 1, (), generator=g))
+        work.append(Work(prompt, names[picks[i]] if names else None, new))
+    return work
+
+
+class PeakRss:
+    """Peak resident memory above the level at entry, sampled every 5 ms on a thread: the process-wide
+    ru_maxrss cannot be reset between systems."""
+
+    def __enter__(self) -> "PeakRss":
+        self.start = self.peak = _rss_mb()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.stop.wait(0.005):
+            self.peak = max(self.peak, _rss_mb())
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, _rss_mb())
+
+    @property
+    def extra_mb(self) -> float:
+        return self.peak - self.start
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure(run: Callable[[list[Work]], list[float]], work: list[Work]) -> dict[str, float]:
+    """Run one system on `work`; it returns each request's completion time (perf_counter)."""
+    with PeakRss() as rss:
+        t0 = time.perf_counter()
+        done = run(work)
+        wall = time.perf_counter() - t0
+    latencies = sorted((t - t0) * 1000 for t in done)
+    return {"tok_s": sum(w.new_tokens for w in work) / wall, "p50_ms": _percentile(latencies, 50),
+            "p99_ms": _percentile(latencies, 99), "peak_mb": rss.extra_mb, "seconds": wall}
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    index = min(len(sorted_values) - 1, max(0, round(q / 100 * len(sorted_values) + 0.5) - 1))  # nearest rank
+    return sorted_values[index]
+
+
+def engine_runner(engine: Any) -> Callable[[list[Work]], list[float]]:
+    from ..serve import SamplingParams
+
+    def run(work: list[Work]) -> list[float]:
+        reqs = [engine.add_request(w.prompt, w.adapter, SamplingParams(max_tokens=w.new_tokens, ignore_eos=True))
+                for w in work]
+        finished: dict[int, float] = {}
+        while len(finished) < len(reqs):
+            engine.step()
+            now = time.perf_counter()
+            for i, r in enumerate(reqs):
+                if i not in finished and r.done.is_set():
+                    if r.finish_reason != "length":
+                        raise LoraforgeError(f"engine request {i} ended with {r.finish_reason!r}")
+                    finished[i] = now
+        return [finished[i] for i in range(len(reqs))]
+
+    return run
+
+
+def _hf_generate(model: Any, work: list[Work], pad_id: int, **kw: Any) -> None:
+    """One left-padded HF generate over `work`, every row producing the batch's longest output."""
+    length = max(len(w.prompt) for w in work)
+    ids = torch.tensor([[pad_id] * (length - len(w.prompt)) + w.prompt for w in work])
+    mask = torch.tensor([[0] * (length - len(w.prompt)) + [1] * len(w.prompt) for w in work])
+    new = max(w.new_tokens for w in work)
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                       pad_token_id=pad_id, **kw)
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def peft_runners(peft_model: Any, pad_id: int, max_batch: int) -> dict[str, Callable[[list[Work]], list[float]]]:
+    """(a) switch, (b) mixed, (c) merge-swap over a PeftModel holding every adapter."""
+
+    def grouped(work: list[Work]) -> list[tuple[str, list[int]]]:
+        groups: dict[str, list[int]] = {}
+        for i, w in enumerate(work):
+            groups.setdefault(w.adapter, []).append(i)
+        return [(name, chunk) for name, rows in groups.items() for chunk in _chunks(rows, max_batch)]
+
+    def switch(work: list[Work]) -> list[float]:
+        done = [0.0] * len(work)
+        for name, rows in grouped(work):
+            peft_model.set_adapter(name)
+            _hf_generate(peft_model, [work[i] for i in rows], pad_id)
+            for i in rows:
+                done[i] = time.perf_counter()
+        return done
+
+    def mixed(work: list[Work]) -> list[float]:
+        done = [0.0] * len(work)
+        for rows in _chunks(list(range(len(work))), max_batch):
+            _hf_generate(peft_model, [work[i] for i in rows], pad_id, adapter_names=[work[i].adapter for i in rows])
+            for i in rows:
+                done[i] = time.perf_counter()
+        return done
+
+    def merge_swap(work: list[Work]) -> list[float]:
+        done = [0.0] * len(work)
+        for name, rows in grouped(work):
+            peft_model.set_adapter(name)
+            peft_model.merge_adapter()
+            try:
+                _hf_generate(peft_model, [work[i] for i in rows], pad_id)
+            finally:
+                peft_model.unmerge_adapter()
+            for i in rows:
+                done[i] = time.perf_counter()
+        return done
+
+    return {"peft_switch": switch, "peft_mixed": mixed, "merge_swap": merge_swap}
+
+
+def run_count(bench: ServeBench, count: int, folder: Path, base: Any, tokenizer: Any) -> list[dict[str, Any]]:
+    """Every system at `count` adapters, for each distribution: one row each."""
+    import copy
+
+    from ..serve import Engine
+
+    names = [f"a{i:03d}" for i in range(count)]
+    ranks = [int(r) for r in bench.ranks.split(",")]
+    max_kv = bench.max_batch * (bench.prompt_max + bench.max_tokens + 16)
+    engine = Engine(base, tokenizer, adapters_dir=str(folder), max_loaded=min(count, bench.max_batch),
+                    max_rank=max(ranks), max_batch=bench.max_batch, max_kv_tokens=max_kv,
+                    max_batch_tokens=max_kv, model_name=bench.model)
+    vocab = base.config.vocab_size
+    engine_runner(engine)(workload(dataclasses.replace(bench, requests=2, max_tokens=2), names, "uniform", vocab))  # warm-up
+    peft_model, runners = None, {}
+    if bench.baselines:
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), folder / names[0], adapter_name=names[0]).eval()
+        for name in names[1:]:
+            peft_model.load_adapter(folder / name, adapter_name=name)
+        runners = peft_runners(peft_model, tokenizer.pad_token_id or 0, bench.max_batch)
+    rows = []
+    for distribution in bench.distributions.split(","):
+        work = workload(bench, names, distribution, vocab)
+        row: dict[str, Any] = {"adapters": count, "distribution": distribution, "requests": len(work),
+                               "generated_tokens": sum(w.new_tokens for w in work)}
+        results = {"loraforge": measure(engine_runner(engine), work)}
+        for name, run in runners.items():
+            results[name] = measure(run, work)
+        results["base"] = measure(engine_runner(engine), [dataclasses.replace(w, adapter=None) for w in work])
+        for system, r in results.items():
+            row[f"{system}_tok_s"] = round(r["tok_s"], 2)
+            row[f"{system}_peak_mb"] = round(r["peak_mb"], 1)
+            row[f"{system}_p50_ms"], row[f"{system}_p99_ms"] = round(r["p50_ms"], 1), round(r["p99_ms"], 1)
+        row["p50_ms"], row["p99_ms"] = row["loraforge_p50_ms"], row["loraforge_p99_ms"]
+        row["pool_misses"], row["pool_evictions"] = engine.pool.misses, engine.pool.evictions
+        row["loraforge_reserved_mb"] = round(reserved_mb(engine), 1)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    del peft_model
+    return rows
+
+
+def reserved_mb(engine: Any) -> float:
+    """What the engine allocates up front, before any request (so outside its peak figure): the paged
+    KV cache and the adapter slots of the compute pool."""
+    tensors = [engine.kv.k, engine.kv.v, *engine.pool.A.values(), *engine.pool.B.values()]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def targets(row: dict[str, Any]) -> list[str]:
+    """The issue's targets on this CPU, checked on one row: >= 4x (a), above (b), within 1.3x of (d)."""
+    out = []
+    ours = row["loraforge_tok_s"]
+    if "peft_switch_tok_s" in row:
+        ratio = ours / row["peft_switch_tok_s"]
+        out.append(f"at least 4x PEFT switching: {ratio:.1f}x, {'met' if ratio >= 4 else 'not met'}")
+        ratio = ours / row["peft_mixed_tok_s"]
+        out.append(f"above PEFT mixed batches: {ratio:.2f}x, {'met' if ratio > 1 else 'not met'}")
+    ratio = row["base_tok_s"] / ours
+    out.append(f"within 1.3x of the base-model ceiling: {ratio:.2f}x below it, {'met' if ratio <= 1.3 else 'not met'}")
+    return out
+
+
+def write_section(bench: ServeBench, rows: list[dict[str, Any]], command: str, plot_dir: Path = Path("docs")) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = [s for s in SYSTEMS if f"{s}_tok_s" in rows[0]]
+    lines = ["| adapters | distribution | " + " | ".join(f"{s} tok/s" for s in systems) +
+             " | loraforge p50 / p99 ms | " + " | ".join(f"{s} peak MB" for s in systems) + " |",
+             "|---:|---|" + "---:|" * (2 * len(systems) + 1)]
+    for r in rows:
+        lines.append(f"| {r['adapters']} | {r['distribution']} | " + " | ".join(f"{r[f'{s}_tok_s']:.1f}" for s in systems)
+                     + f" | {r['p50_ms']:.0f} / {r['p99_ms']:.0f} | "
+                     + " | ".join(f"{r[f'{s}_peak_mb']:.0f}" for s in systems) + " |")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for distribution, style in (("uniform", "-"), ("power", "--")):
+        picked = [r for r in rows if r["distribution"] == distribution]
+        for n, system in enumerate(systems):
+            if picked:
+                ax.plot([r["adapters"] for r in picked], [r[f"{system}_tok_s"] for r in picked], style, marker="o",
+                        color=f"C{n}", label=f"{system} ({distribution})")
+    ax.set(xscale="log", xlabel="adapters", ylabel="generated tokens/s", title=f"{bench.model}, {bench.requests} requests")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    plot = plot_dir / "bench-serve.png"
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(plot, dpi=110)
+    plt.close(fig)
+    reference = max(rows, key=lambda r: (r["adapters"] == 32, r["adapters"]))
+    checks = [f"- {t}" for t in targets(reference)]
+    return (f"{bench.requests} requests, prompts {bench.prompt_min}-{bench.prompt_max} tokens, "
+            f"{max(1, bench.max_tokens // 4)}-{bench.max_tokens} new tokens each (EOS ignored), adapters of ranks "
+            f"{bench.ranks}, all-linear, float32, max batch {bench.max_batch}; all requests arrive at t = 0. "
+            "Peak MB: resident memory above the level before that system ran; loraforge's KV cache and adapter "
+            f"slots are allocated before it ({rows[-1]['loraforge_reserved_mb']:.0f} MB at the last row).\n\n" + "\n".join(lines) +
+            f"\n\nTargets, at {reference['adapters']} adapters ({reference['distribution']}):\n\n" + "\n".join(checks) +
+            f"\n\nThroughput vs adapters: ![]({plot.name})\n")
+
+
+# ---- the load test ------------------------------------------------------------------------------
+def load_test(bench: ServeBench, base: Any, tokenizer: Any, folder: Path) -> dict[str, Any]:
+    """The HTTP server on loopback under `load_requests` requests at `load_concurrency`."""
+    import httpx
+    import uvicorn
+
+    from ..serve import Engine
+    from ..serve.server import create_app
+
+    names = make_adapters(bench.model, bench.load_adapters, [int(r) for r in bench.ranks.split(",")], folder,
+                          bench.seed)
+    engine = Engine(base, tokenizer, adapters_dir=str(folder), max_loaded=min(len(names), bench.load_concurrency),
+                    max_rank=max(int(r) for r in bench.ranks.split(",")), max_batch=bench.load_concurrency,
+                    max_kv_tokens=bench.load_concurrency * (bench.prompt_max + bench.load_max_tokens + 32),
+                    model_name=bench.model)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # loopback only, a free port
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    work = workload(dataclasses.replace(bench, requests=bench.load_requests, max_tokens=bench.load_max_tokens,
+                                        prompt_max=min(bench.prompt_max, 64)), names, "uniform", base.config.vocab_size)
+
+    async def fire(batch: list[Work]) -> tuple[list[float], list[str]]:
+        gate = asyncio.Semaphore(bench.load_concurrency)
+        latencies: list[float] = []
+        errors: list[str] = []
+        limits = httpx.Limits(max_connections=bench.load_concurrency)
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+            async def one(w: Work) -> None:
+                async with gate:
+                    t0 = time.perf_counter()
+                    body = {"model": w.adapter, "prompt": tokenizer.decode(w.prompt), "max_tokens": w.new_tokens,
+                            "temperature": 0}
+                    try:
+                        response = await client.post("/v1/completions", json=body)
+                        if response.status_code != 200:
+                            errors.append(f"{response.status_code}: {response.text[:200]}")
+                    except httpx.HTTPError as exc:
+                        errors.append(f"{type(exc).__name__}: {exc}")
+                    latencies.append((time.perf_counter() - t0) * 1000)
+
+            await asyncio.gather(*(one(w) for w in batch))
+        return sorted(latencies), errors
+
+    try:
+        asyncio.run(fire(work[:bench.load_concurrency]))  # warm-up: every slot, block and buffer allocated once
+        idle_mb = _rss_mb()
+        t0 = time.perf_counter()
+        latencies, errors = asyncio.run(fire(work))
+        wall = time.perf_counter() - t0
+        deadline = time.monotonic() + 10
+        while engine.has_work() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after_mb = _rss_mb()
+        idle = (not engine.has_work() and engine.kv.free_blocks == engine.kv.num_blocks
+                and not any(engine.pool.refs.values()))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    result = {"requests": len(work), "concurrency": bench.load_concurrency, "adapters": len(names),
+              "errors": len(errors), "first_errors": errors[:3], "seconds": round(wall, 1),
+              "requests_per_s": round(len(work) / wall, 2), "tok_s": round(sum(w.new_tokens for w in work) / wall, 1),
+              "p50_ms": round(statistics.median(latencies), 1), "p99_ms": round(_percentile(latencies, 99), 1),
+              "idle_rss_mb": round(idle_mb, 1), "after_rss_mb": round(after_mb, 1), "engine_idle_after": idle,
+              "passed": not errors and idle}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def bench_serve(bench: ServeBench, command: str = "", write: bool = True) -> dict[str, Any]:
+    from ..models import load_model
+
+    bench.check()
+    base, tokenizer = load_model(bench.model, task="causal-lm")
+    folder = Path(bench.out) / f"adapters-{Path(bench.model).name}"
+    if bench.load:
+        result = load_test(bench, base, tokenizer, folder)
+        if write:
+            body = ("| requests | concurrency | adapters | errors | req/s | tok/s | p50 ms | p99 ms | RSS idle -> after (MB) "
+                    "| engine idle after |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n"
+                    f"| {result['requests']} | {result['concurrency']} | {result['adapters']} | {result['errors']} | "
+                    f"{result['requests_per_s']} | {result['tok_s']} | {result['p50_ms']} | {result['p99_ms']} | "
+                    f"{result['idle_rss_mb']} -> {result['after_rss_mb']} | {result['engine_idle_after']} |\n\n"
+                    f"Load test {'passed' if result['passed'] else 'FAILED'}: {bench.load_max_tokens // 4 or 1}-"
+                    f"{bench.load_max_tokens} new tokens per request over /v1/completions on loopback.")
+            append_section(f"bench serve --load: {bench.model}", command, body)
+        if not result["passed"]:
+            raise LoraforgeError(f"load test failed: {result['errors']} errors, engine idle after: "
+                                 f"{result['engine_idle_after']} (first errors: {result['first_errors']})")
+        return result
+    make_adapters(bench.model, max(bench.counts()), [int(r) for r in bench.ranks.split(",")], folder, bench.seed)
+    rows = [row for count in bench.counts() for row in run_count(bench, count, folder, base, tokenizer)]
+    report = {"machine": machine(), "runs": rows}
+    if bench.json:
+        Path(bench.json).write_text(json.dumps(report, indent=2) + "\n")
+    if write:
+        body = write_section(bench, rows, command)
+        append_section(f"bench serve: {bench.model}, multi-adapter throughput", command, body)
+        print(body)
+    return report

@@ -1,0 +1,294 @@
+"""`loraforge bench speed`: a loraforge LoRA training step against the frozen-base limit and PEFT.
+
+The least work an adapter step can do is the base model's forward plus the backward pass of the
+activation gradients through every frozen layer, with no weight gradient: the **frozen step**
+(all base weights frozen, `inputs_embeds.requires_grad_(True)`, the model's own full-logits loss).
+Against it, in one process and interleaved round by round (so that noise from other work on the
+machine hits every variant alike), after warm-up rounds:
+
+    loraforge              attach + train.batch_loss (chunked label-only head) + backward + AdamW step
+    loraforge, plain head  the same model, loss from the model's full logits: isolates the layer work
+    loraforge, grad ckpt   the same model with activation checkpointing per decoder layer
+    loraforge, compiled    a copy under torch.compile (only with --compile: compiling takes minutes)
+    PEFT                   get_peft_model with the same LoRA config + model(labels=...).loss + AdamW
+
+for each precision available here: fp32, bf16 (autocast, where the CPU or GPU computes it natively)
+and nf4 (4-bit base, fp32 compute; PEFT on bitsandbytes' Linear4bit). Times are medians over the
+measured rounds. Peak memory is the growth of the process's peak RSS during a step over its RSS
+before it (CPU; glibc is told to hand freed blocks straight back, and the kernel's high-water mark
+is reset before each step), or `torch.cuda.max_memory_allocated` growth on a GPU; the largest over
+the measured rounds.
+
+PEFT is imported here only: it is a reference, never a dependency of the library's code paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import gc
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import append_section, machine
+
+JSON_KEYS = ("frozen_step_s", "loraforge_step_s", "peft_step_s", "loraforge_peak_mb", "peft_peak_mb")
+ROW_LABELS = {"frozen": "frozen step (limit)", "loraforge": "loraforge", "plain_head": "loraforge, plain head",
+              "grad_ckpt": "loraforge, --grad-checkpoint", "compiled": "loraforge, --compile", "peft": "PEFT"}
+
+
+@dataclasses.dataclass
+class SpeedRun:
+    model: str = "smollm2-135m"
+    batch_size: int = 8
+    seq_len: int = 128
+    rank: int = 8
+    targets: str = "all-linear"
+    steps: int = 5
+    warmup: int = 1
+    precisions: str = "all"  # comma-separated subset of fp32,bf16,nf4; "all": every one this machine has
+    compile: bool = False
+    seed: int = 0
+
+
+def available_precisions(device: torch.device) -> list[str]:
+    from ..quant import backend_available
+    from ..train import autocast_dtype
+
+    found = ["fp32"]
+    if autocast_dtype("auto", device) == torch.bfloat16:
+        found.append("bf16")
+    if backend_available():
+        found.append("nf4")
+    return found
+
+
+class PeakMemory:
+    """Peak memory growth of one step: RSS high-water mark on CPU, allocator peak on CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.libc = None
+        if device.type == "cpu":
+            with contextlib.suppress(OSError):
+                self.libc = ctypes.CDLL("libc.so.6")
+                # M_MMAP_THRESHOLD = -3: blocks of 256 KiB and more are mmapped, so a freed tensor leaves
+                # RSS at once (a fixed threshold also stops glibc from raising it as big blocks are freed).
+                self.libc.mallopt(-3, 256 * 1024)
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+            return
+        if self.libc is not None:
+            self.libc.malloc_trim(0)
+        with contextlib.suppress(OSError):  # without it (not Linux) the peak is the process's peak so far
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        self.before = _status_kb("VmRSS") * 1024
+
+    def stop(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.before) / 2**20
+        return (_status_kb("VmHWM") * 1024 - self.before) / 2**20
+
+
+def _status_kb(field: str) -> int:
+    line = next(li for li in Path("/proc/self/status").read_text().splitlines() if li.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def _batch(vocab: int, run: SpeedRun, device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(run.seed)
+    ids = torch.randint(0, vocab, (run.batch_size, run.seq_len), generator=g).to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def _load(run: SpeedRun, device: torch.device) -> nn.Module:
+    from ..models import load_model
+
+    model, _ = load_model(run.model)
+    return model.to(device).train()
+
+
+def _bnb_base(model: nn.Module) -> nn.Module:
+    """The same base with bitsandbytes' Linear4bit layers (NF4, double quant, block 64): what PEFT
+    wraps in its own 4-bit LoRA layer."""
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings()
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or module is head:
+            continue
+        q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                              compute_dtype=module.weight.dtype, compress_statistics=True, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4", blocksize=64)
+        if module.bias is not None:
+            q.bias = nn.Parameter(module.bias.data, requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q.to(module.weight.device))
+    return model
+
+
+def _steps(run: SpeedRun, precision: str, device: torch.device) -> dict[str, Callable[[], None]]:
+    """One closure per variant, each doing one full step on its own model."""
+    from peft import LoraConfig, get_peft_model
+
+    from ..config import AdapterConfig
+    from ..inject import attach
+    from ..quant import quantize_base
+    from ..train import batch_loss, parse_targets
+
+    amp = torch.bfloat16 if precision == "bf16" else None
+    targets = parse_targets(run.targets)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+
+    def lora_model() -> nn.Module:
+        model = attach(_load(run, device), AdapterConfig(rank=run.rank, alpha=2 * run.rank, target_modules=targets,
+                                                        seed=run.seed))
+        if precision == "nf4":
+            quantize_base(model)
+        return model
+
+    frozen = _load(run, device).requires_grad_(False)
+    if precision == "nf4":
+        quantize_base(frozen)
+    ours = lora_model()
+    batch = _batch(ours.config.vocab_size, run, device)
+    n_labels = int((batch["labels"][:, 1:] != -100).sum())
+    peft_base = _load(run, device)
+    if precision == "nf4":
+        peft_base = _bnb_base(peft_base)
+    torch.manual_seed(run.seed)
+    peft_model = get_peft_model(peft_base, LoraConfig(r=run.rank, lora_alpha=2 * run.rank, target_modules=targets))
+
+    def frozen_step() -> None:
+        embeds = frozen.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+        with autocast():
+            loss = frozen(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        loss.backward()
+
+    def trainer(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor],
+                setup: Callable[[bool], None] = lambda on: None) -> Callable[[], None]:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step() -> None:
+            setup(True)
+            with autocast():
+                loss = loss_fn(model)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            setup(False)
+        return step
+
+    def checkpointing(on: bool) -> None:
+        if on:
+            ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            ours.gradient_checkpointing_disable()
+
+    fused_loss = lambda m: batch_loss(m, batch, "causal-lm") / n_labels  # noqa: E731
+    steps = {"frozen": frozen_step, "loraforge": trainer(ours, fused_loss),
+             "plain_head": trainer(ours, lambda m: m(**batch).loss),
+             "grad_ckpt": trainer(ours, fused_loss, checkpointing)}
+    if run.compile:
+        compiled = lora_model()
+        compiled.base_model.compile()
+        steps["compiled"] = trainer(compiled, fused_loss)
+    steps["peft"] = trainer(peft_model, lambda m: m(**batch).loss)
+    return steps
+
+
+def measure(run: SpeedRun, progress: bool = True) -> dict[str, dict[str, dict[str, float]]]:
+    """{precision: {variant: {"step_s": median seconds, "peak_mb": largest peak growth}}}."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    have = available_precisions(device)
+    wanted = have if run.precisions == "all" else [p.strip() for p in run.precisions.split(",")]
+    missing = [p for p in wanted if p not in have]
+    if missing:
+        from ..errors import LoraforgeError
+
+        raise LoraforgeError(f"precision {', '.join(missing)} is not available here (available: {', '.join(have)})")
+    memory = PeakMemory(device)
+    n_variants = len(ROW_LABELS) - (0 if run.compile else 1)
+    bar = tqdm(total=len(wanted) * (run.warmup + run.steps) * n_variants, disable=not progress, unit="step",
+               desc="bench speed")
+    results = {}
+    for precision in wanted:
+        steps = _steps(run, precision, device)
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        peaks: dict[str, list[float]] = {name: [] for name in steps}
+        names = list(steps)
+        for rnd in range(run.warmup + run.steps):
+            shift = rnd % len(names)  # rotate the order: no variant always runs first after a pause
+            for name in names[shift:] + names[:shift]:
+                bar.set_postfix(precision=precision, variant=name)
+                memory.start()
+                t0 = time.perf_counter()
+                steps[name]()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - t0
+                peak = memory.stop()
+                if rnd >= run.warmup:
+                    times[name].append(seconds)
+                    peaks[name].append(peak)
+                bar.update(1)
+        results[precision] = {name: {"step_s": statistics.median(times[name]), "peak_mb": max(peaks[name])}
+                              for name in names}
+        del steps  # free this precision's three models before building the next ones
+        gc.collect()
+    bar.close()
+    return results
+
+
+def to_json(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """The issue's JSON: machine plus, per precision, exactly JSON_KEYS."""
+    out: dict[str, Any] = {"machine": machine()}
+    for precision, rows in results.items():
+        out[precision] = {"frozen_step_s": rows["frozen"]["step_s"], "loraforge_step_s": rows["loraforge"]["step_s"],
+                          "peft_step_s": rows["peft"]["step_s"], "loraforge_peak_mb": rows["loraforge"]["peak_mb"],
+                          "peft_peak_mb": rows["peft"]["peak_mb"]}
+    return out
+
+
+def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = ["| precision | step | median step (s) | / frozen step | / PEFT step | peak memory growth (MB) |",
+             "|---|---|---|---|---|---|"]
+    for precision, rows in results.items():
+        frozen, peft = rows["frozen"]["step_s"], rows["peft"]["step_s"]
+        for name, row in rows.items():
+            lines.append(f"| {precision} | {ROW_LABELS[name]} | {row['step_s']:.3f} | {row['step_s'] / frozen:.3f} | "
+                         f"{row['step_s'] / peft:.3f} | {row['peak_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_speed(run: SpeedRun, json_path: str | None, command: str, progress: bool = True) -> dict[str, Any]:
+    results = measure(run, progress)
+    body = table(results)
+    title = (f"bench speed: {run.model}, batch {run.batch_size} x {run.seq_len} tokens, LoRA r={run.rank} "
+             f"{run.targets}, median of {run.steps} interleaved steps after {run.warmup} warm-up")
+    notes = ("\nRatios: loraforge step / frozen step and loraforge step / PEFT step (targets on CPU fp32: "
+             "<= 1.05 and <= 0.92). The frozen step keeps the model's own full-logits loss; the loraforge row "
+             "uses the chunked label-only head, the plain-head row does not. nf4 computes in fp32.\n")
+    append_section(title, command, body + notes)
+    print(body)
+    report = to_json(results)
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    return report

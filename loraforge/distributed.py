@@ -1,0 +1,329 @@
+"""Data-parallel training on Hugging Face accelerate, with the same answer at any scale.
+
+Two ways in, one training loop (`loraforge.train.train`):
+
+* ``loraforge train ... --num-processes N`` (``TrainConfig(num_processes=N)`` in Python) starts N
+  workers on this machine the way `accelerate launch` does (torch elastic; gloo on CPU, NCCL on GPUs).
+  The workers are forked, not spawned: they inherit the parsed config and whatever model or data
+  the caller passed in memory, and they start in a fraction of a second instead of importing torch
+  and transformers again.
+* ``accelerate launch [--config_file cfg.yaml] -m loraforge train ...`` starts the workers itself
+  (several GPUs, several nodes); `train` sees the launcher's environment and joins it. Sharded
+  engines (FSDP, DeepSpeed ZeRO) are refused with a clear error until the checkpoint can gather
+  adapter and optimizer shards onto rank 0.
+
+A run that is neither (one process, not launched) gets `LocalRuntime`, which is the plain loop:
+accelerate is not even imported.
+
+Exact equivalence. Optimizer step s reads global batch s of a `BatchPlan` whose batch size is
+batch_size x grad_accum x processes, so the rows of a step do not depend on how they are split.
+`micro_batches` cuts them into grad_accum x processes slices; rank r takes slice k x processes + r
+at accumulation step k. Every rank divides its summed token losses by the label tokens of the
+whole global batch (all-reduced before the first backward) and multiplies by processes x
+grad_accum, which undoes the means DDP takes over ranks and accelerate takes over accumulation
+steps. The optimizer then sees (sum of token-loss gradients) / (global label tokens)
+for every split: 1 x 8, 1 x 2 x 4, 2 x 4 and 2 x 2 x 2 reach the same adapter up to float rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .errors import LoraforgeError
+
+if TYPE_CHECKING:
+    from .train import TrainConfig, TrainResult
+
+# Set in every worker by torchrun, `accelerate launch` and torch elastic (which `--num-processes` uses).
+LAUNCHER_ENV = "LOCAL_RANK"
+
+
+class WorkerFailed(LoraforgeError):
+    """A worker of a multi-process run died or raised; the whole run was stopped."""
+
+
+def launched() -> bool:
+    """True inside a worker that a distributed launcher started (torchrun's world of one included)."""
+    return LAUNCHER_ENV in os.environ
+
+
+def must_launch(config: TrainConfig) -> bool:
+    """True when this process has to start the workers itself: --num-processes > 1, not launched."""
+    return config.num_processes > 1 and not launched()
+
+
+# ---- the runtimes the loop talks to ------------------------------------------------------------
+
+class LocalRuntime:
+    """One process, no launcher: every method is what the single-process loop always did."""
+
+    rank = 0
+    world_size = 1
+    is_main = True
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+                ) -> tuple[Callable[[dict[str, torch.Tensor]], torch.Tensor], torch.optim.Optimizer]:
+        return (lambda batch: loss_fn(model, batch)), optimizer
+
+    def seed_workers(self, seed: int) -> None:
+        """Nothing to do: the one process keeps the stream torch.manual_seed(seed) started."""
+
+    def accumulate(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def sum(self, values: list[float]) -> list[float]:
+        return values
+
+    def clip_grad_norm(self, params: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def rng_states(self) -> list[torch.Tensor]:
+        return [torch.get_rng_state()]
+
+    def finish(self) -> None:
+        """Nothing to tear down."""
+
+
+class _LossModule(nn.Module):
+    """The model plus its loss, wrapped as one module, so that DDP sees the forward that training
+    runs: the loss may call parts of the model (the head on label positions only), which a DDP
+    wrapper around the bare model would not see and not synchronise."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+class AccelerateRuntime:
+    """A worker of a distributed run: accelerate's Accelerator does device placement, the process
+    group, DDP and gradient sync across ranks (skipped on all but a window's last micro-batch)."""
+
+    def __init__(self, config: TrainConfig):
+        from accelerate import Accelerator
+
+        # cpu=True makes accelerate pick gloo when there is no GPU: it would otherwise see no device
+        # to run on and fall back to one undistributed process. accelerate divides the loss by
+        # grad_accum and skips the optimizer step until the last
+        # micro-batch of the window. Mixed precision stays ours (--precision, torch.autocast).
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=config.grad_accum,
+                                       mixed_precision="no")
+        engine = self.accelerator.distributed_type.name
+        if engine in ("FSDP", "DEEPSPEED"):
+            # Both keep shards of the adapter and of its optimizer state on each rank; the checkpoint
+            # and the PEFT-format adapter need them gathered onto rank 0, which is not written yet.
+            raise LoraforgeError(f"accelerate config uses {engine}, which loraforge train does not support yet: "
+                                 f"use data parallel (distributed_type: MULTI_GPU, examples/accelerate/ddp.yaml)")
+        if self.accelerator.gradient_accumulation_steps != config.grad_accum:
+            raise LoraforgeError(f"the accelerate config sets gradient_accumulation_steps="
+                                 f"{self.accelerator.gradient_accumulation_steps}: leave it out and use --grad-accum")
+        self.rank = self.accelerator.process_index
+        self.world_size = self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        if config.num_processes not in (1, self.world_size):
+            raise LoraforgeError(f"--num-processes {config.num_processes} inside a launcher that started "
+                                 f"{self.world_size} processes: leave --num-processes out under `accelerate launch`")
+        self.scale = float(self.world_size * config.grad_accum)
+        self.wrapped: nn.Module | None = None
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+                ) -> tuple[Callable[[dict[str, torch.Tensor]], torch.Tensor], torch.optim.Optimizer]:
+        if any(hasattr(m, "aux_loss") for m in model.modules()):
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            # A routed adapter (MixLoRA) leaves the experts no token chose without a gradient,
+            # which DDP would otherwise wait for forever. Not the default: it costs a graph walk.
+            self.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+        self.wrapped, optimizer = self.accelerator.prepare(_LossModule(model, loss_fn), optimizer)
+        return self.wrapped, optimizer
+
+    def seed_workers(self, seed: int) -> None:
+        """Rank 0 keeps the single-process stream; the others draw their own dropout masks."""
+        if self.rank:
+            torch.manual_seed(seed + self.rank)
+
+    def accumulate(self) -> contextlib.AbstractContextManager[None]:
+        return self.accelerator.accumulate(self.wrapped)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss * self.scale)
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Sum over ranks, in float64 so that label and token counts stay exact."""
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+    def clip_grad_norm(self, params: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
+        return self.accelerator.clip_grad_norm_(params, max_norm)
+
+    def rng_states(self) -> list[torch.Tensor]:
+        """Every rank's torch RNG state, gathered on all ranks (a checkpoint keeps them all)."""
+        states: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(states, torch.get_rng_state())
+        return states
+
+    def finish(self) -> None:
+        self.accelerator.end_training()
+
+
+def runtime(config: TrainConfig) -> LocalRuntime | AccelerateRuntime:
+    return AccelerateRuntime(config) if launched() else LocalRuntime()
+
+
+def micro_batches(rows: list[int], grad_accum: int, rank: int, world_size: int) -> list[list[int]]:
+    """This rank's grad_accum micro-batches of one global batch: slice k x world_size + rank of
+    grad_accum x world_size near-equal contiguous slices (equal when the batch is full; contiguous
+    so that length-grouped batches stay grouped within each micro-batch)."""
+    slots = grad_accum * world_size
+    if len(rows) < slots:
+        raise LoraforgeError(f"a global batch of {len(rows)} rows cannot feed {grad_accum} micro-batches on each of "
+                             f"{world_size} processes: use more data or a smaller --grad-accum / --num-processes")
+    bounds = [len(rows) * j // slots for j in range(slots + 1)]
+    return [rows[bounds[j]:bounds[j + 1]] for j in (k * world_size + rank for k in range(grad_accum))]
+
+
+# ---- starting the workers ----------------------------------------------------------------------
+
+def launch(config: TrainConfig, worker: Callable[[], Any], model: nn.Module | None, tokenizer: Any) -> TrainResult:
+    """Run `worker` (the training run itself) in config.num_processes forked processes, then hand
+    back what an in-process run would: the trained model, its tokenizer and the logged metrics.
+
+    This is what `accelerate launch` and accelerate's notebook_launcher do (torch elastic's agent,
+    a static rendezvous on this machine, fork), without the latter's device banner: each worker then
+    builds its Accelerator from the environment the agent gives it. The agent watches the workers
+    and, when one exits abnormally, ends the others and reports which rank failed."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from .train import CHECKPOINT_DIR, TrainResult, _read_metrics
+
+    if torch.cuda.is_initialized():
+        raise LoraforgeError("CUDA is already in use in this process, and forked workers cannot use it: start the run "
+                             "with `accelerate launch -m loraforge train ...` (or before anything touches the GPU)")
+    out = os.path.abspath(config.out)
+    endpoint = f"127.0.0.1:{_free_port()}"
+    print(f"training on {config.num_processes} processes ({'NCCL' if torch.cuda.is_available() else 'gloo, CPU'})")
+    launch_config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=config.num_processes, run_id="loraforge",
+                                 rdzv_backend="static", rdzv_endpoint=endpoint, rdzv_configs={"rank": 0},
+                                 max_restarts=0, monitor_interval=0.1, start_method="fork")
+    try:
+        elastic_launch(launch_config, _run_quietly(worker))()
+    except ChildFailedError as exc:
+        raise WorkerFailed(describe_failure(exc.failures, os.path.join(out, CHECKPOINT_DIR))) from None
+    except SignalException:
+        # Ctrl-C (or a SIGTERM) reached this process; the agent has already ended the workers.
+        raise KeyboardInterrupt from None
+
+    model, tokenizer = _trained_model(config, Path(out), model, tokenizer)
+    return TrainResult(model, tokenizer, Path(out), _read_metrics(Path(out), upto=config.steps))
+
+
+# What a collective raises in the ranks that are still alive when a peer has gone.
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "DistBackendError")
+# How long such a rank waits before it fails in turn: the agent polls every 0.1 s, so it sees the
+# rank that died first and reports that one as the cause; the waiting ranks are then ended.
+PEER_GONE_GRACE_S = 5.0
+
+
+def _run_quietly(worker: Callable[[], Any]) -> Callable[[], None]:
+    """The worker as the agent runs it: no return value (it would travel back through a pipe; the
+    parent reads the run's files instead), and a rank whose peer vanished fails only after the
+    grace period, so that the report names the rank that died rather than the ones it left behind."""
+    def run() -> None:
+        try:
+            worker()
+        except Exception as exc:
+            if any(text in f"{type(exc).__name__}: {exc}" for text in PEER_GONE):
+                time.sleep(PEER_GONE_GRACE_S)
+            raise
+    return run
+
+
+def _free_port() -> int:
+    """A port no other run on this machine uses, so that two runs can train side by side."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def describe_failure(failures: dict[int, Any], checkpoint: str) -> str:
+    """One paragraph a user can act on: which rank failed and how, what happened to the others,
+    and what is left on disk. The cause is the rank killed by a signal or that raised an error of
+    its own; ranks whose collective broke because a peer vanished only followed it."""
+    def error_text(failure: Any) -> str:
+        # torch elastic's error file holds {"message": "Type: text", "extraInfo": {traceback}}.
+        message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
+        return (message or "").strip()
+
+    def reason(failure: Any) -> str:
+        if failure.exitcode < 0:
+            try:
+                return f"killed by {signal.Signals(-failure.exitcode).name}"
+            except ValueError:
+                return f"killed by signal {-failure.exitcode}"
+        text = error_text(failure)
+        return f"exit code {failure.exitcode}: {text}" if text else f"exit code {failure.exitcode}"
+
+    def followed(failure: Any) -> bool:
+        return failure.exitcode > 0 and any(text in error_text(failure) for text in PEER_GONE)
+
+    ranks = sorted(failures)
+    causes = [r for r in ranks if not followed(failures[r])] or ranks
+    first = causes[0]
+    text = f"worker rank {first} failed ({reason(failures[first])})"
+    others = [r for r in ranks if r != first]
+    if others:
+        text += "; then " + ", ".join(
+            f"rank {r} ({'the same error' if reason(failures[r]) == reason(failures[first]) else reason(failures[r])})"
+            for r in others)
+    text += ". The whole run was stopped."
+    state = os.path.join(checkpoint, "trainer_state.json")
+    if os.path.isfile(state):
+        with open(state) as f:
+            step = json.load(f)["step"]
+        text += f" The last checkpoint ({checkpoint}, step {step}) is intact: run again with --resume to continue."
+    else:
+        text += " No checkpoint had been written yet (set --save-every to keep progress)."
+    return text
+
+
+def _trained_model(config: TrainConfig, out: Path, model: nn.Module | None, tokenizer: Any) -> tuple[nn.Module, Any]:
+    """The caller's model (or a freshly loaded base) carrying the adapter the workers wrote."""
+    from safetensors.torch import load_file
+
+    from .inject import adapter_state_dict, is_attached
+    from .io import load_adapter, load_pretrained
+    from .train import CHECKPOINT_DIR
+
+    if model is None:
+        return load_pretrained(config.model, out / "adapter", task=config.task, num_labels=config.num_labels)
+    if not is_attached(model):
+        load_adapter(model, out / "adapter", trainable=True)
+    # The checkpoint holds the trainable tensors exactly as trained (the export may refactor them).
+    own = adapter_state_dict(model)
+    with torch.no_grad():
+        for key, tensor in load_file(str(out / CHECKPOINT_DIR / "trainable.safetensors")).items():
+            own[key].copy_(tensor)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,68 @@
+"""The Flower app that `flwr run` deploys: a ServerApp with loraforge's strategies and a ClientApp that
+trains with loraforge's trainer (the functions of flower.py, so `loraforge fed run` and `flwr run`
+execute the same code).
+
+    flwr run . local --run-config "clients=10 rounds=5 strategy='flora' ranks='4,8,16'" \\
+        --federation-config "num-supernodes=10"          # Flower's simulation engine, one machine
+
+Flower's managed local SuperLink installs the app's dependencies into a fresh environment with uv,
+which needs the package index; where the environment you run from already has loraforge[fed] (or
+offline), start the SuperLink yourself without that step and `flwr run . local` uses it:
+
+    flower-superlink --insecure --simulation --disable-runtime-dependency-installation \
+        --control-api-address 127.0.0.1:39093 --port 39091 &
+
+pyproject.toml's [tool.flwr.app] names these two objects and holds the defaults of the run config
+(the FedRunConfig fields, hyphenated). On a real network the same app runs unchanged: start a
+SuperLink, one SuperNode per client with `--node-config "partition-id=K num-partitions=N"` and the
+data file at the run config's `data` path, then `flwr run . <connection>`. Every client reads that
+file and keeps partition K of it (the run's iid or Dirichlet split), as in simulation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from ..errors import LoraforgeError
+from .flower import FedRunConfig, client_train, prepare, server_main
+
+client_app = ClientApp()
+client_app.train()(client_train)
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def serve_rounds(grid: Grid, context: Context) -> None:
+    """Every round of the run the run config describes, checkpointed as `loraforge fed run` does."""
+    cfg = config_from_run_config(dict(context.run_config))
+    prepare(cfg)
+    server_main(grid, context, cfg)
+
+
+def config_from_run_config(run_config: dict[str, typing.Any]) -> FedRunConfig:
+    """FedRunConfig from Flower's run config (hyphenated keys, TOML scalars); unknown keys are refused,
+    since a misspelt setting would otherwise silently keep its default."""
+    hints = typing.get_type_hints(FedRunConfig)
+    names = {f.name for f in dataclasses.fields(FedRunConfig)}
+    values: dict[str, typing.Any] = {}
+    for key, value in run_config.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise LoraforgeError(f"run config key {key!r} is not a setting of fed run; known: "
+                                 f"{', '.join(sorted(n.replace('_', '-') for n in names))}")
+        kind = next((a for a in typing.get_args(hints[name]) if a is not type(None)), hints[name])
+        try:
+            values[name] = kind(value)
+        except (TypeError, ValueError):
+            raise LoraforgeError(f"run config {key!r} = {value!r} is not a {kind.__name__}") from None
+    missing = [n for n in ("model", "data") if n not in values]
+    if missing:
+        raise LoraforgeError(f"the run config lacks {', '.join(missing)}: set them in [tool.flwr.app.config] or "
+                             "with --run-config")
+    return FedRunConfig(**values)

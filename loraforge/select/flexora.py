@@ -1,0 +1,75 @@
+"""Flexora: learn one gate per transformer layer on validation data, keep the layers whose gate rose.
+
+Flexora: Flexible Low Rank Adaptation for Large Language Models, Wei et al. (arXiv 2408.10774).
+Layer selection as hyper-parameter optimisation (Sec. 3):
+
+    h = W0 x + w_l * s B_l A_l x,     w = L * softmax(a),  a in R^L, a = 0 at the start (w = 1: plain LoRA)
+    min_a L_val(theta*(a), a)   s.t.  theta*(a) = argmin_theta L_train(theta, a)
+
+solved by alternating one adapter step on a training batch and one gate step on a validation batch
+(`select.gated_search`), then layer l is kept iff a_l > 0 (it rose above its start), and a fresh LoRA
+is trained on the kept layers only.
+
+Decisions, from the reference code (kithib/Flexora, `flora.py`), the paper's own rule being unverified:
+  - first-order gate gradient (the validation loss at the current theta, no unroll through its update);
+    gate optimiser Adam at `--select-lr` (0.01), adapter AdamW at the run's `--lr`;
+  - one validation batch per gate step (the reference sums 8: pass a larger --batch-size for that);
+  - a_l > 0 selects (ties impossible: a strict threshold); if no gate rose, the highest one is kept;
+  - the gate multiplies all the layer's adapter modules; it is applied to the layer's output update
+    (`gate_adapter`), which for LoRA equals the reference's scaling of the adapter's input.
+The decision goes into the adapter config: `target_modules` lists the kept modules' paths and
+`extras["selection"]` the kept layers and the final gate logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig
+from ..errors import LoraforgeError
+from ..inject import attach, detach
+from . import SearchData, Selector, adapter_paths_by_block, gated_search, register_selector
+
+
+def selected_layers(logits: list[float], layer_ids: list[int]) -> list[int]:
+    """Layers whose logit is above its zero start; the top one when none is."""
+    kept = [layer for layer, a in zip(layer_ids, logits) if a > 0]
+    return kept or [layer_ids[max(range(len(logits)), key=lambda i: (logits[i], -i))]]
+
+
+class Flexora(Selector):
+    def __init__(self, select_steps: int = 20, select_lr: float = 0.01, lr: float = 2e-4):
+        self.steps, self.gate_lr, self.lr = select_steps, select_lr, lr
+
+    def attach(self, model: nn.Module, config: AdapterConfig, search: SearchData | None) -> None:
+        if search is None:
+            raise LoraforgeError("flexora searches on data: pass training data")
+        attach(model, config)
+        by_block = adapter_paths_by_block(model)
+        if not by_block:
+            detach(model)
+            raise LoraforgeError("flexora found no adapter layer inside the model's blocks (a method that wraps layers is needed)")
+        layer_ids = sorted(by_block)
+        logits = torch.zeros(len(layer_ids), requires_grad=True)
+
+        def gate(i: int):
+            return lambda: len(layer_ids) * torch.softmax(logits, 0)[i]
+
+        gates = {path: gate(i) for i, layer in enumerate(layer_ids) for path in by_block[layer]}
+        gated_search(model, search, gates, [logits], self.steps, self.lr, self.gate_lr)
+        final = logits.detach().tolist()
+        kept = selected_layers(final, layer_ids)
+        detach(model)
+        chosen = dataclasses.replace(
+            config, target_modules=sorted(p for layer in kept for p in by_block[layer]),
+            extras={**config.extras, "selection": {"method": "flexora", "layers": kept,
+                                                   "gate_logits": dict(zip(map(str, layer_ids), final))}})
+        attach(model, chosen)
+
+
+@register_selector("flexora")
+def build_flexora(select_steps: int = 20, select_lr: float = 0.01, lr: float = 2e-4) -> Flexora:
+    return Flexora(select_steps, select_lr, lr)

@@ -1,0 +1,44 @@
+"""The learning-rate sweep of `bench methods --lrs` (loraforge/bench/sweep.py): rule names map to their
+TrainConfig field, every (method, rule, lr) runs, and the summary's best and width follow their definition."""
+
+import pytest
+
+import loraforge as lf
+from loraforge.bench.methods import BenchRun, all_runs, rule_fields
+from loraforge.bench.sweep import summarise
+
+
+def test_rule_names_map_to_their_field():
+    assert rule_fields("lora-pro") == {"optimizer": "lora-pro"}
+    assert rule_fields("glad") == {"regularizer": "glad"}
+    assert rule_fields("lisa") == {"select": "lisa"}
+    with pytest.raises(lf.LoraforgeError, match="unknown rule"):
+        rule_fields("adam-w")
+
+
+def test_every_method_rule_and_rate_runs():
+    runs = all_runs(BenchRun(), ["lora", "dora"], ["adamw", "lora-plus"], [1e-4, 1e-3, 1e-2])
+    assert len(runs) == 12
+    assert {(r.method, r.rule, r.lr) for r in runs} == {(m, r, lr) for m in ("lora", "dora") for r in ("adamw", "lora-plus")
+                                                         for lr in (1e-4, 1e-3, 1e-2)}
+
+
+def test_summary_best_and_width_within_one_point():
+    def row(rule, lr, acc):
+        return {"method": "lora", "rule": rule, "lr": lr, "dev_accuracy": acc, "dev_loss": 1.0}
+
+    results = [row("adamw", 1e-4, 0.80), row("adamw", 1e-3, 0.905), row("adamw", 1e-2, 0.90),
+               row("lora-pro", 1e-4, 0.70), row("lora-pro", 1e-3, 0.91), row("lora-pro", 1e-2, 0.50),
+               {"method": "lora", "rule": "allora", "lr": 1e-3, "error": "boom"}]
+    summary = {s["rule"]: s for s in summarise(results)}
+    assert summary["adamw"]["best"] == 0.905 and summary["adamw"]["best_lr"] == 1e-3
+    assert summary["adamw"]["width_decades"] == pytest.approx(1.0)  # 1e-3 .. 1e-2 within 0.01 of the best
+    assert summary["lora-pro"]["width_decades"] == 0.0
+    assert summary["allora"]["error"] == "boom"
+
+
+def test_loss_summary_prefers_the_lowest_loss():
+    results = [{"method": "lora", "rule": "adamw", "lr": lr, "dev_accuracy": None, "dev_loss": loss}
+               for lr, loss in ((1e-4, 2.0), (1e-3, 1.5), (1e-2, 1.505))]
+    (summary,) = summarise(results)
+    assert summary["best"] == 1.5 and summary["best_lr"] == 1e-3 and summary["width_decades"] == pytest.approx(1.0)

@@ -1,0 +1,266 @@
+"""Flexora, DiffoRA and CoLoRA (loraforge/select/): the gate, the selection and allocation rules, and a
+constructed task whose answer is known: only some blocks' weights need to change."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import loraforge as lf
+from loraforge.data import from_records
+from loraforge.select import SearchData, gate_adapter, make_selector
+from loraforge.select.colora import allocate_ranks, faig, integrated_gradients
+from loraforge.select.diffora import top_modules
+from loraforge.select.flexora import selected_layers
+from loraforge.testing import tiny_llama, tiny_tokenizer
+from loraforge.train import TrainConfig, train
+
+D, BLOCKS = 8, 4
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D, bias=False)
+
+
+class Toy(nn.Module):
+    """y = sum_l proj_l(x_l): block l reads only its own slice of the input."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([Block() for _ in range(BLOCKS)])
+
+    def forward(self, x):  # (N, BLOCKS, D) -> (N, D)
+        return sum(block.proj(x[:, i]) for i, block in enumerate(self.layers))
+
+
+def toy_search(changed: list[int], seed: int = 0) -> SearchData:
+    """Targets from weights where only the blocks in `changed` moved (by a rank-1 update)."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher = Toy()
+    with torch.no_grad():
+        for i in changed:
+            teacher.layers[i].proj.weight += 2.0 * torch.randn(D, 1, generator=gen) @ torch.randn(1, D, generator=gen)
+
+    def batch():
+        x = torch.randn(256, BLOCKS, D, generator=gen)
+        return {"x": x, "y": teacher(x).detach()}
+
+    return SearchData([batch() for _ in range(4)], [batch() for _ in range(2)],
+                      lambda model, b: ((model(b["x"]) - b["y"]) ** 2).mean())
+
+
+def toy_config(**kw):
+    return lf.AdapterConfig(**({"rank": 2, "alpha": 2, "target_modules": ["proj"], "seed": 0} | kw))
+
+
+def test_gate_one_is_the_layer_and_gate_zero_the_base_with_no_adapter_gradient():
+    model = lf.attach(Toy(), toy_config(init="random"))
+    layer = model.layers[0].proj
+    x = torch.randn(5, D)
+    plain = layer(x)
+    handle = gate_adapter(layer, lambda: torch.tensor(1.0))
+    assert torch.equal(layer(x), plain)
+    handle.remove()
+    handle = gate_adapter(layer, lambda: torch.tensor(0.0))
+    out = layer(x)
+    assert torch.equal(out, layer.base_layer(x))
+    out.sum().backward()
+    assert torch.count_nonzero(layer.lora_A.weight.grad) == 0 and torch.count_nonzero(layer.lora_B.weight.grad) == 0
+    handle.remove()
+
+
+def test_flexora_keeps_the_layers_whose_gate_rose():
+    assert selected_layers([0.3, -0.1, 0.0, 0.2], [0, 1, 2, 3]) == [0, 3]
+    assert selected_layers([-0.3, -0.1, -0.1, -0.2], [0, 1, 2, 3]) == [1]  # none rose: the top one, first on ties
+
+
+def test_flexora_finds_the_blocks_that_need_to_change():
+    model = Toy()
+    make_selector("flexora", select_steps=60, select_lr=0.05, lr=1e-2).attach(model, toy_config(), toy_search([0, 2]))
+    selection = model.loraforge_config.extras["selection"]
+    assert selection["layers"] == [0, 2]
+    assert sorted(lf.adapter_layers(model)) == ["layers.0.proj", "layers.2.proj"]
+    per_layer = 2 * 2 * D  # A (2 x D) + B (D x 2)
+    assert lf.trainable_parameters(model) == 2 * per_layer
+    fresh = lf.attach(Toy(), toy_config(target_modules=["layers.0.proj", "layers.2.proj"]))
+    for key, value in lf.adapter_state_dict(fresh).items():  # stage 4 starts from a fresh LoRA
+        assert torch.equal(lf.adapter_state_dict(model)[key], value)
+
+
+def test_diffora_keeps_ceil_rho_m_modules_the_ones_that_need_to_change():
+    model = Toy()
+    make_selector("diffora", diffora_ratio=0.5, select_steps=60, select_lr=0.05, lr=1e-2).attach(
+        model, toy_config(), toy_search([1, 3]))
+    assert model.loraforge_config.extras["selection"]["modules"] == ["layers.1.proj", "layers.3.proj"]
+    assert lf.trainable_parameters(model) == 2 * (2 * 2 * D)
+
+
+def test_diffora_weight_sharing_starts_from_the_searched_adapter(monkeypatch):
+    import loraforge.select.diffora as diffora
+
+    searched = {}
+    real = diffora.gated_search
+
+    def spy(model, *args):
+        real(model, *args)
+        searched.update({k: v.detach().clone() for k, v in lf.adapter_state_dict(model).items()})
+
+    monkeypatch.setattr(diffora, "gated_search", spy)
+    model = Toy()
+    make_selector("diffora", diffora_ratio=0.25, select_steps=5, lr=1e-2).attach(model, toy_config(), toy_search([1]))
+    own = lf.adapter_state_dict(model)
+    assert len(own) == 2
+    for key, value in own.items():
+        assert torch.equal(value, searched[key])
+
+
+def test_diffora_selection_is_invariant_to_monotone_rescaling():
+    logits = {"a": 0.3, "b": -1.0, "c": 0.3, "d": 2.0, "e": 0.1}
+    picked = top_modules(logits, 0.5)
+    assert picked == ["a", "c", "d"]  # ceil(2.5) = 3; a before c on the tie
+    assert top_modules({k: 3 * v + 1 for k, v in logits.items()}, 0.5) == picked
+    assert top_modules({k: float(torch.sigmoid(torch.tensor(v))) for k, v in logits.items()}, 0.5) == picked
+
+
+def test_diffora_gate_gradient_is_s_times_update_inner_product_times_sigmoid_slope():
+    model = lf.attach(Toy(), toy_config(init="random", alpha=3))
+    layer = model.layers[0].proj
+    beta = torch.tensor(0.4, requires_grad=True)
+    handle = gate_adapter(layer, lambda: torch.sigmoid(beta))
+    x, target = torch.randn(6, D), torch.randn(6, D)
+    out = layer(x)
+    out.retain_grad()
+    ((out - target) ** 2).sum().backward()
+    handle.remove()
+    s, a, b = layer.scaling, layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+    sig = torch.sigmoid(beta.detach())
+    manual = s * torch.sum(out.grad * (x @ a.T @ b.T)) * sig * (1 - sig)
+    torch.testing.assert_close(beta.grad, manual, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("select", ["flexora", "diffora", "colora"])
+def test_trained_adapter_reloads_with_its_selected_structure_in_loraforge_and_peft(tmp_path, select):
+    tok = tiny_tokenizer()
+    data = from_records([{"prompt": f"Q{i}: {i}+{i}?", "completion": f" {2 * i}"} for i in range(30)], tok, max_length=32)
+    config = TrainConfig(out=str(tmp_path / select), select=select, select_steps=6, rank=4, alpha=8, steps=3, lr=1e-2,
+                         batch_size=4, precision="fp32", diffora_ratio=0.3)
+    result = train(config, model=tiny_llama(), tokenizer=tok, train_data=data, progress=False)
+    chosen = sorted(lf.adapter_layers(result.model))
+    if select == "colora":  # every module, heterogeneous ranks
+        ranks = {n: layer.rank for n, layer in lf.adapter_layers(result.model).items()}
+        assert len(ranks) == 14 and sum(ranks.values()) == 4 * 14 and len(set(ranks.values())) > 1
+    else:
+        assert 0 < len(chosen) < 14  # tiny_llama has 2 x 7 linear layers
+    saved = json.loads((result.out / "adapter" / "loraforge_config.json").read_text())
+    assert saved["extras"]["selection"]["method"] == select
+    reloaded = lf.load_adapter(tiny_llama(), result.out / "adapter")
+    assert sorted(lf.adapter_layers(reloaded)) == chosen
+    ids = torch.randint(5, 100, (2, 10))
+    result.model.eval()
+    with torch.no_grad():
+        expected = result.model(input_ids=ids).logits
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+        peft = pytest.importorskip("peft")
+        peft_model = peft.PeftModel.from_pretrained(tiny_llama(), str(result.out / "adapter"))
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_colora_integrated_gradients_are_complete():
+    search = toy_search([1])
+    model = Toy()
+    weights = {f"layers.{i}.proj": model.layers[i].proj.weight for i in range(BLOCKS)}
+    start = {n: w.detach().clone() for n, w in weights.items()}
+    end = {n: w + 0.3 * torch.randn_like(w) for n, w in start.items()}
+
+    def val_loss(values):
+        with torch.no_grad():
+            for n, w in weights.items():
+                w.copy_(values[n])
+            loss = sum(search.loss(model, b) for b in search.val) / len(search.val)
+            for n, w in weights.items():
+                w.copy_(start[n])
+        return float(loss)
+
+    exact = val_loss(end) - val_loss(start)
+    errors = [abs(sum(float(a.sum()) for a in integrated_gradients(model, weights, start, end, search, n).values()) - exact)
+              for n in (8, 64)]
+    assert errors[1] < errors[0] / 4 and errors[1] < 0.02 * abs(exact)
+    assert all(torch.equal(w, start[n]) for n, w in weights.items())  # left at the start
+
+
+def test_colora_allocation_rule():
+    caps = dict.fromkeys("abcd", 8)
+    assert allocate_ranks({"a": 3.0, "b": 1.0, "c": 0.0, "d": 0.0}, 8, caps, 2) == {"a": 4, "b": 2, "c": 1, "d": 1}
+    capped = allocate_ranks({"a": 3.0, "b": 1.0, "c": 0.0, "d": 0.0}, 8, caps | {"a": 3}, 2)
+    assert capped == {"a": 3, "b": 3, "c": 1, "d": 1}  # what a cannot take goes to the others
+    assert allocate_ranks(dict.fromkeys("abcd", 0.0), 8, caps, 2) == dict.fromkeys("abcd", 2)  # no contribution: uniform
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        scores = {k: float(v) for k, v in zip("abcdef", torch.rand(6, generator=gen))}
+        ranks = allocate_ranks(scores, 24, dict.fromkeys(scores, 16), 4)
+        assert sum(ranks.values()) == 24 and min(ranks.values()) >= 1
+        assert all(ranks[x] >= ranks[y] for x in scores for y in scores if scores[x] >= scores[y])  # monotone
+
+
+def test_colora_faig_counts_filters_by_output_unit():
+    attribution = torch.tensor([[1.0, -1.0], [2.0, 1.0]])  # rows cancel / add up
+    assert faig(attribution) == 3.0
+    assert faig(attribution, fan_in_fan_out=True) == 3.0 + 0.0  # columns: |1 + 2| + |-1 + 1|
+
+
+def test_colora_gives_the_changed_block_the_largest_rank():
+    model = Toy()
+    make_selector("colora", select_steps=30, lr=1e-2, colora_ig_steps=8).attach(model, toy_config(rank=2), toy_search([1]))
+    selection = model.loraforge_config.extras["selection"]
+    ranks = {n: layer.rank for n, layer in lf.adapter_layers(model).items()}
+    assert ranks == selection["ranks"] and sum(ranks.values()) == 2 * BLOCKS
+    assert max(ranks, key=ranks.get) == "layers.1.proj" and ranks["layers.1.proj"] > 2
+    assert max(selection["contribution"], key=selection["contribution"].get) == "layers.1.proj"
+    before = Toy()
+    for i in range(BLOCKS):  # the short fine-tune was undone
+        assert torch.equal(model.layers[i].proj.base_layer.weight, before.layers[i].proj.weight)
+
+
+def test_colora_without_fine_tuning_falls_back_to_uniform_ranks():
+    model = Toy()
+    make_selector("colora", select_steps=0).attach(model, toy_config(rank=2), toy_search([1]))
+    assert {layer.rank for layer in lf.adapter_layers(model).values()} == {2}
+    assert not model.loraforge_config.rank_pattern
+
+
+@pytest.mark.parametrize("select", ["diffora", "colora"])
+def test_resume_reattaches_the_chosen_structure_and_reaches_the_same_weights(tmp_path, monkeypatch, select):
+    from safetensors.torch import load_file
+
+    from loraforge.train import lr_at
+
+    tok = tiny_tokenizer()
+    data = from_records([{"prompt": f"Q{i}: {i}+{i}?", "completion": f" {2 * i}"} for i in range(30)], tok, max_length=32)
+
+    def run(name, **kw):
+        config = TrainConfig(out=str(tmp_path / name), select=select, select_steps=4, rank=4, alpha=8, steps=6, lr=1e-2,
+                             batch_size=4, precision="fp32", diffora_ratio=0.3, **kw)
+        return train(config, model=tiny_llama(), tokenizer=tok, train_data=data, progress=False)
+
+    full = run("full")
+
+    def killed_at_step_5(step, config):
+        if step == 4:
+            raise KeyboardInterrupt
+        return lr_at(step, config)
+
+    monkeypatch.setattr("loraforge.train.lr_at", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run("killed", save_every=2)
+    monkeypatch.setattr("loraforge.train.lr_at", lr_at)
+    monkeypatch.setattr("loraforge.train.search_data", lambda *a: pytest.fail("a resumed run must not search again"))
+    resumed = run("killed", save_every=2, resume=True)
+    want = load_file(str(full.out / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(resumed.out / "adapter" / "adapter_model.safetensors"))
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0)
