@@ -32,6 +32,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """Lay out, write and close a benchmark's matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def append_section(title: str, command: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     """Append a dated section (title, machine, command, table) to docs/benchmarks.md."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import LoraforgeError
-from . import append_section
+from . import append_section, save_figure
 from .methods import BenchRun, load_rows
 
 TASKS = {"minilm-l6": "sst2", "smollm2-135m": "advising"}
@@ -156,11 +156,8 @@ def write_section(bench: FedBench, results: list[dict[str, Any]], command: str, 
         ax.legend()
         lines += ["", "Against the papers:", ""] + [f"- {line}" for line in orderings(result)]
         parts.append("\n".join(lines))
-    fig.tight_layout()
     plot = plot_dir / "bench-fed.png"
-    plot.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(plot, dpi=110)
-    plt.close(fig)
+    save_figure(fig, plot, dpi=110)
     return (f"{bench.clients} clients, {bench.partition}, {bench.rounds} rounds of {bench.local_steps} local steps "
             f"(batch {bench.batch_size}, lr {bench.lr}); centralised: {bench.rounds * bench.clients * bench.local_steps}"
             f" steps on the pooled rows. Flower's simulation engine.\n\n" + "\n\n".join(parts) +

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LoraforgeError
-from . import append_section, peak_rss_mb
+from . import append_section, peak_rss_mb, save_figure
 
 SHARED_DATA_CANDIDATES = ("$LORAFORGE_SHARED_DATA", "../shared/data", "/work/shared/data")
 
@@ -182,10 +182,7 @@ def write_report(base: BenchRun, results: list[dict[str, Any]], command: str) ->
     ax.set_ylabel("training loss")
     ax.set_title(f"{base.model} on {Path(base.data).stem}, {base.steps} steps of {base.batch_size}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    plot.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(plot, dpi=120)
-    plt.close(fig)
+    save_figure(fig, plot)
     body = "\n".join(lines) + f"\n\nLoss curves: ![]({plot.name})\n"
     append_section(f"bench methods: {base.model} on {Path(base.data).stem}", command, body)
     print("\n".join(lines))

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from . import append_section
+from . import append_section, save_figure
 from .methods import BenchRun, all_runs, run_in_process
 
 ONE_POINT = 0.01
@@ -80,10 +80,7 @@ def write_sweep_report(base: BenchRun, summary: list[dict[str, Any]], lrs: list[
     ax.set_ylabel(metric)
     ax.set_title(f"{base.model} on {Path(base.data).stem}, {base.steps} steps of {base.batch_size}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    plot.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(plot, dpi=120)
-    plt.close(fig)
+    save_figure(fig, plot)
     body = "\n".join(lines) + f"\n\n{metric} against the learning rate: ![]({plot.name})\n"
     append_section(f"bench methods lr sweep: {base.model} on {Path(base.data).stem}", command, body)
     print("\n".join(lines))
