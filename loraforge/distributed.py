@@ -28,6 +28,7 @@ for every split: 1 x 8, 1 x 2 x 4, 2 x 4 and 2 x 2 x 2 reach the same adapter up
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -154,7 +155,12 @@ class AccelerateRuntime:
             # which DDP would otherwise wait for forever. Not the default: it costs a graph walk.
             self.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
         self.wrapped, optimizer = self.accelerator.prepare(_LossModule(model, loss_fn), optimizer)
-        return self.wrapped, optimizer
+        # The loop gets a method, not the DDP module itself, so that `finish` holds its last reference.
+        return self._loss, optimizer
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        assert self.wrapped is not None, "prepare() first"
+        return self.wrapped(batch)
 
     def seed_workers(self, seed: int) -> None:
         """Rank 0 keeps the single-process stream; the others draw their own dropout masks."""
@@ -183,6 +189,14 @@ class AccelerateRuntime:
         return states
 
     def finish(self) -> None:
+        # DDP's Reducer holds the process group. Were it freed after the group is destroyed, it would
+        # drop the group's last reference while holding the GIL, and the group's destructor joins
+        # gloo threads that may need the GIL to free their last work's tensors: a deadlock, seen in
+        # about one run in seven. Freed first, the Reducer leaves the group to destroy_process_group,
+        # whose binding releases the GIL before it joins.
+        self.wrapped = None
+        self.accelerator.free_memory()
+        gc.collect()
         self.accelerator.end_training()
 
 
@@ -227,6 +241,11 @@ def launch(config: TrainConfig, worker: Callable[[], Any], model: nn.Module | No
     launch_config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=config.num_processes, run_id="loraforge",
                                  rdzv_backend="static", rdzv_endpoint=endpoint, rdzv_configs={"rank": 0},
                                  max_restarts=0, monitor_interval=0.1, start_method="fork")
+    # A forked worker that garbage-collects a native object it inherited (the rendezvous store of an
+    # earlier run in this process) joins threads that fork did not copy, and hangs. So: free this
+    # process's garbage now, while its threads exist, and keep the workers' collector off the rest.
+    gc.collect()
+    gc.freeze()
     try:
         elastic_launch(launch_config, _run_quietly(worker))()
     except ChildFailedError as exc:
@@ -234,6 +253,8 @@ def launch(config: TrainConfig, worker: Callable[[], Any], model: nn.Module | No
     except SignalException:
         # Ctrl-C (or a SIGTERM) reached this process; the agent has already ended the workers.
         raise KeyboardInterrupt from None
+    finally:
+        gc.unfreeze()
 
     model, tokenizer = _trained_model(config, Path(out), model, tokenizer)
     return TrainResult(model, tokenizer, Path(out), _read_metrics(Path(out), upto=config.steps))

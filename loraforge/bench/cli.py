@@ -21,6 +21,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--rules", default="adamw", help="comma-separated optimizers, regularizers and selectors, each run "
                                                    "with every method (e.g. adamw,lora-plus,lora-pro,allora,glad,lisa)")
     p.add_argument("--lrs", default=None, help="comma-separated learning rates: sweep them all (e.g. 1e-5,1e-4,1e-3,1e-2)")
+    p.add_argument("--inits", default=None, help="comma-separated initialisers, each run on plain LoRA (default: every "
+                                                 "one that starts LoRA when --methods is not given; '' for none)")
+    p.add_argument("--method-lrs", default="", help="per-method learning rates, e.g. full=1e-4,bone=5e-4 (others: --lr)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each pinned to one core with one thread")
     p.set_defaults(run=run_methods)
 
     p = kinds.add_parser("parity", help="loraforge and PEFT load each other's adapters: logit differences")
@@ -66,13 +70,28 @@ def run_methods(args: argparse.Namespace) -> int:
     base = BenchRun(**{k: v for k, v in vars(args).items() if k in fields})
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    inits = None if args.inits is None else [i.strip() for i in args.inits.split(",") if i.strip()]
     if args.lrs:
         from .sweep import bench_sweep
 
-        bench_sweep(base, methods, rules, [float(x) for x in args.lrs.split(",")], command=_command())
+        bench_sweep(base, methods, rules, [float(x) for x in args.lrs.split(",")], command=_command(), inits=inits,
+                    jobs=args.jobs)
     else:
-        bench_methods(base, methods, command=_command(), rules=rules)
+        bench_methods(base, methods, command=_command(), rules=rules, inits=inits,
+                      method_lrs=_method_lrs(args.method_lrs), jobs=args.jobs)
     return 0
+
+
+def _method_lrs(text: str) -> dict[str, float]:
+    """'full=1e-4,bone=5e-4' -> {'full': 1e-4, 'bone': 5e-4}, with an error that names a bad item."""
+    rates = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            rates[name.strip()] = float(value)
+        except ValueError:
+            raise SystemExit(f"--method-lrs: {item!r} is not NAME=RATE") from None
+    return rates
 
 
 def run_parity(args: argparse.Namespace) -> int:

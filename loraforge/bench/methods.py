@@ -6,16 +6,24 @@ Each (method, init) runs in its own process, so its peak memory is its own:
     minilm-l6 + SST-2:        train on all but the last `dev_size` rows, report dev accuracy
     smollm2-135m + advising:  train on the phase-1 advising set, report held-out loss (10% of the rows)
 
-Columns: trainable parameters, median step time, peak RSS, initialiser cost, final training loss,
-held-out accuracy (classification) or loss (causal LM). `--rules` crosses every method with
-optimisation rules, regularisers and selectors (LoRA-Pro's time and memory overhead show in the step
-and peak-RSS columns; a selector's search runs inside training, so its cost is in the run, not in
-"init"); `--lrs` turns the run into the learning-rate sweep of `bench/sweep.py`.
+Columns: trainable parameters, median step time, peak RSS, initialiser cost (attaching plus the
+data-based start, if any), final training loss, held-out accuracy (classification) or loss (causal
+LM). Every registered method runs with its own start, and plain LoRA once more with each initialiser
+that starts it (`--inits`). `--rules` crosses every method with optimisation rules, regularisers and
+selectors (LoRA-Pro's time and memory overhead show in the step and peak-RSS columns; a selector's
+search runs inside training, so its cost is in the run, not in "init"); `--lrs` turns the run into the
+learning-rate sweep of `bench/sweep.py`; `--method-lrs full=1e-4,...` gives single methods their own
+rate.
+
+Each finished run is kept as JSON under `--out`, so a run that was stopped picks up where it was;
+`--jobs 2` runs two at a time, each on its own core with one thread (on a 2-core machine that
+finishes sooner than one run on two threads; the step-time column is then one core's).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import statistics
@@ -23,7 +31,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 
 from ..errors import LoraforgeError
@@ -83,9 +93,10 @@ def run_one(run: BenchRun) -> dict[str, Any]:
 
     from ..data import from_records
     from ..evaluate import evaluate_dataset
+    from ..init import initialize, needs_data
     from ..inject import attach, trainable_parameters
     from ..models import load_model
-    from ..train import TrainConfig, train
+    from ..train import TrainConfig, lr_at, train
 
     torch.manual_seed(run.seed)
     task, train_rows, dev_rows = load_rows(run)
@@ -98,13 +109,17 @@ def run_one(run: BenchRun) -> dict[str, Any]:
     config = TrainConfig(model=run.model, task=task, method=run.method, init=run.init, rank=run.rank, alpha=alpha,
                          steps=run.steps, batch_size=run.batch_size, lr=run.lr, seed=run.seed, max_length=128,
                          out=str(Path(run.out) / f"{run.method}-{run.init}-{run.rule}-{run.lr:g}"), **rule)
+    pad_id = tokenizer.pad_token_id or 0
     t0 = time.perf_counter()
     if "select" not in rule:  # a selector attaches inside train(), after its search
         attach(model, config.adapter_config())
+        if needs_data(model):
+            initialize(model, train_data, batches=config.init_batches, batch_size=config.batch_size, pad_id=pad_id,
+                       lr=lr_at(0, config), seed=config.seed, progress=False)
     init_seconds = time.perf_counter() - t0
     result = train(config, model=model, tokenizer=tokenizer, train_data=train_data, progress=False)
     rows = [r for r in result.history if "loss" in r]
-    metrics = evaluate_dataset(model, dev_data, batch_size=64, pad_id=tokenizer.pad_token_id or 0)
+    metrics = evaluate_dataset(model, dev_data, batch_size=64, pad_id=pad_id)
     return {
         "method": run.method, "init": run.init, "rule": run.rule, "lr": run.lr, "trainable_params": trainable_parameters(model),
         "step_s": statistics.median(run.batch_size / r["samples_per_s"] for r in rows),
@@ -128,54 +143,102 @@ def rule_fields(rule: str) -> dict[str, str]:
 
 
 def all_runs(base: BenchRun, methods: list[str] | None, rules: list[str] | None = None,
-             lrs: list[float] | None = None) -> list[BenchRun]:
-    from ..registry import methods as registered
+             lrs: list[float] | None = None, inits: list[str] | None = None,
+             method_lrs: dict[str, float] | None = None) -> list[BenchRun]:
+    """Every (method, init) x rule x rate. `inits` None: each initialiser that starts plain LoRA,
+    when every method runs; with `lrs` (a sweep) `method_lrs` is ignored."""
+    from ..init import initializers
+    from ..registry import get_method, methods as registered
 
     names = methods or [m.name for m in registered()]
+    for name in names:
+        get_method(name)  # refuse a typo before hours of runs
     for rule in rules or []:
-        rule_fields(rule)  # refuse a typo before hours of runs
-    return [dataclasses.replace(base, method=name, rule=rule, lr=lr) for name in names for rule in rules or [base.rule]
-            for lr in lrs or [base.lr]]
+        rule_fields(rule)
+    if inits is None:
+        inits = [] if methods else [i.name for i in initializers() if "lora" in i.methods]
+    starts = [(name, base.init) for name in names] + [("lora", init) for init in inits]
+    rates = (lambda name: lrs) if lrs else (lambda name: [(method_lrs or {}).get(name, base.lr)])
+    return [dataclasses.replace(base, method=name, init=init, rule=rule, lr=lr) for name, init in starts
+            for rule in rules or [base.rule] for lr in rates(name)]
 
 
-def run_in_process(run: BenchRun) -> dict[str, Any]:
-    """`run_one` in a fresh process (its own peak memory); a failure is a row, not a crash."""
+def run_in_process(run: BenchRun, core: int | None = None) -> dict[str, Any]:
+    """`run_one` in a fresh process (its own peak memory), on one core with one thread when `core`
+    is given; a failure is a row, not a crash. A finished run is kept under run.out and not redone."""
+    spec = dataclasses.asdict(run)
+    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+    kept = Path(run.out) / "results" / f"{run.method}-{run.init}-{run.rule}-{run.lr:g}-{key}.json"
+    if kept.exists():
+        return json.loads(kept.read_text())
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(dataclasses.asdict(run), f)
-    proc = subprocess.run([sys.executable, "-m", "loraforge.bench.methods", f.name], capture_output=True, text=True)
+        json.dump(spec, f)
+    env = os.environ | ({"OMP_NUM_THREADS": "1"} if core is not None else {})
+    pin = (lambda: os.sched_setaffinity(0, {core})) if core is not None else None
+    proc = subprocess.run([sys.executable, "-m", "loraforge.bench.methods", f.name], capture_output=True, text=True,
+                          env=env, preexec_fn=pin)
     os.unlink(f.name)
-    if proc.returncode == 0:
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-    reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-    return {"method": run.method, "init": run.init, "rule": run.rule, "lr": run.lr, "error": reason[:160]}
+    if proc.returncode != 0:
+        reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        return {"method": run.method, "init": run.init, "rule": run.rule, "lr": run.lr, "error": reason[:160]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    tmp = kept.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, kept)
+    return result
+
+
+def run_all(runs: list[BenchRun], jobs: int = 1, desc: str = "bench methods") -> list[dict[str, Any]]:
+    """Every run, `jobs` at a time (each then pinned to a core of its own); results in run order."""
+    from tqdm.auto import tqdm
+
+    if jobs <= 1:
+        return [run_in_process(run) for run in tqdm(runs, desc=desc, unit="run")]
+    cores = sorted(os.sched_getaffinity(0))
+    if jobs > len(cores):
+        raise LoraforgeError(f"--jobs {jobs} needs {jobs} cores; this process may use {len(cores)}")
+    free: SimpleQueue[int] = SimpleQueue()
+    for core in cores[:jobs]:
+        free.put(core)
+
+    def on_a_free_core(run: BenchRun) -> dict[str, Any]:
+        core = free.get()
+        try:
+            return run_in_process(run, core)
+        finally:
+            free.put(core)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        return list(tqdm(pool.map(on_a_free_core, runs), total=len(runs), desc=desc, unit="run"))
 
 
 def bench_methods(base: BenchRun, methods: list[str] | None = None, command: str = "",
-                  rules: list[str] | None = None) -> list[dict[str, Any]]:
-    from tqdm.auto import tqdm
-
-    results = [run_in_process(run) for run in tqdm(all_runs(base, methods, rules), desc="bench methods", unit="run")]
-    write_report(base, results, command)
+                  rules: list[str] | None = None, inits: list[str] | None = None,
+                  method_lrs: dict[str, float] | None = None, jobs: int = 1) -> list[dict[str, Any]]:
+    results = run_all(all_runs(base, methods, rules, inits=inits, method_lrs=method_lrs), jobs)
+    write_report(base, results, command, one_core=jobs > 1)
     return results
 
 
-def write_report(base: BenchRun, results: list[dict[str, Any]], command: str) -> None:
+def write_report(base: BenchRun, results: list[dict[str, Any]], command: str, one_core: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metric = "dev accuracy" if base.data == "sst2" or base.data.endswith((".tsv", ".csv")) else "held-out loss"
-    lines = [f"| method | init | rule | trainable params | step (s) | peak RSS (MB) | init (s) | final train loss | {metric} |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    step = "step on 1 core (s)" if one_core else "step (s)"
+    lines = [f"| method | init | rule | lr | trainable params | {step} | peak RSS (MB) | init (s) | final train loss | {metric} |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     plot = Path("docs") / f"bench-methods-{base.model}-{Path(base.data).stem}.png"
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['init']} | {r['rule']} | | | | | | n/a: {r['error']} |")
+            lines.append(f"| {r['method']} | {r['init']} | {r['rule']} | {r['lr']:g} | | | | | | n/a: {r['error']} |")
             continue
         score = r["dev_accuracy"] if r["dev_accuracy"] is not None else r["dev_loss"]
-        lines.append(f"| {r['method']} | {r['init']} | {r['rule']} | {r['trainable_params']:,} | {r['step_s']:.3f} | "
+        lines.append(f"| {r['method']} | {r['init']} | {r['rule']} | {r['lr']:g} | {r['trainable_params']:,} | {r['step_s']:.3f} | "
                      f"{r['peak_rss_mb']:.0f} | {r['init_s']:.2f} | {r['final_loss']:.4f} | {score:.4f} |")
         ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=f"{r['method']}/{r['init']}/{r['rule']}", linewidth=1)
     ax.set_xlabel("step")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import append_section, save_figure
-from .methods import BenchRun, all_runs, run_in_process
+from .methods import BenchRun, all_runs, run_all
 
 ONE_POINT = 0.01
 
@@ -45,10 +45,8 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def bench_sweep(base: BenchRun, methods: list[str] | None, rules: list[str] | None, lrs: list[float],
-                command: str = "") -> list[dict[str, Any]]:
-    from tqdm.auto import tqdm
-
-    results = [run_in_process(run) for run in tqdm(all_runs(base, methods, rules, lrs), desc="lr sweep", unit="run")]
+                command: str = "", inits: list[str] | None = None, jobs: int = 1) -> list[dict[str, Any]]:
+    results = run_all(all_runs(base, methods, rules, lrs, inits=inits), jobs, desc="lr sweep")
     summary = summarise(results)
     write_sweep_report(base, summary, lrs, command)
     return summary
