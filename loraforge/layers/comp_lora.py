@@ -28,15 +28,13 @@ extras: k (int, 0 <= k < min(d_out, d_in); default min(4 r, min(d_out, d_in) // 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ..config import AdapterConfig
 from ..errors import AdapterError
 from ..registry import register
-from .base import AdapterLayer
+from .lora import LoRALinear
 
 SIDES = ("both", "in", "out")
 
@@ -46,33 +44,19 @@ SIDES = ("both", "in", "out")
     axis="rank",
     paper="Complementary Subspace Low-Rank Adaptation of Vision-Language Models for Few-Shot Classification (arXiv 2501.15040)",
 )
-class CompLoRALinear(AdapterLayer):
+class CompLoRALinear(LoRALinear):
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, name: str):
-        super().__init__(base_layer, config, name)
-        rank, alpha = config.rank_for(name), config.alpha_for(name)
-        self.k, self.side = _options(config, rank, min(self.in_features, self.out_features), name)
-        self.rank = rank
-        self.scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        super().__init__(base_layer, config, name)  # A, B, s and dropout exactly as LoRA draws them
+        self.k, self.side = _options(config, self.rank, min(self.in_features, self.out_features), name)
         device = base_layer.weight.device
-        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device)  # (r, d_in)
-        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device)  # (d_out, r)
         use_out, use_in = self.k > 0 and self.side in ("both", "out"), self.k > 0 and self.side in ("both", "in")
         self.register_buffer("comp_U", torch.empty(self.out_features, self.k, device=device) if use_out else None)
         self.register_buffer("comp_V", torch.empty(self.in_features, self.k, device=device) if use_in else None)
-        if not self.lora_A.weight.is_meta:
-            self._init_tensors(config.init)
+        if self.k > 0 and not self.lora_A.weight.is_meta:
+            self._fill_subspaces()
 
     @torch.no_grad()
-    def _init_tensors(self, init: str) -> None:
-        if init == "gaussian":  # LoRA's init, in LoRA's order
-            nn.init.normal_(self.lora_A.weight, std=1.0 / self.rank)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        if init != "random":
-            nn.init.zeros_(self.lora_B.weight)
-        if self.k == 0:
-            return
+    def _fill_subspaces(self) -> None:
         w0 = self.base_layer.weight.float()
         u, _, vh = torch.linalg.svd(w0.T if self.fan_in_fan_out else w0, full_matrices=False)
         if self.comp_U is not None:

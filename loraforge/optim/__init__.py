@@ -13,48 +13,21 @@ trainer's checkpoint.
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import pkgutil
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ..errors import LoraforgeError
+from ..plugins import Plugins
 
-Builder = Callable[..., torch.optim.Optimizer]
-_RULES: dict[str, Builder] = {}
-_ALIASES = {"loraplus": "lora-plus", "lora+": "lora-plus", "lorapro": "lora-pro"}
-
-
-def register_rule(name: str) -> Callable[[Builder], Builder]:
-    def wrap(build: Builder) -> Builder:
-        if name in _RULES:
-            raise ValueError(f"optimisation rule {name!r} registered twice")
-        _RULES[name] = build
-        return build
-
-    return wrap
-
-
-def rule_names() -> list[str]:
-    _load_rules()
-    return sorted(_RULES)
-
-
-def get_rule(name: str) -> Builder:
-    _load_rules()
-    name = _ALIASES.get(name, name)
-    if name not in _RULES:
-        raise LoraforgeError(f"unknown optimizer {name!r}; registered: {', '.join(sorted(_RULES))}")
-    return _RULES[name]
-
-
-def rule_settings(name: str) -> list[str]:
-    """The keyword settings a rule reads (beyond model, lr and weight_decay)."""
-    params = inspect.signature(get_rule(name)).parameters
-    return [p for p in params if p not in ("model", "lr", "weight_decay")]
+RULES: Plugins[Callable[..., torch.optim.Optimizer]] = Plugins(
+    "optimizer", __name__, aliases={"loraplus": "lora-plus", "lora+": "lora-plus", "lorapro": "lora-pro"},
+    fixed=("model", "lr", "weight_decay"))
+register_rule = RULES.register
+rule_names = RULES.names
+get_rule = RULES.get
+rule_settings = RULES.settings
 
 
 def make_optimizer(model: nn.Module, name: str = "adamw", lr: float = 2e-4, weight_decay: float = 0.0,
@@ -82,7 +55,3 @@ def build_adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim
     """Plain AdamW over every trainable tensor: the baseline of every comparison."""
     return torch.optim.AdamW([p for _, p in named_trainable(model)], lr=lr, weight_decay=weight_decay)
 
-
-def _load_rules() -> None:
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")

@@ -148,7 +148,7 @@ def lora_pro_groups(model: nn.Module) -> list[dict]:
         own = [p for p in layer.parameters() if p.requires_grad and all(p is not q for q in layer.base_layer.parameters())]
         if not own:
             continue
-        plain = (isinstance(layer, LoRALinear) and len(own) == 2
+        plain = (isinstance(layer, LoRALinear) and type(layer).delta_weight is LoRALinear.delta_weight and len(own) == 2
                  and tuple(layer.lora_A.weight.shape) == (layer.rank, layer.in_features)
                  and tuple(layer.lora_B.weight.shape) == (layer.out_features, layer.rank)
                  and all(p is layer.lora_A.weight or p is layer.lora_B.weight for p in own))

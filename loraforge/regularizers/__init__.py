@@ -12,54 +12,22 @@ parameter values, accumulating into `.grad`, so a regulariser may evaluate the g
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import pkgutil
 from typing import Callable, Protocol
 
 from torch import nn
 
-from ..errors import LoraforgeError
+from ..plugins import Plugins
 
 
 class Regularizer(Protocol):
     def steer(self, params: list[nn.Parameter], recompute: Callable[[], None]) -> dict[str, float]: ...
 
 
-_REGULARIZERS: dict[str, Callable[..., Regularizer]] = {}
-
-
-def register_regularizer(name: str):
-    def wrap(build: Callable[..., Regularizer]) -> Callable[..., Regularizer]:
-        if name in _REGULARIZERS:
-            raise ValueError(f"regularizer {name!r} registered twice")
-        _REGULARIZERS[name] = build
-        return build
-
-    return wrap
-
-
-def regularizer_names() -> list[str]:
-    _load()
-    return sorted(_REGULARIZERS)
-
-
-def regularizer_settings(name: str) -> list[str]:
-    """Keyword settings the regulariser reads, named like the TrainConfig fields that carry them."""
-    return list(inspect.signature(_get(name)).parameters)
+REGULARIZERS: Plugins[Callable[..., Regularizer]] = Plugins("regularizer", __name__)
+register_regularizer = REGULARIZERS.register
+regularizer_names = REGULARIZERS.names
+regularizer_settings = REGULARIZERS.settings
 
 
 def make_regularizer(name: str, **settings: float) -> Regularizer:
-    return _get(name)(**settings)
-
-
-def _get(name: str) -> Callable[..., Regularizer]:
-    _load()
-    if name not in _REGULARIZERS:
-        raise LoraforgeError(f"unknown regularizer {name!r}; registered: {', '.join(sorted(_REGULARIZERS))}")
-    return _REGULARIZERS[name]
-
-
-def _load() -> None:
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
+    return REGULARIZERS.get(name)(**settings)

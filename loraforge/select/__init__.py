@@ -19,9 +19,6 @@ layer's update (`gate_adapter`), and `SearchData` (training and validation batch
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -30,6 +27,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..errors import LoraforgeError
+from ..plugins import Plugins
 from ..inject import adapter_layers, attach
 
 Batch = dict[str, torch.Tensor]
@@ -52,43 +50,14 @@ class Selector:
         return {}
 
 
-_SELECTORS: dict[str, Callable[..., Selector]] = {}
-
-
-def register_selector(name: str):
-    def wrap(build: Callable[..., Selector]) -> Callable[..., Selector]:
-        if name in _SELECTORS:
-            raise ValueError(f"selector {name!r} registered twice")
-        _SELECTORS[name] = build
-        return build
-
-    return wrap
-
-
-def selector_names() -> list[str]:
-    _load()
-    return sorted(_SELECTORS)
-
-
-def selector_settings(name: str) -> list[str]:
-    """Keyword settings a selector reads, named like the TrainConfig fields that carry them."""
-    return list(inspect.signature(_get(name)).parameters)
+SELECTORS: Plugins[Callable[..., Selector]] = Plugins("selector", __name__)
+register_selector = SELECTORS.register
+selector_names = SELECTORS.names
+selector_settings = SELECTORS.settings
 
 
 def make_selector(name: str, **settings: Any) -> Selector:
-    return _get(name)(**settings)
-
-
-def _get(name: str) -> Callable[..., Selector]:
-    _load()
-    if name not in _SELECTORS:
-        raise LoraforgeError(f"unknown selector {name!r}; registered: {', '.join(sorted(_SELECTORS))}")
-    return _SELECTORS[name]
-
-
-def _load() -> None:
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
+    return SELECTORS.get(name)(**settings)
 
 
 def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
