@@ -23,6 +23,39 @@ def test_every_method_rule_and_rate_runs():
                                                          for lr in (1e-4, 1e-3, 1e-2)}
 
 
+def test_bench_methods_runs_every_method_then_lora_under_each_initialiser_at_its_own_rate():
+    runs = all_runs(BenchRun(lr=2e-3), None, method_lrs={"full": 1e-4, "pissa": 5e-4})
+    starts = [(r.method, r.init) for r in runs]
+    assert starts[: len(lf.registry.methods())] == [(m.name, "default") for m in lf.registry.methods()]
+    assert {("lora", "pissa"), ("lora", "lora-ga"), ("lora", "eva")} <= set(starts)
+    rate = {(r.method, r.init): r.lr for r in runs}
+    assert rate["full", "default"] == 1e-4 and rate["lora", "pissa"] == 5e-4 and rate["lora", "eva"] == 2e-3
+    # A subset of methods runs only those, unless initialisers are named too.
+    assert [(r.method, r.init) for r in all_runs(BenchRun(), ["dora"])] == [("dora", "default")]
+    assert [(r.method, r.init) for r in all_runs(BenchRun(), ["dora"], inits=["pissa"])] == [("dora", "default"),
+                                                                                         ("lora", "pissa")]
+    with pytest.raises(lf.LoraforgeError, match="unknown method"):
+        all_runs(BenchRun(), ["dorra"])
+
+
+def test_a_finished_run_is_kept_and_not_run_again(tmp_path, monkeypatch):
+    from loraforge.bench import methods
+
+    calls = []
+
+    def fake_run(args, **kw):
+        calls.append(args)
+        return type("Done", (), {"returncode": 0, "stdout": '{"method": "lora", "dev_accuracy": 0.9}\n'})()
+
+    monkeypatch.setattr(methods.subprocess, "run", fake_run)
+    run = BenchRun(out=str(tmp_path), steps=3)
+    assert methods.run_in_process(run) == {"method": "lora", "dev_accuracy": 0.9}
+    assert methods.run_in_process(run) == {"method": "lora", "dev_accuracy": 0.9}
+    assert len(calls) == 1
+    methods.run_in_process(BenchRun(out=str(tmp_path), steps=4))  # another budget is another run
+    assert len(calls) == 2
+
+
 def test_summary_best_and_width_within_one_point():
     def row(rule, lr, acc):
         return {"method": "lora", "rule": rule, "lr": lr, "dev_accuracy": acc, "dev_loss": 1.0}

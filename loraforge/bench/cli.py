@@ -23,7 +23,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--lrs", default=None, help="comma-separated learning rates: sweep them all (e.g. 1e-5,1e-4,1e-3,1e-2)")
     p.add_argument("--inits", default=None, help="comma-separated initialisers, each run on plain LoRA (default: every "
                                                  "one that starts LoRA when --methods is not given; '' for none)")
-    p.add_argument("--method-lrs", default="", help="per-method learning rates, e.g. full=1e-4,bone=5e-4 (others: --lr)")
+    p.add_argument("--method-lrs", default="", help="learning rates per method or initialiser, e.g. full=1e-4,pissa=5e-4 (others: --lr)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each pinned to one core with one thread")
     p.set_defaults(run=run_methods)
 

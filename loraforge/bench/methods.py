@@ -12,8 +12,8 @@ LM). Every registered method runs with its own start, and plain LoRA once more w
 that starts it (`--inits`). `--rules` crosses every method with optimisation rules, regularisers and
 selectors (LoRA-Pro's time and memory overhead show in the step and peak-RSS columns; a selector's
 search runs inside training, so its cost is in the run, not in "init"); `--lrs` turns the run into the
-learning-rate sweep of `bench/sweep.py`; `--method-lrs full=1e-4,...` gives single methods their own
-rate.
+learning-rate sweep of `bench/sweep.py`; `--method-lrs full=1e-4,pissa=5e-4,...` gives single methods
+(or initialisers) their own rate.
 
 Each finished run is kept as JSON under `--out`, so a run that was stopped picks up where it was;
 `--jobs 2` runs two at a time, each on its own core with one thread (on a 2-core machine that
@@ -158,9 +158,11 @@ def all_runs(base: BenchRun, methods: list[str] | None, rules: list[str] | None 
     if inits is None:
         inits = [] if methods else [i.name for i in initializers() if "lora" in i.methods]
     starts = [(name, base.init) for name in names] + [("lora", init) for init in inits]
-    rates = (lambda name: lrs) if lrs else (lambda name: [(method_lrs or {}).get(name, base.lr)])
+    own = method_lrs or {}
+    # An initialiser's run looks up the initialiser's name first (pissa=5e-4), then the method's.
+    rates = (lambda name, init: lrs) if lrs else (lambda name, init: [own.get(init, own.get(name, base.lr))])
     return [dataclasses.replace(base, method=name, init=init, rule=rule, lr=lr) for name, init in starts
-            for rule in rules or [base.rule] for lr in rates(name)]
+            for rule in rules or [base.rule] for lr in rates(name, init)]
 
 
 def run_in_process(run: BenchRun, core: int | None = None) -> dict[str, Any]:
