@@ -224,17 +224,10 @@ def bench_methods(base: BenchRun, methods: list[str] | None = None, command: str
 
 
 def write_report(base: BenchRun, results: list[dict[str, Any]], command: str, one_core: bool = False) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     metric = "dev accuracy" if base.data == "sst2" or base.data.endswith((".tsv", ".csv")) else "held-out loss"
     step = "step on 1 core (s)" if one_core else "step (s)"
     lines = [f"| method | init | rule | lr | trainable params | {step} | peak RSS (MB) | init (s) | final train loss | {metric} |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    plot = Path("docs") / f"bench-methods-{base.model}-{Path(base.data).stem}.png"
-    fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
         if "error" in r:
             lines.append(f"| {r['method']} | {r['init']} | {r['rule']} | {r['lr']:g} | | | | | | n/a: {r['error']} |")
@@ -242,15 +235,35 @@ def write_report(base: BenchRun, results: list[dict[str, Any]], command: str, on
         score = r["dev_accuracy"] if r["dev_accuracy"] is not None else r["dev_loss"]
         lines.append(f"| {r['method']} | {r['init']} | {r['rule']} | {r['lr']:g} | {r['trainable_params']:,} | {r['step_s']:.3f} | "
                      f"{r['peak_rss_mb']:.0f} | {r['init_s']:.2f} | {r['final_loss']:.4f} | {score:.4f} |")
-        ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=f"{r['method']}/{r['init']}/{r['rule']}", linewidth=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title(f"{base.model} on {Path(base.data).stem}, {base.steps} steps of {base.batch_size}")
-    ax.legend(fontsize=7)
-    save_figure(fig, plot)
-    body = "\n".join(lines) + f"\n\nLoss curves: ![]({plot.name})\n"
+    stamp = time.strftime("%Y%m%dT%H%M", time.gmtime())  # one picture per section: a later run keeps this one's
+    plot = Path("docs") / f"bench-methods-{base.model}-{Path(base.data).stem}-{stamp}.png"
+    plot_loss_curves(results, f"{base.model} on {Path(base.data).stem}, {base.steps} steps of {base.batch_size}", plot)
+    body = "\n".join(lines) + f"\n\nTraining loss, mean of every {SMOOTHING} steps: ![]({plot.name})\n"
     append_section(f"bench methods: {base.model} on {Path(base.data).stem}", command, body)
     print("\n".join(lines))
+
+
+SMOOTHING = 10  # steps per point of the loss curves: single batches of 32 are too noisy to tell runs apart
+
+
+def plot_loss_curves(results: list[dict[str, Any]], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colours = plt.get_cmap("tab20").colors
+    for i, r in enumerate(r for r in results if "error" not in r):
+        losses = r["losses"]
+        means = [statistics.mean(losses[j:j + SMOOTHING]) for j in range(0, len(losses), SMOOTHING)]
+        ax.plot([min(j + SMOOTHING, len(losses)) for j in range(0, len(losses), SMOOTHING)], means,
+                color=colours[i % len(colours)], label=f"{r['method']}/{r['init']}/{r['rule']} @ {r['lr']:g}", linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"training loss (mean of {SMOOTHING} steps)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":  # one run, in its own process: python -m loraforge.bench.methods RUN.json
