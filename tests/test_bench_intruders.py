@@ -48,7 +48,7 @@ def test_every_variant_is_trained_analysed_and_mitigated(workspace):
         assert counts == sorted(counts) and row["intruders"] == counts[EPSILONS.index(0.5)]
         assert ("mitigated_score" in row) == (row["method"] == "lora")
     body = write_section(bench(workspace), [result], "cmd", plot_dir=workspace)
-    assert "| full FT |" in body and "Against the paper:" in body and (workspace / "bench-intruders.png").is_file()
+    assert "| full FT |" in body and "Against the paper:" in body and list(workspace.glob("bench-intruders-*.png"))
 
 
 def test_forgetting_probes_are_zero_on_the_base_and_move_with_the_weights():

@@ -32,6 +32,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def figure_name(stem: str) -> str:
+    """`stem-YYYYmmddTHHMM.png`: each section of docs/benchmarks.md keeps its own picture when the
+    benchmark runs again."""
+    return f"{stem}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M}.png"
+
+
 def save_figure(fig, path: Path, dpi: int = 120) -> None:
     """Lay out, write and close a benchmark's matplotlib figure."""
     import matplotlib.pyplot as plt

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import LoraforgeError
-from . import append_section, save_figure
+from . import append_section, figure_name, save_figure
 from .methods import BenchRun, load_rows
 
 TASKS = {"minilm-l6": "sst2", "smollm2-135m": "advising"}
@@ -156,7 +156,7 @@ def write_section(bench: FedBench, results: list[dict[str, Any]], command: str, 
         ax.legend()
         lines += ["", "Against the papers:", ""] + [f"- {line}" for line in orderings(result)]
         parts.append("\n".join(lines))
-    plot = plot_dir / "bench-fed.png"
+    plot = plot_dir / figure_name("bench-fed")
     save_figure(fig, plot, dpi=110)
     return (f"{bench.clients} clients, {bench.partition}, {bench.rounds} rounds of {bench.local_steps} local steps "
             f"(batch {bench.batch_size}, lr {bench.lr}); centralised: {bench.rounds * bench.clients * bench.local_steps}"

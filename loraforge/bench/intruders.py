@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LoraforgeError
-from . import append_section, save_figure
+from . import append_section, figure_name, save_figure
 from .methods import BenchRun, load_rows, shared_data
 
 TASKS = {"minilm-l6": "sst2", "smollm2-135m": "advising"}  # the pairs; other models name --data
@@ -267,7 +267,7 @@ def write_section(bench: IntruderBench, results: list[dict[str, Any]], command: 
         ax.legend(fontsize=7)
         lines += ["", "Against the paper:", ""] + [f"- {f}" for f in findings(result)]
         parts.append("\n".join(lines))
-    plot = plot_dir / "bench-intruders.png"
+    plot = plot_dir / figure_name("bench-intruders")
     save_figure(fig, plot, dpi=110)
     body = (f"{bench.steps} steps of {bench.batch_size} rows each, LoRA lr {bench.lr}, full FT lr {bench.full_lr}, "
             f"alpha = 2r, all-linear.\n\n" + "\n\n".join(parts) + f"\n\nIntruders vs epsilon: ![]({plot.name})\n")

@@ -37,7 +37,7 @@ from queue import SimpleQueue
 from typing import Any
 
 from ..errors import LoraforgeError
-from . import append_section, peak_rss_mb, save_figure
+from . import append_section, figure_name, peak_rss_mb, save_figure
 
 SHARED_DATA_CANDIDATES = ("$LORAFORGE_SHARED_DATA", "../shared/data", "/work/shared/data")
 
@@ -235,8 +235,7 @@ def write_report(base: BenchRun, results: list[dict[str, Any]], command: str, on
         score = r["dev_accuracy"] if r["dev_accuracy"] is not None else r["dev_loss"]
         lines.append(f"| {r['method']} | {r['init']} | {r['rule']} | {r['lr']:g} | {r['trainable_params']:,} | {r['step_s']:.3f} | "
                      f"{r['peak_rss_mb']:.0f} | {r['init_s']:.2f} | {r['final_loss']:.4f} | {score:.4f} |")
-    stamp = time.strftime("%Y%m%dT%H%M", time.gmtime())  # one picture per section: a later run keeps this one's
-    plot = Path("docs") / f"bench-methods-{base.model}-{Path(base.data).stem}-{stamp}.png"
+    plot = Path("docs") / figure_name(f"bench-methods-{base.model}-{Path(base.data).stem}")
     plot_loss_curves(results, f"{base.model} on {Path(base.data).stem}, {base.steps} steps of {base.batch_size}", plot)
     body = "\n".join(lines) + f"\n\nTraining loss, mean of every {SMOOTHING} steps: ![]({plot.name})\n"
     append_section(f"bench methods: {base.model} on {Path(base.data).stem}", command, body)

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import LoraforgeError
-from . import append_section, machine, save_figure
+from . import append_section, figure_name, machine, save_figure
 
 B_SCALE = 0.05  # random B (nn.Linear's init) times this: an update of a few percent, like a trained adapter
 SYSTEMS = ("loraforge", "peft_switch", "peft_mixed", "merge_swap", "base")
@@ -343,7 +343,7 @@ def write_section(bench: ServeBench, rows: list[dict[str, Any]], command: str, p
                         color=f"C{n}", label=f"{system} ({distribution})")
     ax.set(xscale="log", xlabel="adapters", ylabel="generated tokens/s", title=f"{bench.model}, {bench.requests} requests")
     ax.legend(fontsize=7)
-    plot = plot_dir / "bench-serve.png"
+    plot = plot_dir / figure_name("bench-serve")
     save_figure(fig, plot, dpi=110)
     reference = max(rows, key=lambda r: (r["adapters"] == 32, r["adapters"]))
     checks = [f"- {t}" for t in targets(reference)]

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from . import append_section, save_figure
+from . import append_section, figure_name, save_figure
 from .methods import BenchRun, all_runs, run_all
 
 ONE_POINT = 0.01
@@ -60,7 +60,7 @@ def write_sweep_report(base: BenchRun, summary: list[dict[str, Any]], lrs: list[
 
     lines = ["| method | rule | best | at lr | lr range within 1 point (decades) | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
              "|---|---|---|---|---|" + "---|" * len(lrs)]
-    plot = Path("docs") / f"bench-lr-sweep-{base.model}-{Path(base.data).stem}.png"
+    plot = Path("docs") / figure_name(f"bench-lr-sweep-{base.model}-{Path(base.data).stem}")
     fig, ax = plt.subplots(figsize=(7, 4))
     metric = "score"
     for row in summary:
