@@ -236,33 +236,35 @@ def write_report(base: BenchRun, results: list[dict[str, Any]], command: str, on
         lines.append(f"| {r['method']} | {r['init']} | {r['rule']} | {r['lr']:g} | {r['trainable_params']:,} | {r['step_s']:.3f} | "
                      f"{r['peak_rss_mb']:.0f} | {r['init_s']:.2f} | {r['final_loss']:.4f} | {score:.4f} |")
     plot = Path("docs") / figure_name(f"bench-methods-{base.model}-{Path(base.data).stem}")
-    plot_loss_curves(results, f"{base.model} on {Path(base.data).stem}, {base.steps} steps of {base.batch_size}", plot)
-    body = "\n".join(lines) + f"\n\nTraining loss, mean of every {SMOOTHING} steps: ![]({plot.name})\n"
+    window = plot_loss_curves(results, f"{base.model} on {Path(base.data).stem}, {base.steps} steps of {base.batch_size}", plot)
+    body = "\n".join(lines) + f"\n\nTraining loss (mean of every {window} steps): ![]({plot.name})\n"
     append_section(f"bench methods: {base.model} on {Path(base.data).stem}", command, body)
     print("\n".join(lines))
 
 
-SMOOTHING = 10  # steps per point of the loss curves: single batches of 32 are too noisy to tell runs apart
-
-
-def plot_loss_curves(results: list[dict[str, Any]], title: str, path: Path) -> None:
+def plot_loss_curves(results: list[dict[str, Any]], title: str, path: Path) -> int:
+    """Training loss per run, averaged over windows of about 1/30 of the run (single batches are
+    too noisy to tell runs apart). Returns the window, in steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = [r for r in results if "error" not in r]
+    window = max(1, max((len(r["losses"]) for r in runs), default=0) // 30)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     colours = plt.get_cmap("tab20").colors
-    for i, r in enumerate(r for r in results if "error" not in r):
+    for i, r in enumerate(runs):
         losses = r["losses"]
-        means = [statistics.mean(losses[j:j + SMOOTHING]) for j in range(0, len(losses), SMOOTHING)]
-        ax.plot([min(j + SMOOTHING, len(losses)) for j in range(0, len(losses), SMOOTHING)], means,
+        starts = range(0, len(losses), window)
+        ax.plot([min(j + window, len(losses)) for j in starts], [statistics.mean(losses[j:j + window]) for j in starts],
                 color=colours[i % len(colours)], label=f"{r['method']}/{r['init']}/{r['rule']} @ {r['lr']:g}", linewidth=1.2)
     ax.set_xlabel("step")
-    ax.set_ylabel(f"training loss (mean of {SMOOTHING} steps)")
+    ax.set_ylabel(f"training loss (mean of {window} steps)" if window > 1 else "training loss")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     save_figure(fig, path)
+    return window
 
 
 if __name__ == "__main__":  # one run, in its own process: python -m loraforge.bench.methods RUN.json
