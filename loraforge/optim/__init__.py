@@ -54,4 +54,3 @@ def named_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def build_adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """Plain AdamW over every trainable tensor: the baseline of every comparison."""
     return torch.optim.AdamW([p for _, p in named_trainable(model)], lr=lr, weight_decay=weight_decay)
-
