@@ -1,4 +1,4 @@
-"""Data-parallel training on Hugging Face accelerate, with the same answer at any scale.
+"""Multi-process training on Hugging Face accelerate (DDP or FSDP), with the same answer at any scale.
 
 Two ways in, one training loop (`loraforge.train.train`):
 
@@ -8,9 +8,15 @@ Two ways in, one training loop (`loraforge.train.train`):
   the caller passed in memory, and they start in a fraction of a second instead of importing torch
   and transformers again.
 * ``accelerate launch [--config_file cfg.yaml] -m loraforge train ...`` starts the workers itself
-  (several GPUs, several nodes); `train` sees the launcher's environment and joins it. Sharded
-  engines (FSDP, DeepSpeed ZeRO) are refused with a clear error until the checkpoint can gather
-  adapter and optimizer shards onto rank 0.
+  (several GPUs, several nodes); `train` sees the launcher's environment and joins it.
+
+Sharded: ``--fsdp`` (or an accelerate config with ``distributed_type: FSDP``, ``fsdp_version: 2``)
+runs accelerate's FSDP2 plugin (torch's `fully_shard`) instead of DDP: each decoder layer, frozen
+base and adapter alike, is one unit whose parameters and AdamW moments are split over the ranks.
+Everything that reads or writes whole tensors (checkpoint, PEFT adapter, resume) goes through
+`full_tensors` / `shard_like` / `whole_adapter`, so the files are those of a DDP run and either kind
+of run resumes the other's checkpoint. The step is the same computation (reduce-scatter instead of
+all-reduce), so the adapter matches DDP's to float rounding. DeepSpeed is refused.
 
 A run that is neither (one process, not launched) gets `LocalRuntime`, which is the plain loop:
 accelerate is not even imported.
@@ -35,7 +41,7 @@ import signal
 import socket
 import time
 from pathlib import Path
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -74,7 +80,7 @@ class LocalRuntime:
     is_main = True
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+                loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor], switches_trainable: bool = False
                 ) -> tuple[Callable[[dict[str, torch.Tensor]], torch.Tensor], torch.optim.Optimizer]:
         return (lambda batch: loss_fn(model, batch)), optimizer
 
@@ -96,43 +102,64 @@ class LocalRuntime:
     def rng_states(self) -> list[torch.Tensor]:
         return [torch.get_rng_state()]
 
+    def run(self, model: nn.Module, fn: Callable[[nn.Module], Any]) -> Any:
+        return fn(model)
+
     def finish(self) -> None:
         """Nothing to tear down."""
 
 
-class _LossModule(nn.Module):
-    """The model plus its loss, wrapped as one module, so that DDP sees the forward that training
-    runs: the loss may call parts of the model (the head on label positions only), which a DDP
-    wrapper around the bare model would not see and not synchronise."""
+class _Root(nn.Module):
+    """The model as one module whose forward runs a function of it (the loss; under FSDP also the
+    evaluation), so that DDP and FSDP see the forward that training runs: the loss may call parts of
+    the model (the head on label positions only), which a wrapper around the bare model would not
+    see: DDP would not synchronise them, FSDP would not gather the root's shards for them."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.loss_fn = loss_fn
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.loss_fn(self.model, batch)
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The model's decoder layer classes: accelerate's FSDP plugin makes each layer one unit."""
+        return getattr(self.model, "_no_split_modules", None)
+
+    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(self.model, *args)
 
 
 class AccelerateRuntime:
     """A worker of a distributed run: accelerate's Accelerator does device placement, the process
-    group, DDP and gradient sync across ranks (skipped on all but a window's last micro-batch)."""
+    group, DDP or FSDP, and gradient sync across ranks (skipped on all but a window's last micro-batch)."""
 
     def __init__(self, config: TrainConfig):
         from accelerate import Accelerator
 
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            # Checked here, not on the Accelerator: on CPU accelerate drops DeepSpeed silently (the run would be DDP).
+            raise LoraforgeError("the accelerate config uses DeepSpeed, which loraforge train does not support: use "
+                                 "data parallel (examples/accelerate/ddp.yaml) or FSDP (examples/accelerate/fsdp.yaml)")
+        plugin = _fsdp_plugin(config)
+        self.sharded = plugin is not None
+        if self.sharded:
+            _check_fsdp(config)
         # cpu=True makes accelerate pick gloo when there is no GPU: it would otherwise see no device
         # to run on and fall back to one undistributed process. accelerate divides the loss by
         # grad_accum and skips the optimizer step until the last
         # micro-batch of the window. Mixed precision stays ours (--precision, torch.autocast).
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=config.grad_accum,
+        cpu = not torch.cuda.is_available()
+        self.accelerator = Accelerator(cpu=cpu, fsdp_plugin=plugin, gradient_accumulation_steps=config.grad_accum,
                                        mixed_precision="no")
-        engine = self.accelerator.distributed_type.name
-        if engine in ("FSDP", "DEEPSPEED"):
-            # Both keep shards of the adapter and of its optimizer state on each rank; the checkpoint
-            # and the PEFT-format adapter need them gathered onto rank 0, which is not written yet.
-            raise LoraforgeError(f"accelerate config uses {engine}, which loraforge train does not support yet: "
-                                 f"use data parallel (distributed_type: MULTI_GPU, examples/accelerate/ddp.yaml)")
+        if self.sharded and cpu:
+            from accelerate.utils import DistributedType
+
+            # accelerate turns FSDP on for accelerator devices only (in AcceleratorState the FSDP
+            # branch sits under MULTI_GPU and its kin; on CPU the plugin is silently dropped and the
+            # run would be DDP). torch's FSDP2 itself runs on gloo, which has the reduce-scatter and
+            # all-gather it needs, so the CPU run is switched over once gloo is up: from here on it is
+            # accelerate's own FSDP2 path, the one a GPU run takes.
+            self.accelerator.state.distributed_type = DistributedType.FSDP
+            self.accelerator.state.fsdp_plugin = plugin
         if self.accelerator.gradient_accumulation_steps != config.grad_accum:
             raise LoraforgeError(f"the accelerate config sets gradient_accumulation_steps="
                                  f"{self.accelerator.gradient_accumulation_steps}: leave it out and use --grad-accum")
@@ -144,23 +171,36 @@ class AccelerateRuntime:
                                  f"{self.world_size} processes: leave --num-processes out under `accelerate launch`")
         self.scale = float(self.world_size * config.grad_accum)
         self.wrapped: nn.Module | None = None
+        self.loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+                loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor], switches_trainable: bool = False
                 ) -> tuple[Callable[[dict[str, torch.Tensor]], torch.Tensor], torch.optim.Optimizer]:
-        if any(hasattr(m, "aux_loss") for m in model.modules()):
+        """Wrap the model (DDP, or FSDP: its parameters become this rank's shards, and the optimizer's
+        move with them) and hand back the loss of a batch. `switches_trainable`: the run freezes and
+        unfreezes tensors as it goes (LISA), so some the wrapper knows get no gradient at a step."""
+        routed = any(hasattr(m, "aux_loss") for m in model.modules())
+        if routed:
+            if self.sharded:
+                # FSDP reduce-scatters the gradients each rank has; ranks whose tokens chose other
+                # experts would offer different sets, and the collective would not line up.
+                raise LoraforgeError("a routed adapter (mixlora) cannot train under FSDP: the experts no token "
+                                     "chose get no gradient on some ranks only; use data parallel (leave out --fsdp)")
+        if routed or switches_trainable:
             from accelerate.utils import DistributedDataParallelKwargs
 
-            # A routed adapter (MixLoRA) leaves the experts no token chose without a gradient,
-            # which DDP would otherwise wait for forever. Not the default: it costs a graph walk.
+            # A routed adapter (MixLoRA) leaves the experts no token chose without a gradient, and LISA
+            # the blocks it froze: DDP would otherwise wait for those gradients forever. Not the
+            # default: it costs a graph walk per step.
             self.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
-        self.wrapped, optimizer = self.accelerator.prepare(_LossModule(model, loss_fn), optimizer)
+        self.loss_fn = loss_fn
+        self.wrapped, optimizer = self.accelerator.prepare(_Root(model), optimizer)
         # The loop gets a method, not the DDP module itself, so that `finish` holds its last reference.
         return self._loss, optimizer
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         assert self.wrapped is not None, "prepare() first"
-        return self.wrapped(batch)
+        return self.wrapped(self.loss_fn, batch)
 
     def seed_workers(self, seed: int) -> None:
         """Rank 0 keeps the single-process stream; the others draw their own dropout masks."""
@@ -188,6 +228,13 @@ class AccelerateRuntime:
         torch.distributed.all_gather_object(states, torch.get_rng_state())
         return states
 
+    def run(self, model: nn.Module, fn: Callable[[nn.Module], Any]) -> Any:
+        """fn(model) outside the training step (evaluation). Under FSDP it runs inside the root's
+        forward, which gathers the shards the root holds (embeddings, final norm, head)."""
+        if self.sharded and self.wrapped is not None:
+            return self.wrapped(fn)
+        return fn(model)
+
     def finish(self) -> None:
         # DDP's Reducer holds the process group. Were it freed after the group is destroyed, it would
         # drop the group's last reference while holding the GIL, and the group's destructor joins
@@ -201,7 +248,112 @@ class AccelerateRuntime:
 
 
 def runtime(config: TrainConfig) -> LocalRuntime | AccelerateRuntime:
-    return AccelerateRuntime(config) if launched() else LocalRuntime()
+    if launched():
+        return AccelerateRuntime(config)
+    if config.fsdp:
+        raise LoraforgeError("--fsdp shards the model over several processes: add --num-processes N (N > 1) "
+                             "or start the run with `accelerate launch`")
+    return LocalRuntime()
+
+
+# ---- FSDP: which runs, and whole tensors from shards -------------------------------------------
+
+# Optimizers whose update of an element reads no other row of its tensor, so that a shard (FSDP2
+# splits tensors by rows, dim 0) is updated as the whole tensor would be: AdamW and LoRA+ work
+# element by element, ALLoRA scales each row by its own norm. LoRA-Pro reads whole A and B.
+SHARD_SAFE_OPTIMIZERS = ("adamw", "lora-plus", "allora")
+
+
+def _fsdp_plugin(config: TrainConfig) -> Any:
+    """accelerate's FSDP plugin when the run asks for FSDP, else None: --fsdp (FSDP2, one unit per
+    decoder layer of the model's `_no_split_modules`) or an accelerate config with distributed_type
+    FSDP, whose settings `accelerate launch` passes in FSDP_* variables that the plugin reads."""
+    from_config = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not (config.fsdp or from_config):
+        return None
+    version = os.environ.get("FSDP_VERSION", "1") if from_config else "2"  # accelerate's default is 1
+    if version != "2":
+        # FSDP1 flattens each unit's parameters into one tensor (the adapter's keys are gone); on CPU
+        # accelerate's plugin cannot even be built for it (it looks for an accelerator device).
+        raise LoraforgeError(f"the accelerate config asks for fsdp_version {version}: loraforge trains with FSDP2 "
+                             f"only, set fsdp_version: 2 (examples/accelerate/fsdp.yaml)")
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    settings = {} if from_config else {"fsdp_version": 2, "auto_wrap_policy": "transformer_based_wrap"}
+    return FullyShardedDataParallelPlugin(**settings)
+
+
+def _check_fsdp(config: TrainConfig) -> None:
+    """Refuse the options that would compute something else on shards, or leave the base unsharded.
+    (Selectors, LISA's switching of trained blocks and GLAD's second pass run under FSDP as they do
+    under DDP: tests/test_distributed.py.)"""
+    from .optim import RULES
+
+    problems = []
+    if RULES.aliases.get(config.optimizer, config.optimizer) not in SHARD_SAFE_OPTIMIZERS:
+        problems.append(f"--optimizer {config.optimizer} (its update reads whole A and B matrices; "
+                        f"{', '.join(SHARD_SAFE_OPTIMIZERS)} work on shards)")
+    if config.quant:
+        problems.append(f"--quant {config.quant} (the 4-bit weights are buffers, which FSDP does not shard: "
+                        f"the base would stay whole on every rank)")
+    if problems:
+        raise LoraforgeError("FSDP does not support " + "; ".join(problems) + ": leave it out, or train "
+                             "data parallel (without --fsdp)")
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@torch.no_grad()
+def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The whole tensors. A DTensor (FSDP's shard of a parameter or of its optimizer state) is
+    gathered from every rank, so under FSDP every rank calls this with the same keys in the same
+    order; any other tensor is whole already and comes back as it is."""
+    if not _distributed():
+        return tensors
+    from torch.distributed.tensor import DTensor
+
+    return {k: v.full_tensor().detach() if isinstance(v, DTensor) else v for k, v in tensors.items()}
+
+
+def shard_like(target: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` (whole, as a checkpoint holds it) in the form `target` takes: this rank's shard
+    under FSDP, cut locally since every rank has read the same file; else `tensor` itself."""
+    if not _distributed():
+        return tensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(target, DTensor):
+        return tensor
+    return distribute_tensor(tensor.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+
+
+@contextlib.contextmanager
+def whole_adapter(model: nn.Module) -> Iterator[None]:
+    """For the duration, the model's adapter tensors are whole, so that code written for a plain
+    model (`save_adapter`, a layer's `lora_factors`) reads them unchanged. Under FSDP every rank
+    enters it (the gather is a collective) and gets its own whole copy for that while; nothing runs
+    the model meanwhile, so FSDP never sees its shards swapped out. Elsewhere it changes nothing."""
+    from .inject import adapter_state_dict
+
+    state = adapter_state_dict(model)
+    whole = full_tensors(state)
+    swapped = {key: _swap(model, key, whole[key]) for key in state if whole[key] is not state[key]}
+    try:
+        yield
+    finally:
+        for key, tensor in swapped.items():
+            _swap(model, key, tensor)
+
+
+def _swap(model: nn.Module, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Put `tensor` in the parameter or buffer slot `key` of `model`; return what was there."""
+    path, _, name = key.rpartition(".")
+    module = model.get_submodule(path)
+    slots = module._parameters if name in module._parameters else module._buffers
+    old, slots[name] = slots[name], tensor
+    return old
 
 
 def micro_batches(rows: list[int], grad_accum: int, rank: int, world_size: int) -> list[list[int]]:
@@ -237,7 +389,8 @@ def launch(config: TrainConfig, worker: Callable[[], Any], model: nn.Module | No
                              "with `accelerate launch -m loraforge train ...` (or before anything touches the GPU)")
     out = os.path.abspath(config.out)
     endpoint = f"127.0.0.1:{_free_port()}"
-    print(f"training on {config.num_processes} processes ({'NCCL' if torch.cuda.is_available() else 'gloo, CPU'})")
+    print(f"training on {config.num_processes} processes{', FSDP' if config.fsdp else ''} "
+          f"({'NCCL' if torch.cuda.is_available() else 'gloo, CPU'})")
     launch_config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=config.num_processes, run_id="loraforge",
                                  rdzv_backend="static", rdzv_endpoint=endpoint, rdzv_configs={"rank": 0},
                                  max_restarts=0, monitor_interval=0.1, start_method="fork")
@@ -340,8 +493,12 @@ def _trained_model(config: TrainConfig, out: Path, model: nn.Module | None, toke
     if model is None:
         return load_pretrained(config.model, out / "adapter", task=config.task, num_labels=config.num_labels)
     if not is_attached(model):
+        # The workers attached and initialised their own copies; the export is what they trained,
+        # written for the untouched base this model still is (PiSSA's residual folded back, LoRA-XS's
+        # frozen factors multiplied in), so it is loaded rather than the native tensors.
         load_adapter(model, out / "adapter", trainable=True)
-    # The checkpoint holds the trainable tensors exactly as trained (the export may refactor them).
+        return model.eval(), tokenizer
+    # The caller attached the adapter: the checkpoint holds its tensors exactly as trained.
     own = adapter_state_dict(model)
     with torch.no_grad():
         for key, tensor in load_file(str(out / CHECKPOINT_DIR / "trainable.safetensors")).items():

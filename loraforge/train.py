@@ -44,7 +44,7 @@ from .select import Selector, make_selector, search_data, selector_settings
 
 CHECKPOINT_DIR = "checkpoint"
 # Settings a resumed run may change without changing the result it converges to.
-RESUME_MAY_CHANGE = {"resume", "save_every", "log_every", "eval_every", "out", "grad_checkpoint", "compile"}
+RESUME_MAY_CHANGE = {"resume", "save_every", "log_every", "eval_every", "out", "grad_checkpoint", "compile", "fsdp"}
 # How a global batch is split: a resumed run may split it otherwise (2 processes x batch 4 ->
 # 1 x batch 8) as long as the global batch stays the same size.
 BATCH_SPLIT = {"batch_size", "grad_accum", "num_processes"}
@@ -101,6 +101,7 @@ class TrainConfig:
     lisa_interval: int = opt(20, "lisa: optimizer steps between resamplings (K)")
     select_steps: int = opt(20, "flexora/diffora: search steps; colora: steps of the short full fine-tune")
     select_lr: float = opt(0.01, "flexora/diffora: learning rate of the gates (Adam)")
+    select_order: int = opt(1, "flexora/diffora: gate gradient, 1 = first order (reference code), 2 = one-step unrolled")
     diffora_ratio: float = opt(0.5, "diffora: fraction of the target modules that keep an adapter")
     colora_ig_steps: int = opt(8, "colora: integrated-gradient steps N of the contribution (FAIG)")
     glad_rho: float = opt(0.05, "glad: SAM radius of the reference gradient's perturbation")
@@ -118,6 +119,8 @@ class TrainConfig:
     num_processes: int = opt(1, "data-parallel workers on this machine, started through accelerate (gloo on CPU, "
                                 "NCCL on GPUs); each takes batch-size rows per micro-batch. Leave at 1 under "
                                 "`accelerate launch`, whose config sets the processes")
+    fsdp: bool = opt(False, "shard the frozen base, the adapter and its optimizer state over the processes (FSDP2 "
+                            "through accelerate) instead of keeping a copy on each (DDP); same adapter, same files")
     # bookkeeping
     log_every: int = opt(1, "steps between metrics.jsonl rows")
     save_every: int = opt(0, "0: a checkpoint only at the end")
@@ -152,6 +155,7 @@ class TrainResult:
     out: Path
     history: list[dict[str, Any]] = field(default_factory=list)  # the logged metrics rows
     main_process: bool = True  # False in the other workers of a distributed run: they report nothing
+    setup_seconds: float = 0.0  # putting the adapter on: attach, a selector's search, a data-based init
 
     @property
     def loss_reduction(self) -> float:
@@ -279,6 +283,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
                                  text_column=config.text_column, label_column=config.label_column,
                                  num_labels=config.num_labels)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    setup_start = time.perf_counter()
     selector = None
     if config.select:
         settings = {name: getattr(config, name) for name in selector_settings(config.select)}
@@ -290,9 +295,9 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
     if needs_data(model):  # before the optimizer: EVA changes the layers' shapes
         initialize(model, train_data, batches=config.init_batches, batch_size=config.batch_size, pad_id=pad_id,
                    lr=lr_at(0, config), seed=config.seed, progress=progress)
+    setup_seconds = time.perf_counter() - setup_start
     prepare_model(model, config)
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, config.optimizer, config.lr, config.weight_decay,
                                **{name: getattr(config, name) for name in rule_settings(config.optimizer)})
     regularizer = None
@@ -304,13 +309,15 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
                      length_grouped=config.length_grouped, lengths=train_data.lengths)
 
     runtime.seed_workers(config.seed)
+    loss_of, optimizer = runtime.prepare(model, optimizer, lambda m, batch: batch_loss(m, batch, config.task),
+                                         switches_trainable=selector is not None and selector.switches_trainable)
+    device = next(model.parameters()).device  # a launcher may have moved the model to this rank's GPU
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP has replaced them by this rank's shards
     start = 0
     if config.resume and (out / CHECKPOINT_DIR).is_dir():
         start = load_checkpoint(out / CHECKPOINT_DIR, model, optimizer, config, runtime)
     elif config.resume and runtime.is_main:
         print(f"no checkpoint in {out}: starting from step 0")
-    loss_of, optimizer = runtime.prepare(model, optimizer, lambda m, batch: batch_loss(m, batch, config.task))
-    device = next(model.parameters()).device  # a launcher may have moved the model to this rank's GPU
     amp = autocast_dtype(config.precision, device)
     if runtime.is_main:
         atomic_write_text(out / "config.json", json.dumps(
@@ -372,7 +379,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
         row.update(steered)
         row.update(selected)
         if eval_data is not None and config.eval_every and (step + 1) % config.eval_every == 0:
-            row.update(_eval_metrics(model, eval_data, config, pad_id))
+            row.update(runtime.run(model, lambda m: _eval_metrics(m, eval_data, config, pad_id)))
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             logger.log(row)
         bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", samples_s=f"{row['samples_per_s']:.1f}")
@@ -382,16 +389,18 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
     bar.close()
 
     if eval_data is not None:
-        final_eval = _eval_metrics(model, eval_data, config, pad_id)
+        final_eval = runtime.run(model, lambda m: _eval_metrics(m, eval_data, config, pad_id))
         logger.log({"step": config.steps, **final_eval})
     save_checkpoint(out / CHECKPOINT_DIR, model, optimizer, config.steps, config, runtime)
+    with distributed.whole_adapter(model):  # FSDP: every rank gathers the adapter, rank 0 writes it
+        if runtime.is_main:
+            save_adapter(model, out / "adapter")
     if runtime.is_main:
-        save_adapter(model, out / "adapter")
         plot_loss(logger.history, out / "loss.png")
     logger.close()
     runtime.finish()
     model.eval()
-    return TrainResult(model, tokenizer, out, logger.history, main_process=runtime.is_main)
+    return TrainResult(model, tokenizer, out, logger.history, main_process=runtime.is_main, setup_seconds=setup_seconds)
 
 
 def attach_selected(model: nn.Module, selector: Selector, config: TrainConfig, train_data: TokenizedDataset,
@@ -419,16 +428,18 @@ def _eval_metrics(model: nn.Module, data: TokenizedDataset, config: TrainConfig,
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
                     config: TrainConfig, runtime: distributed.LocalRuntime | distributed.AccelerateRuntime | None = None
                     ) -> None:
-    """Every rank calls this (the RNG states are gathered); rank 0 alone writes, atomically. The data
-    position is the step: batch s of a plan over the global batch size is the same for any split."""
+    """Every rank calls this (the RNG states are gathered, and FSDP's shards); rank 0 alone writes,
+    atomically, whole tensors whatever the engine. The data position is the step: batch s of a plan
+    over the global batch size is the same for any split."""
     runtime = runtime or distributed.LocalRuntime()
     rng = runtime.rng_states()
+    trainable = distributed.full_tensors(adapter_state_dict(model))  # DDP: every rank holds them whole
+    opt_state = optimizer.state_dict()
+    tensors = distributed.full_tensors({f"state.{i}.{k}": v for i, s in opt_state["state"].items()
+                                        for k, v in s.items() if isinstance(v, torch.Tensor)})
     if not runtime.is_main:
         return
-    trainable = adapter_state_dict(model)  # replicated: under DDP every rank holds the same tensors
-    opt_state = optimizer.state_dict()
-    tensors = {f"state.{i}.{k}": v.contiguous() for i, s in opt_state["state"].items()
-               for k, v in s.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     tensors["rng.torch"] = rng[0]
     tensors.update({f"rng.torch.{rank}": state for rank, state in enumerate(rng) if rank})
     meta = {"step": step, "global_batch": config.batch_size * config.grad_accum * runtime.world_size,
@@ -443,8 +454,9 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
                     runtime: distributed.LocalRuntime | distributed.AccelerateRuntime | None = None) -> int:
-    """Restore a checkpoint into every rank; the processes, batch size and accumulation may differ
-    from the run that wrote it when the global batch does not."""
+    """Restore a checkpoint into every rank's prepared model and optimizer (each takes its shard
+    under FSDP); the processes, batch size, accumulation and engine may differ from the run that
+    wrote it when the global batch does not."""
     runtime = runtime or distributed.LocalRuntime()
     meta = json.loads((path / "trainer_state.json").read_text())
     saved = meta["config"]
@@ -464,13 +476,16 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         raise TrainingError(f"{path}: checkpoint tensors do not match this model's adapter")
     with torch.no_grad():
         for key, tensor in trainable.items():
-            own[key].copy_(tensor)
+            own[key].copy_(distributed.shard_like(own[key], tensor))
     tensors = load_file(str(path / "optimizer.safetensors"))
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the indices of the state
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         if key.startswith("state."):
             _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = tensor
+            param = params[int(index)]  # a moment is sharded as its parameter is; the step count is not
+            state.setdefault(int(index), {})[name] = (distributed.shard_like(param, tensor)
+                                                      if tensor.shape == param.shape else tensor)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     # A rank the writing run did not have keeps the stream runtime.seed_workers gave it.
     rng_key = f"rng.torch.{runtime.rank}" if runtime.rank else "rng.torch"

@@ -1,5 +1,6 @@
-"""Data-parallel training on accelerate (gloo on CPU): one global batch, any split, the same adapter;
-resume across process counts; a dead worker stops the run and leaves its last checkpoint intact.
+"""Multi-process training on accelerate (gloo on CPU), data parallel and FSDP: one global batch, any
+split or engine, the same adapter; resume across process counts and engines; a dead worker stops
+the run and leaves its last checkpoint intact.
 
 Multi-process runs fork their workers from this process (TrainConfig.num_processes), so the tiny
 model and data passed in memory reach them, and so do the monkeypatches below."""
@@ -13,8 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from loraforge.data import from_records
-from loraforge.distributed import WorkerFailed, micro_batches
+from loraforge.distributed import AccelerateRuntime, WorkerFailed, micro_batches
 from loraforge.errors import LoraforgeError
+from loraforge.io import load_adapter
 from loraforge.train import TrainConfig, lr_at, train
 from loraforge.testing import tiny_llama, tiny_tokenizer
 
@@ -70,8 +72,9 @@ def test_micro_batches_split_the_global_batch_in_order():
 
 
 @pytest.mark.parametrize("split", [dict(batch_size=2, grad_accum=4), dict(batch_size=4, num_processes=2),
-                                   dict(batch_size=2, grad_accum=2, num_processes=2)],
-                         ids=["1x2x4", "2x4", "2x2x2"])
+                                   dict(batch_size=2, grad_accum=2, num_processes=2),
+                                   dict(batch_size=2, grad_accum=2, num_processes=2, fsdp=True)],
+                         ids=["1x2x4", "2x4", "2x2x2", "2x2x2-fsdp"])
 def test_every_split_of_the_global_batch_reaches_the_same_adapter(tmp_path, reference, split):
     result = run(tmp_path / "run", **split)
     assert_same_adapter(result.out, reference)
@@ -106,15 +109,15 @@ def test_a_dead_worker_stops_the_run_then_one_process_resumes_it(tmp_path, refer
     assert metric_steps(out) == list(range(1, STEPS + 1))
 
 
+def _interrupted_in_step_4(step: int, config: TrainConfig) -> float:
+    if step == 3:
+        raise KeyboardInterrupt
+    return lr_at(step, config)
+
+
 def test_two_processes_resume_a_one_process_run(tmp_path, reference, monkeypatch):
     out = tmp_path / "run"
-
-    def interrupted_in_step_4(step, config):
-        if step == 3:
-            raise KeyboardInterrupt
-        return lr_at(step, config)
-
-    monkeypatch.setattr("loraforge.train.lr_at", interrupted_in_step_4)
+    monkeypatch.setattr("loraforge.train.lr_at", _interrupted_in_step_4)
     with pytest.raises(KeyboardInterrupt):
         run(out, batch_size=8, save_every=3)
     monkeypatch.undo()
@@ -128,7 +131,8 @@ def test_an_error_in_the_workers_reaches_the_caller(tmp_path):
         run(tmp_path / "run", steps=4, batch_size=2, num_processes=2, resume=True)
 
 
-def test_cli_num_processes_trains_and_reports_once(tmp_path, capsys):
+@pytest.mark.parametrize("engine", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_cli_num_processes_trains_and_reports_once(tmp_path, capsys, engine):
     from loraforge.cli import main
 
     tiny_llama().save_pretrained(tmp_path / "model")
@@ -136,8 +140,111 @@ def test_cli_num_processes_trains_and_reports_once(tmp_path, capsys):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records()))
     code = main(["train", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"), "--rank", "4",
                  "--steps", "2", "--batch-size", "4", "--num-processes", "2", "--precision", "fp32",
-                 "--out", str(tmp_path / "out")])
+                 "--out", str(tmp_path / "out"), *engine])
     assert code == 0
     assert capsys.readouterr().out.count("adapter written to") == 1
     assert metric_steps(tmp_path / "out") == [1, 2]
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["train"]["num_processes"] == 2
+    train_config = json.loads((tmp_path / "out" / "config.json").read_text())["train"]
+    assert train_config["num_processes"] == 2 and train_config["fsdp"] == bool(engine)
+
+
+# ---- FSDP ---------------------------------------------------------------------------------------
+
+def _records_parameter_shards(monkeypatch, folder) -> None:
+    """After prepare, every worker writes {parameter: [whole shape, this rank's shape]} to folder."""
+    prepare = AccelerateRuntime.prepare
+
+    def recording(self, model, optimizer, loss_fn, **options):
+        prepared = prepare(self, model, optimizer, loss_fn, **options)
+        shapes = {name: [list(p.shape), list(p.to_local().shape if hasattr(p, "to_local") else p.shape)]
+                  for name, p in model.named_parameters()}  # a DTensor's shape is the whole tensor's
+        (folder / f"shards-{self.rank}.json").write_text(json.dumps(shapes))
+        return prepared
+
+    monkeypatch.setattr(AccelerateRuntime, "prepare", recording)
+
+
+def test_fsdp_shards_base_and_adapter_and_saves_the_whole_adapter(tmp_path, reference, monkeypatch):
+    _records_parameter_shards(monkeypatch, tmp_path)
+    result = run(tmp_path / "fsdp", batch_size=4, num_processes=2, fsdp=True)
+    for rank in (0, 1):
+        shapes = json.loads((tmp_path / f"shards-{rank}.json").read_text())
+        for name in ("model.layers.0.self_attn.q_proj.base_layer.weight",  # frozen base (32, 32)
+                     "model.layers.0.self_attn.q_proj.lora_A.weight",  # adapter (4, 32)
+                     "model.layers.1.mlp.down_proj.lora_B.weight"):  # adapter (32, 4)
+            whole, local = shapes[name]
+            assert local == [whole[0] // 2, *whole[1:]], name  # half the rows on each rank
+    # One PEFT-format adapter, the files of any other run, whole tensors equal to the 1-process run's.
+    assert sorted(p.name for p in (result.out / "adapter").iterdir()) == \
+        ["adapter_config.json", "adapter_model.safetensors", "loraforge_config.json"]
+    assert_same_adapter(result.out, reference)
+    loaded = load_adapter(tiny_llama(), result.out / "adapter")
+    for key, value in loaded.state_dict().items():
+        if "lora_" in key:
+            torch.testing.assert_close(value, reference["base_model.model." + key], atol=1e-5, rtol=0, msg=key)
+
+
+def test_fsdp_checkpoints_resume_across_engines(tmp_path, reference, monkeypatch):
+    """An FSDP run's checkpoint (gathered) resumes on one process; one process's resumes under FSDP
+    (sharded on load); both reach the uninterrupted adapter."""
+    out = tmp_path / "fsdp-first"
+    monkeypatch.setattr("loraforge.train.lr_at", _dies_in_step_4_on_rank_1)
+    with pytest.raises(WorkerFailed, match=r"worker rank 1 failed \(killed by SIGKILL\).*step 3\) is intact"):
+        run(out, batch_size=4, num_processes=2, fsdp=True, save_every=3)
+    monkeypatch.undo()
+    assert_same_adapter(run(out, batch_size=8, resume=True).out, reference)
+
+    out = tmp_path / "fsdp-second"
+    monkeypatch.setattr("loraforge.train.lr_at", _interrupted_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(out, batch_size=8, save_every=3)
+    monkeypatch.undo()
+    assert_same_adapter(run(out, batch_size=4, num_processes=2, fsdp=True, resume=True).out, reference)
+
+
+@pytest.mark.parametrize("engine", [dict(), dict(fsdp=True)], ids=["ddp", "fsdp"])
+@pytest.mark.parametrize("settings", [dict(select="lisa", lisa_layers=1, lisa_interval=2), dict(regularizer="glad")],
+                         ids=["lisa", "glad"])
+def test_two_processes_run_what_changes_the_step(tmp_path, settings, engine):
+    """LISA switches the trained blocks mid-run (DDP must not wait for the frozen ones' gradients),
+    GLAD takes a second backward at moved weights."""
+    one = adapter(run(tmp_path / "one", **settings).out)
+    assert_same_adapter(run(tmp_path / "two", batch_size=4, num_processes=2, **engine, **settings).out, one)
+
+
+def test_fsdp_refuses_what_it_cannot_shard(tmp_path, monkeypatch):
+    with pytest.raises(LoraforgeError, match="--fsdp shards the model over several processes"):
+        run(tmp_path / "one", fsdp=True)
+    with pytest.raises(WorkerFailed, match="FSDP does not support --optimizer lora-pro"):
+        run(tmp_path / "pro", batch_size=4, num_processes=2, fsdp=True, optimizer="lora-pro")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets from a config file
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(WorkerFailed, match="fsdp_version 1: loraforge trains with FSDP2 only"):
+        run(tmp_path / "v1", batch_size=4, num_processes=2)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(WorkerFailed, match="uses DeepSpeed, which loraforge train does not support"):
+        run(tmp_path / "ds", batch_size=4, num_processes=2)
+
+
+def test_an_accelerate_fsdp_config_runs_fsdp(tmp_path, reference, monkeypatch):
+    """The environment `accelerate launch --config_file examples/accelerate/fsdp.yaml` gives the workers."""
+    for name, value in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true",
+                        "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP"}.items():
+        monkeypatch.setenv(name, value)
+    _records_parameter_shards(monkeypatch, tmp_path)
+    result = run(tmp_path / "run", batch_size=4, num_processes=2)
+    whole, local = json.loads((tmp_path / "shards-1.json").read_text())["model.layers.1.self_attn.o_proj.lora_B.weight"]
+    assert local == [whole[0] // 2, whole[1]]
+    assert_same_adapter(result.out, reference)
+
+
+@pytest.mark.parametrize("settings", [dict(init="pissa"), dict(method="lora-xs")], ids=["pissa", "lora-xs"])
+def test_a_multi_process_run_hands_back_the_trained_model(tmp_path, settings):
+    """Starts that change the base (PiSSA) or export other tensors than they train (LoRA-XS): the
+    caller's model gets the exported adapter, which gives the trained outputs on its untouched base."""
+    one = run(tmp_path / "one", **settings).model.eval()
+    two = run(tmp_path / "two", batch_size=4, num_processes=2, **settings).model
+    ids = torch.randint(5, 100, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(two(input_ids=ids).logits, one(input_ids=ids).logits, atol=1e-5, rtol=1e-5)

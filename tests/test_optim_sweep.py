@@ -75,3 +75,13 @@ def test_loss_summary_prefers_the_lowest_loss():
                for lr, loss in ((1e-4, 2.0), (1e-3, 1.5), (1e-2, 1.505))]
     (summary,) = summarise(results)
     assert summary["best"] == 1.5 and summary["best_lr"] == 1e-3 and summary["width_decades"] == pytest.approx(1.0)
+
+
+def test_the_benchmark_reports_what_each_selector_chose():
+    from loraforge.bench.methods import selection_summary
+
+    assert selection_summary(None) is None
+    assert selection_summary({"method": "flexora", "layers": [0, 3], "gate_logits": {"0": 0.2}}) == "layers [0, 3]"
+    assert selection_summary({"method": "diffora", "modules": ["a.q", "b.v"]}) == "2 modules: a.q, b.v"
+    colora = selection_summary({"method": "colora", "ranks": {"a": 2, "b": 12, "c": 6, "d": 4}, "contribution": {}})
+    assert colora == "ranks 2 to 12 over 4 modules, highest: b (12), c (6), d (4)"

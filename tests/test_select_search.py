@@ -91,6 +91,57 @@ def test_flexora_finds_the_blocks_that_need_to_change():
         assert torch.equal(lf.adapter_state_dict(model)[key], value)
 
 
+def test_flexora_unrolled_hypergradient_matches_finite_differences():
+    """Spec check 3: d/da L_val(theta - eta grad L_train(theta, a), a), in fp64, against central differences."""
+    from loraforge.select import unrolled_gate_grads
+
+    search = toy_search([1, 2])
+    search = SearchData([{k: v.double() for k, v in b.items()} for b in search.train],
+                        [{k: v.double() for k, v in b.items()} for b in search.val], search.loss)
+    model = lf.attach(Toy(), toy_config(init="random")).double()
+    weights = [p for p in model.parameters() if p.requires_grad]
+    logits = torch.tensor([0.3, -0.2, 0.1, 0.5], dtype=torch.float64, requires_grad=True)
+    for i in range(BLOCKS):
+        gate_adapter(model.layers[i].proj, lambda i=i: BLOCKS * torch.softmax(logits, 0)[i])
+    eta, train_batch, val_batch = 0.05, search.train[0], search.val[0]
+    exact = unrolled_gate_grads(model, search, weights, [logits], train_batch, val_batch, eta)[0]
+
+    def unrolled_val_loss(a: torch.Tensor) -> float:
+        with torch.no_grad():
+            logits.copy_(a)
+        grads = torch.autograd.grad(search.loss(model, train_batch), weights)
+        start = [w.detach().clone() for w in weights]
+        with torch.no_grad():
+            for w, g in zip(weights, grads):
+                w -= eta * g
+            loss = float(search.loss(model, val_batch))
+            for w, s in zip(weights, start):
+                w.copy_(s)
+        return loss
+
+    start, delta = logits.detach().clone(), 1e-5
+    numeric = torch.tensor([(unrolled_val_loss(start + delta * e) - unrolled_val_loss(start - delta * e)) / (2 * delta)
+                            for e in torch.eye(BLOCKS, dtype=torch.float64)], dtype=torch.float64)
+    assert torch.linalg.norm(exact - numeric) < 1e-3 * torch.linalg.norm(numeric)
+    first_order = torch.autograd.grad(search.loss(model, val_batch), logits)[0]  # what the unroll adds is not nothing
+    assert torch.linalg.norm(first_order - numeric) > 10 * torch.linalg.norm(exact - numeric)
+
+
+def test_fused_lora_refuses_a_second_derivative_it_would_get_wrong():
+    layer = lf.attach(Toy(), toy_config(init="random")).layers[0].proj
+    x = torch.randn(3, D, requires_grad=True)
+    grad_a = torch.autograd.grad(layer(x).pow(2).sum(), layer.lora_A.weight, create_graph=True)[0]
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(grad_a.sum(), layer.lora_B.weight)
+
+
+def test_flexora_second_order_search_runs_and_selects():
+    model = Toy()
+    make_selector("flexora", select_steps=30, select_lr=0.05, lr=1e-2, select_order=2).attach(
+        model, toy_config(), toy_search([0, 2]))
+    assert model.loraforge_config.extras["selection"]["layers"] == [0, 2]
+
+
 def test_diffora_keeps_ceil_rho_m_modules_the_ones_that_need_to_change():
     model = Toy()
     make_selector("diffora", diffora_ratio=0.5, select_steps=60, select_lr=0.05, lr=1e-2).attach(

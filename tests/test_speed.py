@@ -33,6 +33,19 @@ def test_bench_speed_writes_the_issue_json_and_a_docs_section(tmp_path, monkeypa
     assert "bench speed" in doc and "frozen step (limit)" in doc and "PEFT" in doc and "Machine:" in doc
 
 
+def test_bench_speed_scaling_runs_the_trainer_on_1_and_2_processes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = SpeedRun(model=tiny_folder(tmp_path), batch_size=4, seq_len=96, rank=4, steps=2, warmup=1, num_processes="1,2")
+    report = bench_speed(run, str(tmp_path / "scaling.json"), command="loraforge bench speed --num-processes 1,2",
+                         progress=False)
+    assert set(report["scaling"]) == {"1", "2"}
+    assert all(row["samples_per_s"] > 0 and row["tokens_per_s"] > row["samples_per_s"] for row in report["scaling"].values())
+    doc = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "| processes | samples/s |" in doc and "| 2 |" in doc
+    with pytest.raises(lf.LoraforgeError, match="divide --batch-size"):
+        bench_speed(SpeedRun(model=run.model, batch_size=3, num_processes="2"), None, command="", progress=False)
+
+
 def test_bench_speed_runs_every_precision_this_machine_has(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     others = [p for p in available_precisions(torch.device("cpu")) if p != "fp32"]

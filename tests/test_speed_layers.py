@@ -8,7 +8,6 @@ from torch import nn
 
 import loraforge as lf
 from loraforge.layers.lora import LoRALinear
-from loraforge.testing import tiny_llama
 
 
 def plain_forward(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:

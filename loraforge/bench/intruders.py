@@ -142,7 +142,7 @@ def count_by_epsilon(analysis: dict) -> list[int]:
 def reproduce(bench: IntruderBench, model_name: str) -> dict[str, Any]:
     """Every variant on one model: the rows of its table."""
     from ..analysis import analyze, mitigate
-    from ..data import from_records, read_rows
+    from ..data import from_records
     from ..inject import trainable_parameters
     from ..io import load_adapter
     from ..models import load_model

@@ -6,12 +6,12 @@ Each (method, init) runs in its own process, so its peak memory is its own:
     minilm-l6 + SST-2:        train on all but the last `dev_size` rows, report dev accuracy
     smollm2-135m + advising:  train on the phase-1 advising set, report held-out loss (10% of the rows)
 
-Columns: trainable parameters, median step time, peak RSS, initialiser cost (attaching plus the
-data-based start, if any), final training loss, held-out accuracy (classification) or loss (causal
+Columns: trainable parameters, median step time, peak RSS, initialiser cost (`TrainResult.setup_seconds`:
+attaching, a selector's search, the data-based start), final training loss, held-out accuracy (classification) or loss (causal
 LM). Every registered method runs with its own start, and plain LoRA once more with each initialiser
 that starts it (`--inits`). `--rules` crosses every method with optimisation rules, regularisers and
 selectors (LoRA-Pro's time and memory overhead show in the step and peak-RSS columns; a selector's
-search runs inside training, so its cost is in the run, not in "init"); `--lrs` turns the run into the
+search is part of putting the adapter on, so its cost is in "init"); `--lrs` turns the run into the
 learning-rate sweep of `bench/sweep.py`; `--method-lrs full=1e-4,pissa=5e-4,...` gives single methods
 (or initialisers) their own rate.
 
@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from queue import SimpleQueue
@@ -93,10 +92,9 @@ def run_one(run: BenchRun) -> dict[str, Any]:
 
     from ..data import from_records
     from ..evaluate import evaluate_dataset
-    from ..init import initialize, needs_data
-    from ..inject import attach, trainable_parameters
+    from ..inject import trainable_parameters
     from ..models import load_model
-    from ..train import TrainConfig, lr_at, train
+    from ..train import TrainConfig, train
 
     torch.manual_seed(run.seed)
     task, train_rows, dev_rows = load_rows(run)
@@ -110,24 +108,32 @@ def run_one(run: BenchRun) -> dict[str, Any]:
                          steps=run.steps, batch_size=run.batch_size, lr=run.lr, seed=run.seed, max_length=128,
                          out=str(Path(run.out) / f"{run.method}-{run.init}-{run.rule}-{run.lr:g}"), **rule)
     pad_id = tokenizer.pad_token_id or 0
-    t0 = time.perf_counter()
-    if "select" not in rule:  # a selector attaches inside train(), after its search
-        attach(model, config.adapter_config())
-        if needs_data(model):
-            initialize(model, train_data, batches=config.init_batches, batch_size=config.batch_size, pad_id=pad_id,
-                       lr=lr_at(0, config), seed=config.seed, progress=False)
-    init_seconds = time.perf_counter() - t0
     result = train(config, model=model, tokenizer=tokenizer, train_data=train_data, progress=False)
     rows = [r for r in result.history if "loss" in r]
     metrics = evaluate_dataset(model, dev_data, batch_size=64, pad_id=pad_id)
     return {
         "method": run.method, "init": run.init, "rule": run.rule, "lr": run.lr, "trainable_params": trainable_parameters(model),
         "step_s": statistics.median(run.batch_size / r["samples_per_s"] for r in rows),
-        "peak_rss_mb": peak_rss_mb() - rss_before, "init_s": init_seconds,
+        "peak_rss_mb": peak_rss_mb() - rss_before, "init_s": result.setup_seconds,
         "first_loss": rows[0]["loss"], "final_loss": statistics.mean(r["loss"] for r in rows[-10:]),
         "dev_loss": metrics["loss"], "dev_accuracy": metrics.get("accuracy"),
         "losses": [r["loss"] for r in rows],
+        "selection": selection_summary(model.loraforge_config.extras.get("selection")),
     }
+
+
+def selection_summary(selection: dict[str, Any] | None) -> str | None:
+    """What a selector chose, in a few words: Flexora's layers, DiffoRA's modules, CoLoRA's ranks."""
+    if not selection:
+        return None
+    if "layers" in selection:
+        return f"layers {selection['layers']}"
+    if "modules" in selection:
+        return f"{len(selection['modules'])} modules: " + ", ".join(selection["modules"])
+    ranks = selection["ranks"]  # CoLoRA
+    top = sorted(ranks, key=lambda m: -ranks[m])[:3]
+    return (f"ranks {min(ranks.values())} to {max(ranks.values())} over {len(ranks)} modules, highest: "
+            + ", ".join(f"{m} ({ranks[m]})" for m in top))
 
 
 def rule_fields(rule: str) -> dict[str, str]:
@@ -235,6 +241,9 @@ def write_report(base: BenchRun, results: list[dict[str, Any]], command: str, on
         score = r["dev_accuracy"] if r["dev_accuracy"] is not None else r["dev_loss"]
         lines.append(f"| {r['method']} | {r['init']} | {r['rule']} | {r['lr']:g} | {r['trainable_params']:,} | {r['step_s']:.3f} | "
                      f"{r['peak_rss_mb']:.0f} | {r['init_s']:.2f} | {r['final_loss']:.4f} | {score:.4f} |")
+    chosen = [f"- {r['method']} + {r['rule']} @ {r['lr']:g} chose {r['selection']}" for r in results if r.get("selection")]
+    if chosen:
+        lines += ["", "What the selectors chose:", ""] + chosen
     plot = Path("docs") / figure_name(f"bench-methods-{base.model}-{Path(base.data).stem}")
     window = plot_loss_curves(results, f"{base.model} on {Path(base.data).stem}, {base.steps} steps of {base.batch_size}", plot)
     body = "\n".join(lines) + f"\n\nTraining loss (mean of every {window} steps): ![]({plot.name})\n"

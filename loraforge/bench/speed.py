@@ -20,6 +20,11 @@ is reset before each step), or `torch.cuda.max_memory_allocated` growth on a GPU
 the measured rounds.
 
 PEFT is imported here only: it is a reference, never a dependency of the library's code paths.
+
+`--num-processes 1,2` measures data-parallel scaling instead (`scaling`): the trainer itself, one
+global batch of `--batch-size` rows split over N workers (accelerate, gloo on CPU, NCCL on GPUs),
+`--warmup` + `--steps` steps on rows of `--seq-len` tokens; the median of rank 0's samples/s and
+tokens/s over the measured steps (each covers the whole global batch).
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class SpeedRun:
     precisions: str = "all"  # comma-separated subset of fp32,bf16,nf4; "all": every one this machine has
     compile: bool = False
     seed: int = 0
+    num_processes: str = ""  # e.g. "1,2": data-parallel scaling of the trainer instead of the step comparison
 
 
 def available_precisions(device: torch.device) -> list[str]:
@@ -278,7 +284,59 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scaling(run: SpeedRun, progress: bool = True) -> dict[int, dict[str, float]]:
+    """{processes: {"samples_per_s", "tokens_per_s"}}: the trainer on one global batch, split N ways."""
+    import copy
+    import tempfile
+
+    from ..data import from_records
+    from ..models import load_model
+    from ..train import TrainConfig, train
+
+    counts = [int(n) for n in run.num_processes.split(",")]
+    if any(n < 1 or run.batch_size % n for n in counts):
+        from ..errors import LoraforgeError
+
+        raise LoraforgeError(f"--num-processes {run.num_processes}: each count must be at least 1 and divide "
+                             f"--batch-size {run.batch_size} (one global batch, split evenly)")
+    model, tokenizer = load_model(run.model)
+    words = "the of and to in is was for on that with as by at from his her it an were".split()
+    text = " ".join(words[(7 * i) % len(words)] for i in range(4 * run.seq_len))  # every row fills seq_len tokens
+    data = from_records([{"prompt": f"Row {i}.", "completion": text} for i in range(4 * run.batch_size)], tokenizer,
+                        max_length=run.seq_len)
+    results = {}
+    for n in tqdm(counts, desc="bench speed --num-processes", disable=not progress):
+        with tempfile.TemporaryDirectory() as out:
+            config = TrainConfig(model=run.model, out=out, steps=run.warmup + run.steps, rank=run.rank,
+                                 alpha=2.0 * run.rank, targets=run.targets, batch_size=run.batch_size // n,
+                                 num_processes=n, max_length=run.seq_len, seed=run.seed, precision="fp32")
+            history = train(config, model=copy.deepcopy(model), tokenizer=tokenizer, train_data=data, progress=False).history
+        measured = [row for row in history if "samples_per_s" in row][run.warmup:]
+        results[n] = {key: statistics.median(row[key] for row in measured) for key in ("samples_per_s", "tokens_per_s")}
+    return results
+
+
+def scaling_table(results: dict[int, dict[str, float]]) -> str:
+    one = results.get(1)
+    lines = ["| processes | samples/s | tokens/s | speed-up over 1 process |", "|---:|---:|---:|---:|"]
+    for n, row in results.items():
+        speedup = f"{row['samples_per_s'] / one['samples_per_s']:.2f}" if one else "n/a"
+        lines.append(f"| {n} | {row['samples_per_s']:.2f} | {row['tokens_per_s']:.0f} | {speedup} |")
+    return "\n".join(lines) + "\n"
+
+
 def bench_speed(run: SpeedRun, json_path: str | None, command: str, progress: bool = True) -> dict[str, Any]:
+    if run.num_processes:
+        rates = scaling(run, progress)
+        body = scaling_table(rates)
+        append_section(f"bench speed --num-processes: {run.model}, global batch {run.batch_size} x {run.seq_len} "
+                       f"tokens, LoRA r={run.rank} {run.targets}, median of {run.steps} steps after {run.warmup}",
+                       command, body)
+        print(body)
+        report = {"machine": machine(), "scaling": {str(n): row for n, row in rates.items()}}
+        if json_path:
+            Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+        return report
     results = measure(run, progress)
     body = table(results)
     title = (f"bench speed: {run.model}, batch {run.batch_size} x {run.seq_len} tokens, LoRA r={run.rank} "

@@ -26,10 +26,13 @@ order (nn.Linear's own init for A then B, then Kaiming on A), so one seed gives 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..config import AdapterConfig
 from ..registry import register
@@ -50,6 +53,7 @@ class LoRALinear(AdapterLayer):
         self.scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
         # No dropout kernel at all when p = 0: it would cost a copy of x per layer.
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.fused = True  # False: the plain formulation, whose backward is differentiable (`plain_autograd`)
         device = base_layer.weight.device
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device)  # (r, d_in)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device)  # (d_out, r)
@@ -75,7 +79,7 @@ class LoRALinear(AdapterLayer):
         """The fused node computes exactly base(x) + delta(x) only for LoRA's own delta, an inactive
         dropout and a frozen base whose dense weight it can read (nn.Linear or a 4-bit layer)."""
         base = self.base_layer
-        return (type(self).delta is LoRALinear.delta and not self.fan_in_fan_out
+        return (self.fused and type(self).delta is LoRALinear.delta and not self.fan_in_fan_out
                 and (isinstance(self.dropout, nn.Identity) or not self.training)
                 and ((type(base) is nn.Linear and not base.weight.requires_grad) or hasattr(base, "dense_weight"))
                 and (base.bias is None or not base.bias.requires_grad)
@@ -87,6 +91,20 @@ class LoRALinear(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling  # (d_out, d_in)
+
+
+@contextmanager
+def plain_autograd(model: nn.Module) -> Iterator[None]:
+    """LoRA layers take the plain formulation inside the block, so that gradients can be
+    differentiated again (`create_graph=True`: Flexora's unrolled hyper-gradient)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    try:
+        for layer in layers:
+            layer.fused = False
+        yield
+    finally:
+        for layer in layers:
+            layer.fused = True
 
 
 def _weight_dtype(base: nn.Module) -> torch.dtype:
@@ -124,6 +142,7 @@ class _LoRAFunction(torch.autograd.Function):
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
+    @once_differentiable  # x A^T is saved without its graph: a second derivative would be wrong, so refuse it
     def backward(ctx, grad: torch.Tensor):
         x, lora_A, lora_B, xa = ctx.saved_tensors
         dtype, s = ctx.dtype, ctx.scaling

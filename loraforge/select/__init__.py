@@ -19,8 +19,9 @@ layer's update (`gate_adapter`), and `SearchData` (training and validation batch
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -43,6 +44,8 @@ class SearchData:
 
 
 class Selector:
+    switches_trainable = False  # True: before_step freezes and unfreezes tensors during the run (LISA)
+
     def attach(self, model: nn.Module, config: AdapterConfig, search: SearchData | None) -> None:
         attach(model, config)
 
@@ -133,11 +136,15 @@ def search_data(train_data: Any, eval_data: Any, batch_size: int, pad_id: int, t
 
 
 def gated_search(model: nn.Module, search: SearchData, gates: dict[str, Callable[[], torch.Tensor]],
-                 gate_params: list[torch.Tensor], steps: int, lr: float, gate_lr: float) -> None:
-    """The bi-level search of Flexora and DiffoRA, first order (as Flexora's reference code): per step
-    one AdamW step of the adapter on a training batch, then one Adam step of the gate parameters on
-    the next validation batch, each gate scaling its adapter layer's update (`gate_adapter`).
+                 gate_params: list[torch.Tensor], steps: int, lr: float, gate_lr: float, order: int = 1) -> None:
+    """The bi-level search of Flexora and DiffoRA: per step one AdamW step of the adapter on a
+    training batch, then one Adam step of the gate parameters on the next validation batch, each
+    gate scaling its adapter layer's update (`gate_adapter`). The gate gradient is first order
+    (order=1, the validation loss at the current weights, as Flexora's reference code) or the
+    one-step unrolled hyper-gradient (order=2, `unrolled_gate_grads`, the paper's equation).
     Trainable tensors outside the adapter layers (a classification head) are put back afterwards."""
+    if order not in (1, 2):
+        raise LoraforgeError(f"--select-order must be 1 (first-order gate gradient) or 2 (unrolled), got {order}")
     layers = adapter_layers(model)
     handles = [gate_adapter(layers[path], gate) for path, gate in gates.items()]
     adapter = [p for p in model.parameters() if p.requires_grad]
@@ -150,11 +157,17 @@ def gated_search(model: nn.Module, search: SearchData, gates: dict[str, Callable
     model.train()
     try:
         for step in range(steps):
-            search.loss(model, search.train[step % len(search.train)]).backward()
+            train_batch, val_batch = search.train[step % len(search.train)], search.val[step % len(search.val)]
+            search.loss(model, train_batch).backward()
             weights_opt.step()
             weights_opt.zero_grad(set_to_none=True)
             gates_opt.zero_grad(set_to_none=True)
-            search.loss(model, search.val[step % len(search.val)]).backward()
+            if order == 1:
+                search.loss(model, val_batch).backward()
+            else:
+                for gate, grad in zip(gate_params, unrolled_gate_grads(model, search, adapter, gate_params,
+                                                                       train_batch, val_batch, lr)):
+                    gate.grad = grad
             gates_opt.step()
             gates_opt.zero_grad(set_to_none=True)
             weights_opt.zero_grad(set_to_none=True)
@@ -165,3 +178,35 @@ def gated_search(model: nn.Module, search: SearchData, gates: dict[str, Callable
             for param, start in heads:
                 param.copy_(start)
         model.train(was_training)
+
+
+def unrolled_gate_grads(model: nn.Module, search: SearchData, weights: list[torch.Tensor],
+                        gate_params: list[torch.Tensor], train_batch: Batch, val_batch: Batch,
+                        eta: float) -> list[torch.Tensor]:
+    """d/d alpha of L_val(theta - eta * grad_theta L_train(theta, alpha), alpha): Flexora's (and
+    DARTS') one-step unroll, exact through the second-order term, with eta the adapter's learning
+    rate (the step an SGD update would take; the search's AdamW step is not differentiated)."""
+    from ..layers.lora import plain_autograd  # the fused LoRA node is once-differentiable
+
+    with plain_autograd(model):
+        grads = torch.autograd.grad(search.loss(model, train_batch), weights, create_graph=True, allow_unused=True)
+        stepped = [w if g is None else w - eta * g for w, g in zip(weights, grads)]
+        with parameters_replaced(model, dict(zip(map(id, weights), stepped))):
+            val_loss = search.loss(model, val_batch)
+        grads = torch.autograd.grad(val_loss, gate_params, allow_unused=True)
+    return [torch.zeros_like(a) if g is None else g for a, g in zip(gate_params, grads)]
+
+
+@contextmanager
+def parameters_replaced(model: nn.Module, by_id: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Run the model with some parameters replaced by (non-leaf) tensors, keyed by the
+    parameter's id; a differentiable function of the replacements, as torch.func.functional_call."""
+    swapped = [(module, name, param) for module in model.modules()
+               for name, param in module._parameters.items() if param is not None and id(param) in by_id]
+    try:
+        for module, name, param in swapped:
+            module._parameters[name] = by_id[id(param)]
+        yield
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param

@@ -12,8 +12,9 @@ modules) is relaxed, learned by gradient descent, then discretised:
 
 Decisions (no reference code is public; the paper's parametrisation and defaults could not be read):
   - relaxation by a sigmoid per module (the spec's first option); beta starts at 0 (gamma = 1/2);
-  - the search is Flexora's first-order alternation (`select.gated_search`): Adam on beta at
-    `--select-lr`, AdamW on the adapter at `--lr`, `--select-steps` steps;
+  - the search is Flexora's alternation (`select.gated_search`): Adam on beta at `--select-lr`,
+    AdamW on the adapter at `--lr`, `--select-steps` steps; the beta gradient is first order by
+    default, the one-step unrolled (DARTS) hyper-gradient with `--select-order 2`;
   - rho = `--diffora-ratio`, default 0.5;
   - weight sharing copies A, B bitwise and drops the gate (gamma -> 1), so the kept update starts as
     the searched one scaled by 1/gamma_m.
@@ -43,10 +44,11 @@ def top_modules(logits: dict[str, float], ratio: float) -> list[str]:
 
 
 class DiffoRA(Selector):
-    def __init__(self, diffora_ratio: float = 0.5, select_steps: int = 20, select_lr: float = 0.01, lr: float = 2e-4):
+    def __init__(self, diffora_ratio: float = 0.5, select_steps: int = 20, select_lr: float = 0.01, lr: float = 2e-4,
+                 select_order: int = 1):
         if not 0 < diffora_ratio <= 1:
             raise LoraforgeError(f"--diffora-ratio must be in (0, 1], got {diffora_ratio}")
-        self.ratio, self.steps, self.gate_lr, self.lr = diffora_ratio, select_steps, select_lr, lr
+        self.ratio, self.steps, self.gate_lr, self.lr, self.order = diffora_ratio, select_steps, select_lr, lr, select_order
 
     def attach(self, model: nn.Module, config: AdapterConfig, search: SearchData | None) -> None:
         if search is None:
@@ -61,7 +63,8 @@ class DiffoRA(Selector):
         def gate(i: int):
             return lambda: torch.sigmoid(beta[i])
 
-        gated_search(model, search, {path: gate(i) for i, path in enumerate(paths)}, [beta], self.steps, self.lr, self.gate_lr)
+        gated_search(model, search, {path: gate(i) for i, path in enumerate(paths)}, [beta], self.steps, self.lr, self.gate_lr,
+                     self.order)
         logits = dict(zip(paths, beta.detach().tolist()))
         kept = top_modules(logits, self.ratio)
         searched = {k: v.detach().clone() for k, v in adapter_state_dict(model).items()
@@ -77,5 +80,6 @@ class DiffoRA(Selector):
 
 
 @register_selector("diffora")
-def build_diffora(diffora_ratio: float = 0.5, select_steps: int = 20, select_lr: float = 0.01, lr: float = 2e-4) -> DiffoRA:
-    return DiffoRA(diffora_ratio, select_steps, select_lr, lr)
+def build_diffora(diffora_ratio: float = 0.5, select_steps: int = 20, select_lr: float = 0.01, lr: float = 2e-4,
+                  select_order: int = 1) -> DiffoRA:
+    return DiffoRA(diffora_ratio, select_steps, select_lr, lr, select_order)

@@ -7,11 +7,17 @@ Layer selection as hyper-parameter optimisation (Sec. 3):
     min_a L_val(theta*(a), a)   s.t.  theta*(a) = argmin_theta L_train(theta, a)
 
 solved by alternating one adapter step on a training batch and one gate step on a validation batch
-(`select.gated_search`), then layer l is kept iff a_l > 0 (it rose above its start), and a fresh LoRA
+(`select.gated_search`), the gate step on the paper's one-step unroll (DARTS)
+
+    grad_a L_val(theta - eta grad_theta L_train(theta, a), a)      (`--select-order 2`, second order)
+
+or on its first-order approximation grad_a L_val(theta, a) (`--select-order 1`, the default), then layer l is kept iff a_l > 0 (it rose above its start), and a fresh LoRA
 is trained on the kept layers only.
 
 Decisions, from the reference code (kithib/Flexora, `flora.py`), the paper's own rule being unverified:
-  - first-order gate gradient (the validation loss at the current theta, no unroll through its update);
+  - first-order gate gradient by default (the validation loss at the current theta, no unroll through
+    its update), as the reference code does; the unrolled one is there for the paper's formulation,
+    with eta = the adapter's learning rate (tested against finite differences);
     gate optimiser Adam at `--select-lr` (0.01), adapter AdamW at the run's `--lr`;
   - one validation batch per gate step (the reference sums 8: pass a larger --batch-size for that);
   - a_l > 0 selects (ties impossible: a strict threshold); if no gate rose, the highest one is kept;
@@ -41,8 +47,8 @@ def selected_layers(logits: list[float], layer_ids: list[int]) -> list[int]:
 
 
 class Flexora(Selector):
-    def __init__(self, select_steps: int = 20, select_lr: float = 0.01, lr: float = 2e-4):
-        self.steps, self.gate_lr, self.lr = select_steps, select_lr, lr
+    def __init__(self, select_steps: int = 20, select_lr: float = 0.01, lr: float = 2e-4, select_order: int = 1):
+        self.steps, self.gate_lr, self.lr, self.order = select_steps, select_lr, lr, select_order
 
     def attach(self, model: nn.Module, config: AdapterConfig, search: SearchData | None) -> None:
         if search is None:
@@ -59,7 +65,7 @@ class Flexora(Selector):
             return lambda: len(layer_ids) * torch.softmax(logits, 0)[i]
 
         gates = {path: gate(i) for i, layer in enumerate(layer_ids) for path in by_block[layer]}
-        gated_search(model, search, gates, [logits], self.steps, self.lr, self.gate_lr)
+        gated_search(model, search, gates, [logits], self.steps, self.lr, self.gate_lr, self.order)
         final = logits.detach().tolist()
         kept = selected_layers(final, layer_ids)
         detach(model)
@@ -71,5 +77,5 @@ class Flexora(Selector):
 
 
 @register_selector("flexora")
-def build_flexora(select_steps: int = 20, select_lr: float = 0.01, lr: float = 2e-4) -> Flexora:
-    return Flexora(select_steps, select_lr, lr)
+def build_flexora(select_steps: int = 20, select_lr: float = 0.01, lr: float = 2e-4, select_order: int = 1) -> Flexora:
+    return Flexora(select_steps, select_lr, lr, select_order)

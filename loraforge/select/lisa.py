@@ -35,6 +35,8 @@ def sample_blocks(n_blocks: int, gamma: int, seed: int, period: int) -> list[int
 
 
 class LISA(Selector):
+    switches_trainable = True
+
     def __init__(self, lisa_layers: int = 2, lisa_interval: int = 20, seed: int = 0):
         if lisa_layers < 1 or lisa_interval < 1:
             raise LoraforgeError(f"--lisa-layers and --lisa-interval must be at least 1, got {lisa_layers}, {lisa_interval}")

@@ -255,7 +255,7 @@ class Engine:
         x = inner.embed_tokens(ids_t)  # (T, H)
         cos, sin = inner.rotary_emb(x, pos_t[None])  # (1, T, hd) each
         for i, layer in enumerate(inner.layers):
-            attn, mods = layer.self_attn, self.layer_modules[i]
+            attn = layer.self_attn
             h = layer.input_layernorm(x)  # (T, H)
             q = self._linear(i, "self_attn.q_proj", h, lora).view(len(ids), -1, self.head_dim)  # (T, nh, hd)
             k = self._linear(i, "self_attn.k_proj", h, lora).view(len(ids), -1, self.head_dim)  # (T, nkv, hd)
