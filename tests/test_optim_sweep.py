@@ -58,7 +58,8 @@ def test_a_finished_run_is_kept_and_not_run_again(tmp_path, monkeypatch):
 
 def test_summary_best_and_width_within_one_point():
     def row(rule, lr, acc):
-        return {"method": "lora", "rule": rule, "lr": lr, "dev_accuracy": acc, "dev_loss": 1.0}
+        return {"method": "lora", "rule": rule, "lr": lr, "dev_accuracy": acc, "dev_loss": 1.0,
+                "step_s": 2.0 if rule == "lora-pro" else 1.0 + lr, "peak_rss_mb": 300.0 if rule == "lora-pro" else 100.0}
 
     results = [row("adamw", 1e-4, 0.80), row("adamw", 1e-3, 0.905), row("adamw", 1e-2, 0.90),
                row("lora-pro", 1e-4, 0.70), row("lora-pro", 1e-3, 0.91), row("lora-pro", 1e-2, 0.50),
@@ -67,11 +68,13 @@ def test_summary_best_and_width_within_one_point():
     assert summary["adamw"]["best"] == 0.905 and summary["adamw"]["best_lr"] == 1e-3
     assert summary["adamw"]["width_decades"] == pytest.approx(1.0)  # 1e-3 .. 1e-2 within 0.01 of the best
     assert summary["lora-pro"]["width_decades"] == 0.0
+    assert summary["adamw"]["step_s"] == 1.0 + 1e-3 and summary["lora-pro"]["peak_rss_mb"] == 300.0  # medians: the overhead
     assert summary["allora"]["error"] == "boom"
 
 
 def test_loss_summary_prefers_the_lowest_loss():
-    results = [{"method": "lora", "rule": "adamw", "lr": lr, "dev_accuracy": None, "dev_loss": loss}
+    results = [{"method": "lora", "rule": "adamw", "lr": lr, "dev_accuracy": None, "dev_loss": loss, "step_s": 1.0,
+                "peak_rss_mb": 1.0}
                for lr, loss in ((1e-4, 2.0), (1e-3, 1.5), (1e-2, 1.505))]
     (summary,) = summarise(results)
     assert summary["best"] == 1.5 and summary["best_lr"] == 1e-3 and summary["width_decades"] == pytest.approx(1.0)

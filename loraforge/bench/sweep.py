@@ -12,6 +12,7 @@ plus a plot of the score against the rate, one line per (method, rule).
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         best = finite.get(best_lr, math.nan)
         near = [lr for lr, s in finite.items() if s >= best - ONE_POINT]
         rows.append({"method": method, "rule": rule, "best": best if accuracy else -best, "best_lr": best_lr,
+                     "step_s": statistics.median(r["step_s"] for r in runs),
+                     "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
                      "width_decades": math.log10(max(near) / min(near)) if near else 0.0, "metric": "accuracy" if accuracy else "loss",
                      "scores": {lr: (s if accuracy else -s) for lr, s in sorted(score.items())}})
     return rows
@@ -58,8 +61,8 @@ def write_sweep_report(base: BenchRun, summary: list[dict[str, Any]], lrs: list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = ["| method | rule | best | at lr | lr range within 1 point (decades) | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
-             "|---|---|---|---|---|" + "---|" * len(lrs)]
+    lines = ["| method | rule | best | at lr | lr range within 1 point (decades) | step (s) | peak RSS (MB) | "
+             + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(lrs)]
     plot = Path("docs") / figure_name(f"bench-lr-sweep-{base.model}-{Path(base.data).stem}")
     fig, ax = plt.subplots(figsize=(7, 4))
     metric = "score"
@@ -70,7 +73,7 @@ def write_sweep_report(base: BenchRun, summary: list[dict[str, Any]], lrs: list[
         metric = "dev accuracy" if row["metric"] == "accuracy" else "held-out loss"
         cells = " | ".join(f"{row['scores'][lr]:.4f}" if lr in row["scores"] else "" for lr in lrs)
         lines.append(f"| {row['method']} | {row['rule']} | {row['best']:.4f} | {row['best_lr']:g} | "
-                     f"{row['width_decades']:.2f} | {cells} |")
+                     f"{row['width_decades']:.2f} | {row['step_s']:.3f} | {row['peak_rss_mb']:.0f} | {cells} |")
         rates = sorted(row["scores"])
         ax.plot(rates, [row["scores"][lr] for lr in rates], "o-", label=f"{row['method']}/{row['rule']}", linewidth=1)
     ax.set_xscale("log")
