@@ -36,7 +36,7 @@ class FedBench:
     data: str | None = None  # a TSV/CSV (classification) or JSONL (causal LM) instead of the model's own task
     clients: int = 10
     partition: str = "dirichlet:0.5"
-    rounds: int = 10
+    rounds: int = 6
     local_steps: int = 5  # 20 steps on a Dirichlet-0.5 shard drift every strategy to its clients' labels (~0.55)
     batch_size: int = 16
     lr: float = 2e-3
