@@ -449,6 +449,11 @@ def test_bench_fed_runs_every_strategy_and_the_centralised_baseline(fed_setup, f
                                   "standard error, 0.025).",
                                   "LoRA-FAIR above FLoRA (LoRA-FAIR paper): did not hold.",
                                   "centralised above every federated strategy (the usual upper bound): held."]
+    losses = {"task": "causal-lm", "held_out": 40, "curves": {
+        "fedavg": [{"eval_loss": 3.0576}], "flora": [{"eval_loss": 3.19}], "lora-fair": [{"eval_loss": 3.0574}],
+        "centralised": [{"eval_loss": 1.24}]}}
+    assert orderings(losses)[1] == "LoRA-FAIR above FedAvg (LoRA-FAIR paper): a tie (3.057 vs 3.058, within 0.010)."
+    assert orderings(losses)[2].endswith(": held.")  # lower loss is better
     body = write_section(bench, [result], "cmd", plot_dir=fed_setup)
     assert "| centralised |" in body and list(fed_setup.glob("bench-fed-*.png"))
     with pytest.raises(lf.LoraforgeError, match="not empty"):

@@ -88,3 +88,15 @@ def test_the_benchmark_reports_what_each_selector_chose():
     assert selection_summary({"method": "diffora", "modules": ["a.q", "b.v"]}) == "2 modules: a.q, b.v"
     colora = selection_summary({"method": "colora", "ranks": {"a": 2, "b": 12, "c": 6, "d": 4}, "contribution": {}})
     assert colora == "ranks 2 to 12 over 4 modules, highest: b (12), c (6), d (4)"
+
+
+def test_figures_of_benchmarks_run_in_the_same_second_do_not_overwrite_each_other(tmp_path):
+    from loraforge.bench import figure_name
+
+    first = figure_name("bench-fed", tmp_path)
+    (tmp_path / first).write_bytes(b"png")
+    second = figure_name("bench-fed", tmp_path)
+    if second.count("-") == first.count("-"):  # the clock moved on to the next second: a new name anyway
+        assert second != first
+    else:
+        assert second == first.removesuffix(".png") + "-2.png"

@@ -32,10 +32,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def figure_name(stem: str) -> str:
-    """`stem-YYYYmmddTHHMM.png`: each section of docs/benchmarks.md keeps its own picture when the
-    benchmark runs again."""
-    return f"{stem}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M}.png"
+def figure_name(stem: str, folder: Path = BENCHMARKS_MD.parent) -> str:
+    """`stem-YYYYmmddTHHMMSS.png`: each section of docs/benchmarks.md keeps its own picture when the
+    benchmark runs again (a second run in the same second gets `-2`, ...)."""
+    name = f"{stem}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}"
+    taken = [p.name for p in folder.glob(f"{name}*.png")]
+    return f"{name}-{len(taken) + 1}.png" if taken else f"{name}.png"
 
 
 def save_figure(fig, path: Path, dpi: int = 120) -> None:

@@ -131,15 +131,16 @@ def final_scores(result: dict[str, Any]) -> dict[str, float]:
 
 
 def orderings(result: dict[str, Any]) -> list[str]:
-    """The papers' orderings on `final_scores`: held, did not hold, or a tie when two accuracies are
-    closer than one standard error of an accuracy on the held-out rows (sqrt(1/4n), its largest)."""
+    """The papers' orderings on `final_scores`: held, did not hold, or a tie when two scores are
+    closer than one standard error of an accuracy on the held-out rows (sqrt(1/4n), its largest),
+    or than 0.01 nats of held-out loss (the sweep's "one point" for a loss)."""
     final, accuracy = final_scores(result), result["task"] == "classification"
-    noise = math.sqrt(0.25 / result["held_out"]) if accuracy else 0.0
+    noise = math.sqrt(0.25 / result["held_out"]) if accuracy else 0.01
 
     def verdict(a: str, b: str) -> str:
         gain = (final[a] - final[b]) * (1 if accuracy else -1)
         if abs(gain) < noise:
-            return f"a tie ({final[a]:.3f} vs {final[b]:.3f}, within one standard error, {noise:.3f})"
+            return f"a tie ({final[a]:.3f} vs {final[b]:.3f}, {'within one standard error, ' if accuracy else 'within '}{noise:.3f})"
         return "held" if gain > 0 else "did not hold"
 
     checks = [("FLoRA above FedAvg (FLoRA paper)", verdict("flora", "fedavg")),
@@ -177,12 +178,12 @@ def write_section(bench: FedBench, results: list[dict[str, Any]], command: str, 
         lines += ["", f"Against the papers (mean of the last {tail} round{'s' if tail > 1 else ''}, "
                       f"{result['held_out']} held-out rows):", ""] + [f"- {line}" for line in orderings(result)]
         parts.append("\n".join(lines))
-    plot = plot_dir / figure_name("bench-fed")
+    plot = plot_dir / figure_name("bench-fed", plot_dir)
     save_figure(fig, plot, dpi=110)
     return (f"{bench.clients} clients, {bench.partition}, {bench.rounds} rounds of {bench.local_steps} local steps "
             f"(batch {bench.batch_size}, lr {bench.lr}); centralised: {bench.rounds * bench.clients * bench.local_steps}"
             f" steps on the pooled rows. Flower's simulation engine.\n\n" + "\n\n".join(parts) +
-            f"\n\nAccuracy per round: ![]({plot.name})\n")
+            f"\n\nScore per round: ![]({plot.name})\n")
 
 
 def bench_fed(bench: FedBench, command: str = "", runner: Callable[[Any, int], Path] = flower_simulation,

@@ -267,7 +267,7 @@ def write_section(bench: IntruderBench, results: list[dict[str, Any]], command: 
         ax.legend(fontsize=7)
         lines += ["", "Against the paper:", ""] + [f"- {f}" for f in findings(result)]
         parts.append("\n".join(lines))
-    plot = plot_dir / figure_name("bench-intruders")
+    plot = plot_dir / figure_name("bench-intruders", plot_dir)
     save_figure(fig, plot, dpi=110)
     body = (f"{bench.steps} steps of {bench.batch_size} rows each, LoRA lr {bench.lr}, full FT lr {bench.full_lr}, "
             f"alpha = 2r, all-linear.\n\n" + "\n\n".join(parts) + f"\n\nIntruders vs epsilon: ![]({plot.name})\n")

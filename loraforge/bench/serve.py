@@ -343,7 +343,7 @@ def write_section(bench: ServeBench, rows: list[dict[str, Any]], command: str, p
                         color=f"C{n}", label=f"{system} ({distribution})")
     ax.set(xscale="log", xlabel="adapters", ylabel="generated tokens/s", title=f"{bench.model}, {bench.requests} requests")
     ax.legend(fontsize=7)
-    plot = plot_dir / figure_name("bench-serve")
+    plot = plot_dir / figure_name("bench-serve", plot_dir)
     save_figure(fig, plot, dpi=110)
     reference = max(rows, key=lambda r: (r["adapters"] == 32, r["adapters"]))
     checks = [f"- {t}" for t in targets(reference)]
