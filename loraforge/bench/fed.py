@@ -122,11 +122,16 @@ def bench_model(bench: FedBench, model: str, runner: Callable[[Any, int], Path] 
     return {"model": model, "task": task, "curves": curves, "held_out": len(split_rows(baseline)[0])}
 
 
+def last_third(rounds: int) -> int:
+    """How many final rounds a verdict averages: a third of them, at least one."""
+    return max(1, rounds // 3)
+
+
 def final_scores(result: dict[str, Any]) -> dict[str, float]:
-    """Each curve's mean over its last third of rounds (at least one round): on a few hundred
-    held-out rows, one round's score moves by several points from the next."""
+    """Each curve's mean over its `last_third` rounds: on a few hundred held-out rows, one round's
+    score moves by several points from the next."""
     key = "eval_accuracy" if result["task"] == "classification" else "eval_loss"
-    tail = max(1, len(next(iter(result["curves"].values()))) // 3)
+    tail = last_third(len(next(iter(result["curves"].values()))))
     return {name: sum(r[key] for r in rows[-tail:]) / tail for name, rows in result["curves"].items()}
 
 
@@ -174,7 +179,7 @@ def write_section(bench: FedBench, results: list[dict[str, Any]], command: str, 
             ax.plot([r["round"] for r in rows], [r[key] for r in rows], "o-", label=name)
         ax.set(xlabel="round", ylabel=metric, title=result["model"])
         ax.legend()
-        tail = max(1, bench.rounds // 3)
+        tail = last_third(len(result["curves"]["fedavg"]))
         lines += ["", f"Against the papers (mean of the last {tail} round{'s' if tail > 1 else ''}, "
                       f"{result['held_out']} held-out rows):", ""] + [f"- {line}" for line in orderings(result)]
         parts.append("\n".join(lines))
