@@ -23,6 +23,21 @@ def test_every_method_rule_and_rate_runs():
                                                          for lr in (1e-4, 1e-3, 1e-2)}
 
 
+def test_pairs_run_only_the_named_combinations():
+    from loraforge.bench.cli import _pairs
+
+    pairs = _pairs("lora/adamw, dora/adamw,lora/lisa")
+    assert pairs == [("lora", "adamw"), ("dora", "adamw"), ("lora", "lisa")]
+    runs = all_runs(BenchRun(), None, lrs=[1e-4, 1e-3], pairs=pairs)
+    assert [(r.method, r.rule, r.lr) for r in runs] == [(m, rule, lr) for m, rule in pairs for lr in (1e-4, 1e-3)]
+    with pytest.raises(SystemExit, match="'lora' is not METHOD/RULE"):
+        _pairs("lora/adamw,lora")
+    with pytest.raises(lf.LoraforgeError, match="not both"):
+        all_runs(BenchRun(), ["lora"], pairs=pairs)
+    with pytest.raises(lf.LoraforgeError, match="unknown rule"):
+        all_runs(BenchRun(), None, pairs=[("lora", "lisaa")])
+
+
 def test_bench_methods_runs_every_method_then_lora_under_each_initialiser_at_its_own_rate():
     runs = all_runs(BenchRun(lr=2e-3), None, method_lrs={"full": 1e-4, "pissa": 5e-4})
     starts = [(r.method, r.init) for r in runs]

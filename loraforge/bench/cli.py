@@ -20,6 +20,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--methods", default=None, help="comma-separated subset (default: every registered method)")
     p.add_argument("--rules", default="adamw", help="comma-separated optimizers, regularizers and selectors, each run "
                                                    "with every method (e.g. adamw,lora-plus,lora-pro,allora,glad,lisa)")
+    p.add_argument("--pairs", default=None, help="comma-separated METHOD/RULE combinations to run instead of crossing "
+                                                 "--methods with --rules (e.g. lora/adamw,dora/adamw,lora/lisa)")
     p.add_argument("--lrs", default=None, help="comma-separated learning rates: sweep them all (e.g. 1e-5,1e-4,1e-3,1e-2)")
     p.add_argument("--inits", default=None, help="comma-separated initialisers, each run on plain LoRA (default: every "
                                                  "one that starts LoRA when --methods is not given; '' for none)")
@@ -71,15 +73,31 @@ def run_methods(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     inits = None if args.inits is None else [i.strip() for i in args.inits.split(",") if i.strip()]
+    pairs = _pairs(args.pairs) if args.pairs else None
+    if pairs:
+        if args.methods or args.inits or args.rules != "adamw":
+            raise SystemExit("--pairs names the combinations itself: drop --methods, --rules and --inits")
+        rules, inits = None, []
     if args.lrs:
         from .sweep import bench_sweep
 
         bench_sweep(base, methods, rules, [float(x) for x in args.lrs.split(",")], command=_command(), inits=inits,
-                    jobs=args.jobs)
+                    jobs=args.jobs, pairs=pairs)
     else:
         bench_methods(base, methods, command=_command(), rules=rules, inits=inits,
-                      method_lrs=_method_lrs(args.method_lrs), jobs=args.jobs)
+                      method_lrs=_method_lrs(args.method_lrs), jobs=args.jobs, pairs=pairs)
     return 0
+
+
+def _pairs(text: str) -> list[tuple[str, str]]:
+    """'lora/adamw,dora/adamw' -> [('lora', 'adamw'), ('dora', 'adamw')], with an error that names a bad item."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        method, slash, rule = item.partition("/")
+        if not slash or not method.strip() or not rule.strip():
+            raise SystemExit(f"--pairs: {item!r} is not METHOD/RULE")
+        pairs.append((method.strip(), rule.strip()))
+    return pairs
 
 
 def _method_lrs(text: str) -> dict[str, float]:

@@ -11,7 +11,8 @@ attaching, a selector's search, the data-based start), final training loss, held
 LM). Every registered method runs with its own start, and plain LoRA once more with each initialiser
 that starts it (`--inits`). `--rules` crosses every method with optimisation rules, regularisers and
 selectors (LoRA-Pro's time and memory overhead show in the step and peak-RSS columns; a selector's
-search is part of putting the adapter on, so its cost is in "init"); `--lrs` turns the run into the
+search is part of putting the adapter on, so its cost is in "init"); `--pairs lora/lisa,dora/adamw`
+runs just those combinations instead of a cross; `--lrs` turns the run into the
 learning-rate sweep of `bench/sweep.py`; `--method-lrs full=1e-4,pissa=5e-4,...` gives single methods
 (or initialisers) their own rate.
 
@@ -150,23 +151,30 @@ def rule_fields(rule: str) -> dict[str, str]:
 
 def all_runs(base: BenchRun, methods: list[str] | None, rules: list[str] | None = None,
              lrs: list[float] | None = None, inits: list[str] | None = None,
-             method_lrs: dict[str, float] | None = None) -> list[BenchRun]:
-    """Every (method, init) x rule x rate. `inits` None: each initialiser that starts plain LoRA,
-    when every method runs; with `lrs` (a sweep) `method_lrs` is ignored."""
+             method_lrs: dict[str, float] | None = None,
+             pairs: list[tuple[str, str]] | None = None) -> list[BenchRun]:
+    """Every (method, init) x rule x rate, or, with `pairs`, just those (method, rule) pairs x rate
+    (a sweep of chosen combinations rather than the full cross). `inits` None: each initialiser that
+    starts plain LoRA, when every method runs; with `lrs` (a sweep) `method_lrs` is ignored."""
     from ..init import initializers
     from ..registry import get_method, methods as registered
 
-    names = methods or [m.name for m in registered()]
+    if pairs and (methods or rules or inits):
+        raise LoraforgeError("give either METHOD/RULE pairs or methods, rules and initialisers to cross, not both")
+    names = [method for method, _ in pairs] if pairs else methods or [m.name for m in registered()]
     for name in names:
         get_method(name)  # refuse a typo before hours of runs
-    for rule in rules or []:
+    for rule in [rule for _, rule in pairs] if pairs else rules or []:
         rule_fields(rule)
-    if inits is None:
-        inits = [] if methods else [i.name for i in initializers() if "lora" in i.methods]
-    starts = [(name, base.init) for name in names] + [("lora", init) for init in inits]
     own = method_lrs or {}
     # An initialiser's run looks up the initialiser's name first (pissa=5e-4), then the method's.
     rates = (lambda name, init: lrs) if lrs else (lambda name, init: [own.get(init, own.get(name, base.lr))])
+    if pairs:
+        return [dataclasses.replace(base, method=method, rule=rule, lr=lr) for method, rule in pairs
+                for lr in rates(method, base.init)]
+    if inits is None:
+        inits = [] if methods else [i.name for i in initializers() if "lora" in i.methods]
+    starts = [(name, base.init) for name in names] + [("lora", init) for init in inits]
     return [dataclasses.replace(base, method=name, init=init, rule=rule, lr=lr) for name, init in starts
             for rule in rules or [base.rule] for lr in rates(name, init)]
 
@@ -223,8 +231,9 @@ def run_all(runs: list[BenchRun], jobs: int = 1, desc: str = "bench methods") ->
 
 def bench_methods(base: BenchRun, methods: list[str] | None = None, command: str = "",
                   rules: list[str] | None = None, inits: list[str] | None = None,
-                  method_lrs: dict[str, float] | None = None, jobs: int = 1) -> list[dict[str, Any]]:
-    results = run_all(all_runs(base, methods, rules, inits=inits, method_lrs=method_lrs), jobs)
+                  method_lrs: dict[str, float] | None = None, jobs: int = 1,
+                  pairs: list[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+    results = run_all(all_runs(base, methods, rules, inits=inits, method_lrs=method_lrs, pairs=pairs), jobs)
     write_report(base, results, command, one_core=jobs > 1)
     return results
 

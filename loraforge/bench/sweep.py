@@ -48,8 +48,9 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def bench_sweep(base: BenchRun, methods: list[str] | None, rules: list[str] | None, lrs: list[float],
-                command: str = "", inits: list[str] | None = None, jobs: int = 1) -> list[dict[str, Any]]:
-    results = run_all(all_runs(base, methods, rules, lrs, inits=inits), jobs, desc="lr sweep")
+                command: str = "", inits: list[str] | None = None, jobs: int = 1,
+                pairs: list[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+    results = run_all(all_runs(base, methods, rules, lrs, inits=inits, pairs=pairs), jobs, desc="lr sweep")
     summary = summarise(results)
     write_sweep_report(base, summary, lrs, command)
     return summary
