@@ -119,3 +119,41 @@ def test_invalid_adapters_are_refused_at_load_naming_the_problem(tmp_path, case,
     pool = pool_for(tmp_path)
     with pytest.raises(lf.AdapterError, match=match):
         pool.check(case)
+
+
+def test_padded_and_segment_layouts_give_the_same_low_rank_path():
+    """S-LoRA's eq. per token, Y_t = s_a(t) (X_t A_a(t)^T) B_a(t)^T, by both layouts, against a
+    per-token loop; adapters of ranks 2 and 5 and the base (slot 0) in one batch."""
+    from loraforge.serve.pool import LoRABatch
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 7, bias=False)
+    pool = AdapterPool({"m": linear}, max_loaded=3, max_rank=5)
+    factors = {1: (torch.randn(2, 6), torch.randn(7, 2), 0.5), 2: (torch.randn(5, 6), torch.randn(7, 5), 2.0),
+               3: (torch.randn(2, 6), torch.randn(7, 2), 1.0)}
+    for slot, (a, b, s) in factors.items():
+        pool._fill(slot, {"m": (a, b, s)})
+    batch = LoRABatch.build([(0, 0, 2), (1, 2, 3), (2, 3, 7), (3, 7, 9)])
+    assert batch.token_slots.tolist() == [0, 0, 1, 2, 2, 2, 2, 3, 3] and batch.offsets.tolist()[3:7] == [0, 1, 2, 3]
+    x = torch.randn(9, 6)
+    want = torch.stack([torch.zeros(7) if slot == 0 else factors[slot][2] * (x[t] @ factors[slot][0].T) @ factors[slot][1].T
+                        for t, slot in enumerate(batch.token_slots.tolist())])
+    base = torch.randn(9, 7)
+    for kernel in ("segment", "padded"):
+        y = base.clone()
+        pool.add_delta("m", x, y, batch, kernel=kernel)
+        torch.testing.assert_close(y, base + want, atol=1e-5, rtol=1e-5)
+    y = base.clone()
+    pool.add_delta("m", x, y, LoRABatch.build([(0, 0, 9)]))  # no adapter: y untouched
+    assert torch.equal(y, base)
+    with pytest.raises(ValueError, match="increasing slot order"):
+        LoRABatch.build([(2, 0, 1), (1, 1, 2)])
+
+
+def test_auto_layout_pads_many_short_segments_and_loops_over_long_ones():
+    from loraforge.serve.pool import LoRABatch
+
+    decode = LoRABatch.build([(s, 2 * (s - 1), 2 * s) for s in range(1, 9)])  # 8 adapters, 2 tokens each
+    prefill = LoRABatch.build([(1, 0, 200), (2, 200, 300), (3, 300, 400)])
+    assert decode.prefers_padded() and not prefill.prefers_padded()
+    assert not LoRABatch.build([(1, 0, 3), (2, 3, 5)]).prefers_padded()  # two segments: the loop is cheaper

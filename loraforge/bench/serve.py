@@ -302,7 +302,7 @@ def run_count(bench: ServeBench, count: int, folder: Path, base: Any, tokenizer:
 def reserved_mb(engine: Any) -> float:
     """What the engine allocates up front, before any request (so outside its peak figure): the paged
     KV cache and the adapter slots of the compute pool."""
-    tensors = [engine.kv.k, engine.kv.v, *engine.pool.A.values(), *engine.pool.B.values()]
+    tensors = [engine.kv.k, engine.kv.v, *engine.pool.A.values(), *engine.pool.Bt.values()]
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 

@@ -32,7 +32,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..errors import AdapterError, LoraforgeError
 from .kv_cache import BlockPool
-from .pool import AdapterPool
+from .pool import AdapterPool, LoRABatch
 
 SERVED_MODEL_TYPES = ("llama",)
 
@@ -224,33 +224,31 @@ class Engine:
 
     # ---- the forward pass -----------------------------------------------------------------------
     def _forward(self, batch: list[Request]) -> torch.Tensor:
-        ids, positions, token_slots, segments, groups, last = [], [], [], [], [], []
-        decode = {"q": [], "keys": [], "pos": []}
+        ids, positions, segments, groups, last = [], [], [], [], []
+        decode = {"q": [], "tables": [], "pos": []}
         for req in batch:
             seq = req.prompt_ids + req.output_ids
             start, n = len(ids), len(seq) - req.num_cached
             pos = list(range(req.num_cached, len(seq)))
             ids += seq[req.num_cached:]
             positions += pos
-            token_slots += [req.slot] * n
             if segments and segments[-1][0] == req.slot:
                 segments[-1] = (req.slot, segments[-1][1], start + n)
             else:
                 segments.append((req.slot, start, start + n))
             last.append(start + n - 1)
-            key_slots = self.kv.slots(req.blocks, torch.arange(len(seq)))
             if n == 1:  # decode requests share one attention call, prefills get their own
-                decode["q"].append([start]), decode["keys"].append(key_slots), decode["pos"].append(pos)
+                decode["q"].append([start]), decode["tables"].append(req.blocks), decode["pos"].append(pos)
             else:
-                groups.append(_attention_group([list(range(start, start + n))], [key_slots], [pos]))
+                groups.append(_attention_group([list(range(start, start + n))], [req.blocks], [pos], self.kv.block_size))
         if decode["q"]:
-            groups.append(_attention_group(decode["q"], decode["keys"], decode["pos"]))
+            groups.append(_attention_group(decode["q"], decode["tables"], decode["pos"], self.kv.block_size))
         dev = self.kv.k.device  # indices are built on the host, then moved once
         ids_t, pos_t = torch.tensor(ids, device=dev), torch.tensor(positions, device=dev)
         write_slots = torch.cat([self.kv.slots(r.blocks, torch.arange(r.num_cached, len(r.prompt_ids) + len(r.output_ids)))
                                  for r in batch]).to(dev)  # (T,)
         groups = [tuple(t.to(dev) for t in group) for group in groups]
-        lora = (torch.tensor(token_slots, device=dev), segments)
+        lora = LoRABatch.build(segments, dev)
         inner = self.model.model
         x = inner.embed_tokens(ids_t)  # (T, H)
         cos, sin = inner.rotary_emb(x, pos_t[None])  # (1, T, hd) each
@@ -271,21 +269,20 @@ class Engine:
             x = x + self._linear(i, "mlp.down_proj", gate, lora)  # (T, H)
         return self.model.lm_head(inner.norm(x[last]))  # (B, vocab)
 
-    def _linear(self, layer: int, name: str, x: torch.Tensor, lora: tuple[torch.Tensor, list]) -> torch.Tensor:
+    def _linear(self, layer: int, name: str, x: torch.Tensor, lora: LoRABatch) -> torch.Tensor:
         y = self.layer_modules[layer][name](x)  # the shared base matmul, all T tokens at once
-        delta = self.pool.delta(f"model.layers.{layer}.{name}", x, *lora, kernel=self.lora_kernel)
-        return y if delta is None else y + delta
+        self.pool.add_delta(f"model.layers.{layer}.{name}", x, y, lora, kernel=self.lora_kernel)
+        return y
 
     def _attend(self, layer: int, scale: float, q: torch.Tensor, out: torch.Tensor, q_index: torch.Tensor,
-                q_valid: torch.Tensor, key_slots: torch.Tensor, mask: torch.Tensor) -> None:
+                q_valid: torch.Tensor, tables: torch.Tensor, mask: torch.Tensor) -> None:
         """Attention of one group of requests over their own cached keys: q_index (G, Tq) flat token
-        rows, key_slots (G, L) cache slots, mask (G, 1, Tq, L) True where a query may look."""
-        k, v = self.kv.read(layer, key_slots)  # (G, L, nkv, hd)
+        rows, tables (G, nb) block tables, mask (G, 1, Tq, nb * block_size) True where a query may look."""
+        k, v = self.kv.read(layer, tables)  # (G, L, nkv, hd)
         qg = q[q_index].transpose(1, 2)  # (G, nh, Tq, hd)
-        rep = qg.shape[1] // k.shape[2]  # grouped-query attention: each kv head serves `rep` query heads
-        k = k.transpose(1, 2).repeat_interleave(rep, dim=1)  # (G, nh, L, hd)
-        v = v.transpose(1, 2).repeat_interleave(rep, dim=1)
-        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # (G, nh, Tq, hd)
+        # grouped-query attention: SDPA maps each kv head to its query heads without copying it
+        o = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
+                                           enable_gqa=True)  # (G, nh, Tq, hd)
         out[q_index[q_valid]] = o.transpose(1, 2)[q_valid]
 
     # ---- sampling and stopping ------------------------------------------------------------------
@@ -337,18 +334,19 @@ class Engine:
         return sum(n for _, n in recent) / window
 
 
-def _attention_group(q_rows: list[list[int]], key_slots: list[torch.Tensor], positions: list[list[int]]):
-    """Padded index tensors for one attention call: query i (at position p_i) sees keys 0..p_i."""
-    tq, length = max(map(len, q_rows)), max(map(len, key_slots))
+def _attention_group(q_rows: list[list[int]], tables: list[list[int]], positions: list[list[int]], block_size: int):
+    """Padded index tensors for one attention call: query i (at position p_i) sees keys 0..p_i of its
+    own request; tables are padded with block 0, whose keys no query's mask reaches."""
+    tq, nb = max(map(len, q_rows)), max(map(len, tables))
     q_index = torch.zeros(len(q_rows), tq, dtype=torch.long)
     q_valid = torch.zeros(len(q_rows), tq, dtype=torch.bool)
-    slots = torch.zeros(len(q_rows), length, dtype=torch.long)
+    table = torch.zeros(len(q_rows), nb, dtype=torch.long)
     pos = torch.zeros(len(q_rows), tq, dtype=torch.long)  # padded queries sit at 0: they see key 0, no NaN
-    for g, (rows, keys, p) in enumerate(zip(q_rows, key_slots, positions)):
+    for g, (rows, blocks, p) in enumerate(zip(q_rows, tables, positions)):
         q_index[g, :len(rows)], q_valid[g, :len(rows)] = torch.tensor(rows), True
-        slots[g, :len(keys)], pos[g, :len(p)] = keys, torch.tensor(p)
-    mask = torch.arange(length)[None, None, :] <= pos[:, :, None]  # (G, Tq, L)
-    return q_index, q_valid, slots, mask[:, None]
+        table[g, :len(blocks)], pos[g, :len(p)] = torch.tensor(blocks), torch.tensor(p)
+    mask = torch.arange(nb * block_size)[None, None, :] <= pos[:, :, None]  # (G, Tq, L)
+    return q_index, q_valid, table, mask[:, None]
 
 
 def _as_list(value: Any) -> list:

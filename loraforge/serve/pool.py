@@ -1,7 +1,7 @@
 """The adapter pool: every adapter of a folder known by name, the hot ones in compute slots.
 
     host store   name -> {module: (A (r, d_in), B (d_out, r), s)}     read and checked once, kept
-    compute      per module: A (N+1, r_max, d_in), B (N+1, d_out, r_max), rank (N+1,), s (N+1,)
+    compute      per module: A (N+1, r_max, d_in), s·Bᵀ (N+1, r_max, d_out), rank (N+1,)
                  slot 0 is "no adapter" (all zeros); slots 1..N hold at most `max_loaded` adapters
 
 An adapter enters a slot when a request that names it is admitted (a miss), or earlier, into an empty
@@ -12,9 +12,17 @@ nothing), and the segment kernel slices each adapter back to its own rank so pad
 
 The low-rank path for a batch of tokens X (T, d_in) whose token t uses slot a(t) (S-LoRA eq.):
     Y_t += s_a(t) · (X_t A_a(t)ᵀ) B_a(t)ᵀ
-computed either per segment of consecutive tokens that share an adapter (SGMV-like: each adapter
-read once per step), or gathered per token with one batched matmul (BGMV-like: decode with about
-one token per adapter). A Triton kernel for GPUs is not written yet: on CUDA both paths run as here.
+with s folded into B when a slot is filled, and B kept transposed, so that a slot's first r rows
+are one contiguous block (twice as fast to stream through a batched matmul as a transposed view).
+Tokens come sorted by slot, so each adapter's tokens are one segment. Two layouts compute the path,
+both SGMV-like (each adapter's weights read once per step) and both adding into the base output:
+    segment  two matmuls per segment, each cut to the adapter's own rank: for long segments (prefill)
+    padded   tokens scattered into (slots, longest segment, d_in), then two batched matmuls over
+             the contiguous run of slots in use, cut to the largest rank among them (views of the
+             pool, nothing copied): for many short segments (decode over many adapters), where the
+             loop's fixed cost per call dominates
+The padded layout replaced a per-token gather (BGMV), which copied each token's A and B and was
+slower on every decode mix measured on CPU. A Triton kernel for GPUs is not written yet.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import math
 import re
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,6 +53,33 @@ class AdapterBusyError(AdapterError):
     """An adapter cannot be unloaded while requests use it (HTTP 409)."""
 
 
+@dataclass
+class LoRABatch:
+    """Which slot each token of one step uses, in both layouts; built once per step, used by every
+    adapted linear of every layer."""
+
+    token_slots: torch.Tensor  # (T,) slot of each token, sorted
+    segments: list[tuple[int, int, int]]  # (slot, start, end): runs of tokens that share a slot
+    offsets: torch.Tensor  # (T,) each token's place inside its segment
+    first_slot: int
+    last_slot: int
+    longest: int  # tokens in the longest segment
+
+    @classmethod
+    def build(cls, segments: list[tuple[int, int, int]], device: torch.device | str = "cpu") -> "LoRABatch":
+        slots = [slot for slot, start, end in segments for _ in range(start, end)]
+        offsets = [i for _, start, end in segments for i in range(end - start)]
+        if any(a[0] >= b[0] for a, b in zip(segments, segments[1:])):
+            raise ValueError("segments must come in increasing slot order, one per slot")
+        return cls(torch.tensor(slots, device=device), segments, torch.tensor(offsets, device=device),
+                   segments[0][0], segments[-1][0], max(end - start for _, start, end in segments))
+
+    def prefers_padded(self) -> bool:
+        """Many short segments: the loop's fixed cost per matmul call outweighs the padding
+        (measured on CPU: padded wins from 3 segments of 8 or fewer tokens on average)."""
+        return len(self.segments) >= 3 and len(self.token_slots) <= 8 * len(self.segments)
+
+
 class AdapterPool:
     def __init__(self, modules: dict[str, nn.Linear], adapters_dir: str | Path | None = None, max_loaded: int = 8,
                  max_rank: int = 16, base_name: str = "the base model"):
@@ -60,9 +96,8 @@ class AdapterPool:
         w = next(iter(modules.values())).weight
         slots = max_loaded + 1
         self.A = {n: w.new_zeros(slots, max_rank, m.in_features) for n, m in modules.items()}
-        self.B = {n: w.new_zeros(slots, m.out_features, max_rank) for n, m in modules.items()}
+        self.Bt = {n: w.new_zeros(slots, max_rank, m.out_features) for n, m in modules.items()}  # s·Bᵀ
         self.rank = {n: [0] * slots for n in modules}
-        self.scale = {n: w.new_zeros(slots) for n in modules}
         if self.adapters_dir is not None:
             if not self.adapters_dir.is_dir():
                 raise AdapterError(f"adapters folder {adapters_dir} does not exist")
@@ -197,32 +232,34 @@ class AdapterPool:
     def _fill(self, slot: int, host: HostAdapter) -> None:
         for module in self.modules:
             self.A[module][slot].zero_()
-            self.B[module][slot].zero_()
+            self.Bt[module][slot].zero_()
             a, b, s = host.get(module, (None, None, 0.0))
             r = 0 if a is None else a.shape[0]
             if r:
                 self.A[module][slot, :r] = a
-                self.B[module][slot, :, :r] = b
-            self.rank[module][slot], self.scale[module][slot] = r, s
+                self.Bt[module][slot, :r] = b.T * s  # the scale, folded in once
+            self.rank[module][slot] = r
 
     # ---- the low-rank path ----------------------------------------------------------------------
-    def delta(self, module: str, x: torch.Tensor, token_slots: torch.Tensor,
-              segments: list[tuple[int, int, int]], kernel: str = "auto") -> torch.Tensor | None:
-        """Σ over tokens of s·(x Aᵀ) Bᵀ for each token's own adapter. x: (T, d_in) -> (T, d_out), or
-        None when no token has an adapter. segments: (slot, start, end) runs of tokens by slot."""
-        segments = [seg for seg in segments if seg[0] and self.rank[module][seg[0]]]
-        if not segments:
-            return None
-        A, B, scale = self.A[module], self.B[module], self.scale[module]
-        # Gathering copies each token's adapter: as cheap as the segment loop only when segments are
-        # about one token long (decode over many adapters), where it saves 2 matmul calls per segment.
-        if kernel == "gather" or (kernel == "auto" and x.shape[0] < 2 * len(segments)):
-            xa = torch.bmm(A[token_slots], x.unsqueeze(2))  # (T, r_max, d_in) @ (T, d_in, 1) -> (T, r_max, 1)
-            y = torch.bmm(B[token_slots], xa).squeeze(2)  # (T, d_out, r_max) @ (T, r_max, 1) -> (T, d_out)
-            return y * scale[token_slots].unsqueeze(1)
-        y = x.new_zeros(x.shape[0], B.shape[1])  # (T, d_out)
-        for slot, start, end in segments:
-            r = self.rank[module][slot]
-            xa = x[start:end] @ A[slot, :r].T  # (n, d_in) @ (d_in, r) -> (n, r)
-            y[start:end] = (xa @ B[slot, :, :r].T) * scale[slot]  # (n, r) @ (r, d_out) -> (n, d_out)
-        return y
+    def add_delta(self, module: str, x: torch.Tensor, y: torch.Tensor, batch: LoRABatch, kernel: str = "auto") -> None:
+        """y += s·(x Aᵀ) Bᵀ row by row, each token with its own adapter, in place (no (T, d_out)
+        temporary: in prefill that traffic cost more than the low-rank matmuls). x: (T, d_in), y: (T, d_out).
+        kernel: auto | segment | padded."""
+        rank = self.rank[module]
+        if not any(rank[slot] for slot, _, _ in batch.segments):
+            return
+        A, Bt = self.A[module], self.Bt[module]
+        if kernel == "padded" or (kernel == "auto" and batch.prefers_padded()):
+            lo, hi = batch.first_slot, batch.last_slot + 1
+            r = max(rank[lo:hi])  # the largest rank in use, not max_rank: padding beyond it is never read
+            padded = x.new_zeros(hi - lo, batch.longest, x.shape[1])  # (S, L, d_in)
+            slot_rows = batch.token_slots - lo
+            padded[slot_rows, batch.offsets] = x
+            xa = torch.bmm(padded, A[lo:hi, :r].transpose(1, 2))  # (S, L, d_in) @ (S, d_in, r) -> (S, L, r)
+            y += torch.bmm(xa, Bt[lo:hi, :r])[slot_rows, batch.offsets]  # (S, L, r) @ (S, r, d_out), one row per token
+            return
+        for slot, start, end in batch.segments:
+            r = rank[slot]
+            if r:
+                xa = x[start:end] @ A[slot, :r].T  # (n, d_in) @ (d_in, r) -> (n, r)
+                y[start:end].addmm_(xa, Bt[slot, :r])  # += (n, r) @ (r, d_out)
