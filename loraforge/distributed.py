@@ -335,25 +335,12 @@ def whole_adapter(model: nn.Module) -> Iterator[None]:
     model (`save_adapter`, a layer's `lora_factors`) reads them unchanged. Under FSDP every rank
     enters it (the gather is a collective) and gets its own whole copy for that while; nothing runs
     the model meanwhile, so FSDP never sees its shards swapped out. Elsewhere it changes nothing."""
-    from .inject import adapter_state_dict
+    from .inject import adapter_state_dict, tensors_replaced
 
     state = adapter_state_dict(model)
     whole = full_tensors(state)
-    swapped = {key: _swap(model, key, whole[key]) for key in state if whole[key] is not state[key]}
-    try:
+    with tensors_replaced(model, {key: whole[key] for key in state if whole[key] is not state[key]}):
         yield
-    finally:
-        for key, tensor in swapped.items():
-            _swap(model, key, tensor)
-
-
-def _swap(model: nn.Module, key: str, tensor: torch.Tensor) -> torch.Tensor:
-    """Put `tensor` in the parameter or buffer slot `key` of `model`; return what was there."""
-    path, _, name = key.rpartition(".")
-    module = model.get_submodule(path)
-    slots = module._parameters if name in module._parameters else module._buffers
-    old, slots[name] = slots[name], tensor
-    return old
 
 
 def micro_batches(rows: list[int], grad_accum: int, rank: int, world_size: int) -> list[list[int]]:

@@ -165,6 +165,28 @@ def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.disabled = False
 
 
+@contextlib.contextmanager
+def tensors_replaced(model: nn.Module, by_key: dict[str, torch.Tensor]) -> Iterator[None]:
+    """For the duration, the parameter or buffer slot at each state-dict key holds the given tensor
+    instead (any tensor: a non-leaf one keeps the model a differentiable function of it, as
+    torch.func.functional_call does; a gathered whole one lets plain-model code read an FSDP shard's
+    full value). The original tensors are put back on exit, whatever happened."""
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    try:
+        for key, tensor in by_key.items():
+            path, _, name = key.rpartition(".")
+            module = _module(model, path) if path else model
+            slots = module._parameters if name in module._parameters else module._buffers
+            if name not in slots:
+                raise AdapterError(f"{key!r} is neither a parameter nor a buffer of {type(model).__name__}")
+            swapped.append((slots, name, slots[name]))
+            slots[name] = tensor
+        yield
+    finally:
+        for slots, name, original in reversed(swapped):
+            slots[name] = original
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """What an adapter saves, keyed by model path: adapter tensors and modules_to_save weights."""
     everything = model.state_dict(keep_vars=True)

@@ -116,3 +116,24 @@ def test_trainable_params_match_a_wrapped_linear(method):
 @pytest.mark.parametrize("method", PER_LAYER)
 def test_loss_decreases_on_a_fixed_batch(method, model):
     check_loss_decreases(config(method), MODELS[model])
+
+
+def test_tensors_replaced_puts_parameters_and_buffers_back_whatever_happens():
+    from loraforge.inject import tensors_replaced
+
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    weight, mean = model[0].weight, model[1].running_mean
+    stand_in = (weight * 2).detach().requires_grad_()
+    with tensors_replaced(model, {"0.weight": stand_in * 1.0, "1.running_mean": torch.ones(2)}):
+        assert model[0].weight is not weight and torch.equal(model[1].running_mean, torch.ones(2))
+        model.eval()
+        loss = model(torch.ones(1, 3)).sum()
+    assert loss.grad_fn is not None and torch.autograd.grad(loss, stand_in)[0].abs().sum() > 0  # differentiable in it
+    assert model[0].weight is weight and model[1].running_mean is mean
+    with pytest.raises(RuntimeError, match="inside"), tensors_replaced(model, {"0.bias": torch.zeros(2)}):
+        raise RuntimeError("inside")
+    assert isinstance(model[0].bias, nn.Parameter)
+    with pytest.raises(lf.AdapterError, match="neither a parameter nor a buffer"):
+        with tensors_replaced(model, {"0.weight": torch.zeros(2, 3), "0.nothing": torch.zeros(1)}):
+            pass
+    assert model[0].weight is weight  # the slots filled before the bad key are restored too

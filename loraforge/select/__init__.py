@@ -19,9 +19,8 @@ layer's update (`gate_adapter`), and `SearchData` (training and validation batch
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -29,7 +28,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..errors import LoraforgeError
 from ..plugins import Plugins
-from ..inject import adapter_layers, attach
+from ..inject import adapter_layers, attach, tensors_replaced
 
 Batch = dict[str, torch.Tensor]
 
@@ -191,22 +190,9 @@ def unrolled_gate_grads(model: nn.Module, search: SearchData, weights: list[torc
     with plain_autograd(model):
         grads = torch.autograd.grad(search.loss(model, train_batch), weights, create_graph=True, allow_unused=True)
         stepped = [w if g is None else w - eta * g for w, g in zip(weights, grads)]
-        with parameters_replaced(model, dict(zip(map(id, weights), stepped))):
+        by_id = dict(zip(map(id, weights), stepped))
+        by_key = {key: by_id[id(p)] for key, p in model.named_parameters(remove_duplicate=False) if id(p) in by_id}
+        with tensors_replaced(model, by_key):
             val_loss = search.loss(model, val_batch)
         grads = torch.autograd.grad(val_loss, gate_params, allow_unused=True)
     return [torch.zeros_like(a) if g is None else g for a, g in zip(gate_params, grads)]
-
-
-@contextmanager
-def parameters_replaced(model: nn.Module, by_id: dict[int, torch.Tensor]) -> Iterator[None]:
-    """Run the model with some parameters replaced by (non-leaf) tensors, keyed by the
-    parameter's id; a differentiable function of the replacements, as torch.func.functional_call."""
-    swapped = [(module, name, param) for module in model.modules()
-               for name, param in module._parameters.items() if param is not None and id(param) in by_id]
-    try:
-        for module, name, param in swapped:
-            module._parameters[name] = by_id[id(param)]
-        yield
-    finally:
-        for module, name, param in swapped:
-            module._parameters[name] = param
