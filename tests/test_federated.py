@@ -456,5 +456,10 @@ def test_bench_fed_runs_every_strategy_and_the_centralised_baseline(fed_setup, f
     assert orderings(losses)[2].endswith(": held.")  # lower loss is better
     body = write_section(bench, [result], "cmd", plot_dir=fed_setup)
     assert "| centralised |" in body and list(fed_setup.glob("bench-fed-*.png"))
+    # kept: the same command re-renders from results.json without training; other settings are refused
+    assert bench_fed(bench, runner=lambda cfg, cpus: pytest.fail("trained again"), write=False) == [result]
+    with pytest.raises(lf.LoraforgeError, match="other settings"):
+        bench_fed(dataclasses.replace(bench, rounds=3), runner=in_process, write=False)
+    (fed_setup / "bench" / "base" / "results.json").unlink()  # a run that was stopped part-way
     with pytest.raises(lf.LoraforgeError, match="not empty"):
         bench_fed(bench, runner=in_process, write=False)

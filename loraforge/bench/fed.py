@@ -16,8 +16,10 @@ above both. The closing lines of the section say which orderings held here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -105,8 +107,16 @@ def centralised(bench: FedBench, cfg: Any) -> list[dict[str, Any]]:
 
 
 def bench_model(bench: FedBench, model: str, runner: Callable[[Any, int], Path] = flower_simulation) -> dict[str, Any]:
-    """Every strategy and the centralised baseline on one model: {name: per-round rows}."""
+    """Every strategy and the centralised baseline on one model: {name: per-round rows}. The result
+    is kept as `results.json` in the model's folder; the same command again re-renders the report
+    from it instead of training."""
     root = Path(bench.out) / Path(model).name
+    kept, settings = root / "results.json", _settings(bench)
+    if kept.is_file():
+        saved = json.loads(kept.read_text())
+        if saved.get("settings") != settings:
+            raise LoraforgeError(f"{kept} holds a run with other settings: choose another --out for a new benchmark run")
+        return saved["result"]
     data, task = write_data(bench, model, root)
     curves = {}
     for strategy in STRATEGY_NAMES:
@@ -119,7 +129,16 @@ def bench_model(bench: FedBench, model: str, runner: Callable[[Any, int], Path] 
 
     baseline = run_config(bench, model, data, task, "fedavg", root / "centralised")
     curves["centralised"] = centralised(bench, baseline)
-    return {"model": model, "task": task, "curves": curves, "held_out": len(split_rows(baseline)[0])}
+    result = {"model": model, "task": task, "curves": curves, "held_out": len(split_rows(baseline)[0])}
+    tmp = kept.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": settings, "result": result}))
+    os.replace(tmp, kept)
+    return result
+
+
+def _settings(bench: FedBench) -> dict[str, Any]:
+    """What decides a model's curves (not which models run, where, or on how many CPUs)."""
+    return {k: v for k, v in dataclasses.asdict(bench).items() if k not in ("models", "cpus", "out")}
 
 
 def last_third(rounds: int) -> int:
