@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime
 import os
 import platform
@@ -30,6 +32,13 @@ def machine() -> str:
 def peak_rss_mb() -> float:
     """The process's peak resident memory so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def release_freed_memory() -> None:
+    """Hand glibc's freed but cached heap pages back to the kernel, so that RSS shows what is in use
+    (no-op where the C library is not glibc)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def figure_name(stem: str, folder: Path = BENCHMARKS_MD.parent) -> str:

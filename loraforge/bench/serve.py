@@ -16,8 +16,8 @@ Systems, in one process and on the same requests:
 Reported: generated tokens/s, p50/p99 latency (arrival to completion), peak resident memory above
 the level before the system ran. `--load` is the load test instead: the HTTP server on loopback,
 `load_requests` requests at `load_concurrency` over `load_adapters` adapters through
-/v1/completions; it passes with zero errors and the engine back to idle (no request running, every
-KV block and adapter slot free) afterwards.
+/v1/completions; it passes with zero errors, the engine back to idle (no request running, every
+KV block and adapter slot free) and resident memory back within 5% of its level after warm-up.
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ from typing import Any, Callable
 import torch
 
 from ..errors import LoraforgeError
-from . import append_section, figure_name, machine, save_figure
+from . import append_section, figure_name, machine, release_freed_memory, save_figure
 
 B_SCALE = 0.05  # random B (nn.Linear's init) times this: an update of a few percent, like a trained adapter
 SYSTEMS = ("loraforge", "peft_switch", "peft_mixed", "merge_swap", "base")
+MEMORY_SLACK = 0.05  # the load test's resident memory after may exceed its post-warm-up level by this fraction
 
 
 @dataclass
@@ -406,6 +407,7 @@ def load_test(bench: ServeBench, base: Any, tokenizer: Any, folder: Path) -> dic
 
     try:
         asyncio.run(fire(work[:bench.load_concurrency]))  # warm-up: every slot, block and buffer allocated once
+        release_freed_memory()
         idle_mb = _rss_mb()
         t0 = time.perf_counter()
         latencies, errors = asyncio.run(fire(work))
@@ -413,9 +415,11 @@ def load_test(bench: ServeBench, base: Any, tokenizer: Any, folder: Path) -> dic
         deadline = time.monotonic() + 10
         while engine.has_work() and time.monotonic() < deadline:
             time.sleep(0.05)
+        release_freed_memory()
         after_mb = _rss_mb()
         idle = (not engine.has_work() and engine.kv.free_blocks == engine.kv.num_blocks
                 and not any(engine.pool.refs.values()))
+        memory_back = after_mb <= idle_mb * (1 + MEMORY_SLACK)
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -424,7 +428,7 @@ def load_test(bench: ServeBench, base: Any, tokenizer: Any, folder: Path) -> dic
               "requests_per_s": round(len(work) / wall, 2), "tok_s": round(sum(w.new_tokens for w in work) / wall, 1),
               "p50_ms": round(statistics.median(latencies), 1), "p99_ms": round(_percentile(latencies, 99), 1),
               "idle_rss_mb": round(idle_mb, 1), "after_rss_mb": round(after_mb, 1), "engine_idle_after": idle,
-              "passed": not errors and idle}
+              "memory_back": memory_back, "passed": not errors and idle and memory_back}
     print(json.dumps(result), flush=True)
     return result
 
@@ -448,7 +452,8 @@ def bench_serve(bench: ServeBench, command: str = "", write: bool = True) -> dic
             append_section(f"bench serve --load: {bench.model}", command, body)
         if not result["passed"]:
             raise LoraforgeError(f"load test failed: {result['errors']} errors, engine idle after: "
-                                 f"{result['engine_idle_after']} (first errors: {result['first_errors']})")
+                                 f"{result['engine_idle_after']}, memory back to idle (within "
+                                 f"{MEMORY_SLACK:.0%}): {result['memory_back']} (first errors: {result['first_errors']})")
         return result
     make_adapters(bench.model, max(bench.counts()), [int(r) for r in bench.ranks.split(",")], folder, bench.seed)
     rows = [row for count in bench.counts() for row in run_count(bench, count, folder, base, tokenizer)]

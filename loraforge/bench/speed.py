@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import append_section, machine
+from . import append_section, machine, release_freed_memory
 
 JSON_KEYS = ("frozen_step_s", "loraforge_step_s", "peft_step_s", "loraforge_peak_mb", "peft_peak_mb")
 ROW_LABELS = {"frozen": "frozen step (limit)", "loraforge": "loraforge", "plain_head": "loraforge, plain head",
@@ -97,8 +97,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.before = torch.cuda.memory_allocated()
             return
-        if self.libc is not None:
-            self.libc.malloc_trim(0)
+        release_freed_memory()
         with contextlib.suppress(OSError):  # without it (not Linux) the peak is the process's peak so far
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         self.before = _status_kb("VmRSS") * 1024

@@ -65,9 +65,10 @@ def write_sweep_report(base: BenchRun, summary: list[dict[str, Any]], lrs: list[
     lines = ["| method | rule | best | at lr | lr range within 1 point (decades) | step (s) | peak RSS (MB) | "
              + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(lrs)]
     plot = Path("docs") / figure_name(f"bench-lr-sweep-{base.model}-{Path(base.data).stem}")
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colours, styles = plt.get_cmap("tab20").colors, ("-", "--", ":")
     metric = "score"
-    for row in summary:
+    for i, row in enumerate(summary):
         if "error" in row:
             lines.append(f"| {row['method']} | {row['rule']} | n/a: {row['error']} |")
             continue
@@ -76,12 +77,13 @@ def write_sweep_report(base: BenchRun, summary: list[dict[str, Any]], lrs: list[
         lines.append(f"| {row['method']} | {row['rule']} | {row['best']:.4f} | {row['best_lr']:g} | "
                      f"{row['width_decades']:.2f} | {row['step_s']:.3f} | {row['peak_rss_mb']:.0f} | {cells} |")
         rates = sorted(row["scores"])
-        ax.plot(rates, [row["scores"][lr] for lr in rates], "o-", label=f"{row['method']}/{row['rule']}", linewidth=1)
+        ax.plot(rates, [row["scores"][lr] for lr in rates], marker="o", linestyle=styles[(i // 10) % 3],
+                color=colours[(2 * i) % 20 + (i // 10) % 2], label=f"{row['method']}/{row['rule']}", linewidth=1.2)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel(metric)
     ax.set_title(f"{base.model} on {Path(base.data).stem}, {base.steps} steps of {base.batch_size}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     save_figure(fig, plot)
     body = "\n".join(lines) + f"\n\n{metric} against the learning rate: ![]({plot.name})\n"
     append_section(f"bench methods lr sweep: {base.model} on {Path(base.data).stem}", command, body)
