@@ -46,6 +46,18 @@ def test_bench_speed_scaling_runs_the_trainer_on_1_and_2_processes(tmp_path, mon
         bench_speed(SpeedRun(model=run.model, batch_size=3, num_processes="2"), None, command="", progress=False)
 
 
+def test_bench_speed_profile_lists_the_ops_behind_the_difference(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = SpeedRun(model=tiny_folder(tmp_path), batch_size=2, seq_len=16, rank=4, warmup=1, precisions="fp32",
+                   profile=True)
+    rows = bench_speed(run, None, command="loraforge bench speed --profile", progress=False)["profile"]["fp32"]
+    assert "total" in rows and len(rows) > 2
+    # the LoRA node runs only in the loraforge step: it is among the ops that make the difference
+    assert any("LoRA" in op and row["frozen_ms"] == 0 < row["loraforge_ms"] for op, row in rows.items())
+    doc = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "bench speed --profile" in doc and "**total**" in doc
+
+
 def test_bench_speed_runs_every_precision_this_machine_has(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     others = [p for p in available_precisions(torch.device("cpu")) if p != "fp32"]

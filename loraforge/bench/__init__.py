@@ -41,6 +41,15 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def map_large_blocks() -> None:
+    """Make glibc serve every block of 256 KiB or more with its own mmap (M_MMAP_THRESHOLD = -3), so
+    that a freed tensor leaves RSS at once. By default glibc raises that threshold as large blocks
+    are freed, after which tensors come from the heap and fragmentation keeps RSS at its high-water
+    mark: a benchmark reading RSS would then see memory that is no longer in use."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)
+
+
 def figure_name(stem: str, folder: Path = BENCHMARKS_MD.parent) -> str:
     """`stem-YYYYmmddTHHMMSS.png`: each section of docs/benchmarks.md keeps its own picture when the
     benchmark runs again (a second run in the same second gets `-2`, ...)."""

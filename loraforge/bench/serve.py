@@ -5,6 +5,8 @@ max_tokens/4..max_tokens tokens (EOS ignored, so every system produces exactly t
 each naming one of N random-initialised LoRA adapters (ranks cycling over `ranks`, all-linear,
 alpha = 2r, B scaled to an update a few percent of the base output), chosen uniformly or with a
 power law (p_i ~ 1/i, S-LoRA's skewed setting). All requests arrive at t = 0 (offline throughput).
+Every system starts with every adapter in host memory (PEFT's loaded, the engine's pool store read);
+the engine still moves them into its compute slots on demand, inside the timing.
 
 Systems, in one process and on the same requests:
     loraforge   the continuous-batching engine, every adapter in one batch (serve/engine.py)
@@ -16,8 +18,9 @@ Systems, in one process and on the same requests:
 Reported: generated tokens/s, p50/p99 latency (arrival to completion), peak resident memory above
 the level before the system ran. `--load` is the load test instead: the HTTP server on loopback,
 `load_requests` requests at `load_concurrency` over `load_adapters` adapters through
-/v1/completions; it passes with zero errors, the engine back to idle (no request running, every
-KV block and adapter slot free) and resident memory back within 5% of its level after warm-up.
+/v1/completions, after one unmeasured pass of the same requests (warm-up); it passes with zero
+errors, the engine back to idle (no request running, every KV block and adapter slot free) and
+resident memory back within 5% of its level after the warm-up.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import LoraforgeError
-from . import append_section, figure_name, machine, release_freed_memory, save_figure
+from . import append_section, figure_name, machine, map_large_blocks, release_freed_memory, save_figure
 
 B_SCALE = 0.05  # random B (nn.Linear's init) times this: an update of a few percent, like a trained adapter
 SYSTEMS = ("loraforge", "peft_switch", "peft_mixed", "merge_swap", "base")
@@ -269,6 +272,8 @@ def run_count(bench: ServeBench, count: int, folder: Path, base: Any, tokenizer:
                     max_rank=max(ranks), max_batch=bench.max_batch, max_kv_tokens=max_kv,
                     max_batch_tokens=max_kv, model_name=bench.model)
     vocab = base.config.vocab_size
+    for name in names:  # every adapter read into host memory before timing, as PEFT's are loaded before it
+        engine.pool.check(name)
     engine_runner(engine)(workload(dataclasses.replace(bench, requests=2, max_tokens=2), names, "uniform", vocab))  # warm-up
     peft_model, runners = None, {}
     if bench.baselines:
@@ -405,8 +410,12 @@ def load_test(bench: ServeBench, base: Any, tokenizer: Any, folder: Path) -> dic
             await asyncio.gather(*(one(w) for w in batch))
         return sorted(latencies), errors
 
+    map_large_blocks()  # freed tensors leave RSS at once: what stays after the test is memory in use
     try:
-        asyncio.run(fire(work[:bench.load_concurrency]))  # warm-up: every slot, block and buffer allocated once
+        # Warm-up: the whole workload once, so that every slot, block, buffer and per-shape kernel cache
+        # (oneDNN keeps one per matmul shape, and prefill shapes vary) exists before the idle level is read;
+        # the measured pass must then come back to it: growth after that would be a leak.
+        asyncio.run(fire(work))
         release_freed_memory()
         idle_mb = _rss_mb()
         t0 = time.perf_counter()

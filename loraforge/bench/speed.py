@@ -21,6 +21,9 @@ the measured rounds.
 
 PEFT is imported here only: it is a reference, never a dependency of the library's code paths.
 
+`--profile` instead profiles one frozen and one loraforge step per precision (torch.profiler, self
+CPU time by op, after `--warmup` rounds) and lists the ops that make up the difference.
+
 `--num-processes 1,2` measures data-parallel scaling instead (`scaling`): the trainer itself, one
 global batch of `--batch-size` rows split over N workers (accelerate, gloo on CPU, NCCL on GPUs),
 `--warmup` + `--steps` steps on rows of `--seq-len` tokens; the median of rank 0's samples/s and
@@ -30,7 +33,6 @@ tokens/s over the measured steps (each covers the whole global batch).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import gc
 import json
@@ -44,7 +46,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import append_section, machine, release_freed_memory
+from . import append_section, machine, map_large_blocks, release_freed_memory
 
 JSON_KEYS = ("frozen_step_s", "loraforge_step_s", "peft_step_s", "loraforge_peak_mb", "peft_peak_mb")
 ROW_LABELS = {"frozen": "frozen step (limit)", "loraforge": "loraforge", "plain_head": "loraforge, plain head",
@@ -64,6 +66,7 @@ class SpeedRun:
     compile: bool = False
     seed: int = 0
     num_processes: str = ""  # e.g. "1,2": data-parallel scaling of the trainer instead of the step comparison
+    profile: bool = False  # where the loraforge step's time over the frozen step goes, op by op, instead
 
 
 def available_precisions(device: torch.device) -> list[str]:
@@ -83,13 +86,8 @@ class PeakMemory:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.libc = None
         if device.type == "cpu":
-            with contextlib.suppress(OSError):
-                self.libc = ctypes.CDLL("libc.so.6")
-                # M_MMAP_THRESHOLD = -3: blocks of 256 KiB and more are mmapped, so a freed tensor leaves
-                # RSS at once (a fixed threshold also stops glibc from raising it as big blocks are freed).
-                self.libc.mallopt(-3, 256 * 1024)
+            map_large_blocks()
 
     def start(self) -> None:
         if self.device.type == "cuda":
@@ -283,6 +281,43 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def where_time_goes(run: SpeedRun, top: int = 8) -> dict[str, dict[str, dict[str, float]]]:
+    """{precision: {op: {"frozen_ms", "loraforge_ms"}}}: self CPU time of one profiled step of each,
+    the `top` ops by difference plus "total"."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    wanted = available_precisions(device) if run.precisions == "all" else [p.strip() for p in run.precisions.split(",")]
+    results = {}
+    for precision in wanted:
+        steps = _steps(run, precision, device)
+        for _ in range(max(run.warmup, 1)):
+            steps["frozen"](), steps["loraforge"]()
+        ms = {}
+        for name in ("frozen", "loraforge"):
+            with profile(activities=activities) as prof:
+                steps[name]()
+            ms[name] = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+        ops = sorted(set(ms["frozen"]) | set(ms["loraforge"]),
+                     key=lambda op: -abs(ms["loraforge"].get(op, 0) - ms["frozen"].get(op, 0)))[:top]
+        rows = {op: {"frozen_ms": ms["frozen"].get(op, 0.0), "loraforge_ms": ms["loraforge"].get(op, 0.0)} for op in ops}
+        rows["total"] = {name + "_ms": sum(ms[name].values()) for name in ("frozen", "loraforge")}
+        results[precision] = rows
+        del steps
+        gc.collect()
+    return results
+
+
+def profile_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = ["| precision | op | frozen step (ms) | loraforge step (ms) | difference (ms) |", "|---|---|---:|---:|---:|"]
+    for precision, rows in results.items():
+        for op, row in rows.items():
+            lines.append(f"| {precision} | {'**total**' if op == 'total' else op} | {row['frozen_ms']:.0f} | "
+                         f"{row['loraforge_ms']:.0f} | {row['loraforge_ms'] - row['frozen_ms']:+.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def scaling(run: SpeedRun, progress: bool = True) -> dict[int, dict[str, float]]:
     """{processes: {"samples_per_s", "tokens_per_s"}}: the trainer on one global batch, split N ways."""
     import copy
@@ -336,6 +371,15 @@ def bench_speed(run: SpeedRun, json_path: str | None, command: str, progress: bo
         if json_path:
             Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
         return report
+    if run.profile:
+        found = where_time_goes(run)
+        body = profile_table(found)
+        append_section(f"bench speed --profile: {run.model}, batch {run.batch_size} x {run.seq_len} tokens, LoRA r={run.rank} "
+                       f"{run.targets}, self CPU time of one step by op", command,
+                       body + "\nThe ops with the largest difference between one loraforge step and one frozen step "
+                       "(torch.profiler; profiling adds its own overhead, so totals exceed the timed medians).\n")
+        print(body)
+        return {"machine": machine(), "profile": found}
     results = measure(run, progress)
     body = table(results)
     title = (f"bench speed: {run.model}, batch {run.batch_size} x {run.seq_len} tokens, LoRA r={run.rank} "
