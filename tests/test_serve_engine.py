@@ -146,3 +146,8 @@ def test_refuses_models_outside_the_llama_family():
 
     with pytest.raises(lf.AdapterError, match="Llama family"):
         Engine(tiny_gpt2(), tiny_tokenizer())
+
+
+def test_an_unknown_lora_kernel_is_refused(adapters_dir):
+    with pytest.raises(lf.LoraforgeError, match="lora_kernel must be one of auto, segment, padded, got 'gather'"):
+        make_engine(adapters_dir, lora_kernel="gather")

@@ -217,9 +217,8 @@ def _steps(run: SpeedRun, precision: str, device: torch.device) -> dict[str, Cal
     return steps
 
 
-def measure(run: SpeedRun, progress: bool = True) -> dict[str, dict[str, dict[str, float]]]:
-    """{precision: {variant: {"step_s": median seconds, "peak_mb": largest peak growth}}}."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def wanted_precisions(run: SpeedRun, device: torch.device) -> list[str]:
+    """`--precisions`, checked against what this machine has ("all": every one of those)."""
     have = available_precisions(device)
     wanted = have if run.precisions == "all" else [p.strip() for p in run.precisions.split(",")]
     missing = [p for p in wanted if p not in have]
@@ -227,6 +226,13 @@ def measure(run: SpeedRun, progress: bool = True) -> dict[str, dict[str, dict[st
         from ..errors import LoraforgeError
 
         raise LoraforgeError(f"precision {', '.join(missing)} is not available here (available: {', '.join(have)})")
+    return wanted
+
+
+def measure(run: SpeedRun, progress: bool = True) -> dict[str, dict[str, dict[str, float]]]:
+    """{precision: {variant: {"step_s": median seconds, "peak_mb": largest peak growth}}}."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    wanted = wanted_precisions(run, device)
     memory = PeakMemory(device)
     n_variants = len(ROW_LABELS) - (0 if run.compile else 1)
     bar = tqdm(total=len(wanted) * (run.warmup + run.steps) * n_variants, disable=not progress, unit="step",
@@ -288,7 +294,7 @@ def where_time_goes(run: SpeedRun, top: int = 8) -> dict[str, dict[str, dict[str
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    wanted = available_precisions(device) if run.precisions == "all" else [p.strip() for p in run.precisions.split(",")]
+    wanted = wanted_precisions(run, device)
     results = {}
     for precision in wanted:
         steps = _steps(run, precision, device)

@@ -35,6 +35,7 @@ from .kv_cache import BlockPool
 from .pool import AdapterPool, LoRABatch
 
 SERVED_MODEL_TYPES = ("llama",)
+LORA_KERNELS = ("auto", "segment", "padded")  # AdapterPool.add_delta's layouts
 
 
 class RequestError(LoraforgeError):
@@ -88,6 +89,8 @@ class Engine:
             raise AdapterError("the model has an adapter attached: serve the bare base model (adapters come from the pool)")
         if model.config.model_type not in SERVED_MODEL_TYPES or not hasattr(model, "lm_head"):
             raise AdapterError(f"the engine serves causal LMs of the Llama family, not {model.config.model_type!r}")
+        if lora_kernel not in LORA_KERNELS:
+            raise LoraforgeError(f"lora_kernel must be one of {', '.join(LORA_KERNELS)}, got {lora_kernel!r}")
         self.model, self.tokenizer, self.model_name = model.eval(), tokenizer, model_name
         self.max_batch, self.max_batch_tokens, self.lora_kernel = max_batch, max_batch_tokens, lora_kernel
         self.max_model_len = model.config.max_position_embeddings
