@@ -19,12 +19,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import LoraforgeError
+from ..io import atomic_write_text
 from . import append_section, figure_name, save_figure
 from .methods import BenchRun, load_rows
 
@@ -130,9 +130,7 @@ def bench_model(bench: FedBench, model: str, runner: Callable[[Any, int], Path] 
     baseline = run_config(bench, model, data, task, "fedavg", root / "centralised")
     curves["centralised"] = centralised(bench, baseline)
     result = {"model": model, "task": task, "curves": curves, "held_out": len(split_rows(baseline)[0])}
-    tmp = kept.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": settings, "result": result}))
-    os.replace(tmp, kept)
+    atomic_write_text(kept, json.dumps({"settings": settings, "result": result}))
     return result
 
 

@@ -37,6 +37,7 @@ from queue import SimpleQueue
 from typing import Any
 
 from ..errors import LoraforgeError
+from ..io import atomic_write_text
 from . import append_section, figure_name, peak_rss_mb, save_figure
 
 SHARED_DATA_CANDIDATES = ("$LORAFORGE_SHARED_DATA", "../shared/data", "/work/shared/data")
@@ -199,9 +200,7 @@ def run_in_process(run: BenchRun, core: int | None = None) -> dict[str, Any]:
         return {"method": run.method, "init": run.init, "rule": run.rule, "lr": run.lr, "error": reason[:160]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     kept.parent.mkdir(parents=True, exist_ok=True)
-    tmp = kept.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, kept)
+    atomic_write_text(kept, json.dumps(result))
     return result
 
 

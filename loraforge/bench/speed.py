@@ -297,7 +297,7 @@ def where_time_goes(run: SpeedRun, top: int = 8) -> dict[str, dict[str, dict[str
     wanted = wanted_precisions(run, device)
     results = {}
     for precision in wanted:
-        steps = _steps(run, precision, device)
+        steps = _steps(dataclasses.replace(run, compile=False), precision, device)  # no compiled copy to build
         for _ in range(max(run.warmup, 1)):
             steps["frozen"](), steps["loraforge"]()
         ms = {}
@@ -366,36 +366,34 @@ def scaling_table(results: dict[int, dict[str, float]]) -> str:
 
 
 def bench_speed(run: SpeedRun, json_path: str | None, command: str, progress: bool = True) -> dict[str, Any]:
+    """One of the three benchmarks (scaling, profile, or the step comparison): its section goes to
+    docs/benchmarks.md and its figures, with the machine, to `json_path` when given."""
     if run.num_processes:
         rates = scaling(run, progress)
         body = scaling_table(rates)
-        append_section(f"bench speed --num-processes: {run.model}, global batch {run.batch_size} x {run.seq_len} "
-                       f"tokens, LoRA r={run.rank} {run.targets}, median of {run.steps} steps after {run.warmup}",
-                       command, body)
-        print(body)
+        title = (f"bench speed --num-processes: {run.model}, global batch {run.batch_size} x {run.seq_len} "
+                 f"tokens, LoRA r={run.rank} {run.targets}, median of {run.steps} steps after {run.warmup}")
         report = {"machine": machine(), "scaling": {str(n): row for n, row in rates.items()}}
-        if json_path:
-            Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
-        return report
-    if run.profile:
+        notes = ""
+    elif run.profile:
         found = where_time_goes(run)
         body = profile_table(found)
-        append_section(f"bench speed --profile: {run.model}, batch {run.batch_size} x {run.seq_len} tokens, LoRA r={run.rank} "
-                       f"{run.targets}, self CPU time of one step by op", command,
-                       body + "\nThe ops with the largest difference between one loraforge step and one frozen step "
-                       "(torch.profiler; profiling adds its own overhead, so totals exceed the timed medians).\n")
-        print(body)
-        return {"machine": machine(), "profile": found}
-    results = measure(run, progress)
-    body = table(results)
-    title = (f"bench speed: {run.model}, batch {run.batch_size} x {run.seq_len} tokens, LoRA r={run.rank} "
-             f"{run.targets}, median of {run.steps} interleaved steps after {run.warmup} warm-up")
-    notes = ("\nRatios: loraforge step / frozen step and loraforge step / PEFT step (targets on CPU fp32: "
-             "<= 1.05 and <= 0.92). The frozen step keeps the model's own full-logits loss; the loraforge row "
-             "uses the chunked label-only head, the plain-head row does not. nf4 computes in fp32.\n")
+        title = (f"bench speed --profile: {run.model}, batch {run.batch_size} x {run.seq_len} tokens, LoRA r={run.rank} "
+                 f"{run.targets}, self CPU time of one step by op")
+        report = {"machine": machine(), "profile": found}
+        notes = ("\nThe ops with the largest difference between one loraforge step and one frozen step "
+                 "(torch.profiler; profiling adds its own overhead, so totals exceed the timed medians).\n")
+    else:
+        results = measure(run, progress)
+        body = table(results)
+        title = (f"bench speed: {run.model}, batch {run.batch_size} x {run.seq_len} tokens, LoRA r={run.rank} "
+                 f"{run.targets}, median of {run.steps} interleaved steps after {run.warmup} warm-up")
+        report = to_json(results)
+        notes = ("\nRatios: loraforge step / frozen step and loraforge step / PEFT step (targets on CPU fp32: "
+                 "<= 1.05 and <= 0.92). The frozen step keeps the model's own full-logits loss; the loraforge row "
+                 "uses the chunked label-only head, the plain-head row does not. nf4 computes in fp32.\n")
     append_section(title, command, body + notes)
     print(body)
-    report = to_json(results)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
     return report
