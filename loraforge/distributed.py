@@ -16,7 +16,14 @@ base and adapter alike, is one unit whose parameters and AdamW moments are split
 Everything that reads or writes whole tensors (checkpoint, PEFT adapter, resume) goes through
 `full_tensors` / `shard_like` / `whole_adapter`, so the files are those of a DDP run and either kind
 of run resumes the other's checkpoint. The step is the same computation (reduce-scatter instead of
-all-reduce), so the adapter matches DDP's to float rounding. DeepSpeed is refused.
+all-reduce), so the adapter matches DDP's to float rounding.
+
+DeepSpeed: ``--zero-stage N`` (or an accelerate config with ``distributed_type: DEEPSPEED``) hands
+the model and optimizer to DeepSpeed's engine through accelerate's plugin. ZeRO-1 splits the AdamW
+moments over the ranks, ZeRO-2 also the gradients, ZeRO-3 also every weight, frozen base included.
+The engine divides the loss by grad_accum, averages over ranks and steps inside the window's last
+backward, which the same scaling undoes; `optimizer_state` / `assign_whole` read and write the
+partitions through DeepSpeed's per-parameter API, so checkpoints are again those of a DDP run.
 
 A run that is neither (one process, not launched) gets `LocalRuntime`, which is the plain loop:
 accelerate is not even imported.
@@ -105,8 +112,36 @@ class LocalRuntime:
     def run(self, model: nn.Module, fn: Callable[[nn.Module], Any]) -> Any:
         return fn(model)
 
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+        return torch_optimizer_state(optimizer)
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                             groups: list[dict]) -> None:
+        load_torch_optimizer_state(optimizer, tensors, groups)
+
     def finish(self) -> None:
         """Nothing to tear down."""
+
+
+def torch_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """A torch optimizer's state dict as flat tensors ("state.{index}.{name}") and its param groups."""
+    state = optimizer.state_dict()
+    tensors = {f"state.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items() if isinstance(v, torch.Tensor)}
+    return tensors, state["param_groups"]
+
+
+def load_torch_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]
+                               ) -> None:
+    """Undo `torch_optimizer_state`; a moment is cut to this rank's shard as its parameter is (FSDP),
+    a step count is not."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the indices of the state
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if key.startswith("state."):
+            _, index, name = key.split(".", 2)
+            param = params[int(index)]
+            state.setdefault(int(index), {})[name] = shard_like(param, tensor) if tensor.shape == param.shape else tensor
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 class _Root(nn.Module):
@@ -134,32 +169,49 @@ class AccelerateRuntime:
 
     def __init__(self, config: TrainConfig):
         from accelerate import Accelerator
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType
 
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-            # Checked here, not on the Accelerator: on CPU accelerate drops DeepSpeed silently (the run would be DDP).
-            raise LoraforgeError("the accelerate config uses DeepSpeed, which loraforge train does not support: use "
-                                 "data parallel (examples/accelerate/ddp.yaml) or FSDP (examples/accelerate/fsdp.yaml)")
         plugin = _fsdp_plugin(config)
+        zero = _deepspeed_plugin(config)
         self.sharded = plugin is not None
+        self.zero_stage = zero.zero_stage if zero is not None else 0
         if self.sharded:
-            _check_fsdp(config)
+            _check_sharded(config, "FSDP", SHARD_SAFE_OPTIMIZERS)
+        if zero is not None:
+            _check_deepspeed(config)
         # cpu=True makes accelerate pick gloo when there is no GPU: it would otherwise see no device
         # to run on and fall back to one undistributed process. accelerate divides the loss by
-        # grad_accum and skips the optimizer step until the last
-        # micro-batch of the window. Mixed precision stays ours (--precision, torch.autocast).
+        # grad_accum and skips the optimizer step until the last micro-batch of the window
+        # (DeepSpeed's engine does both itself). Mixed precision stays ours (--precision, torch.autocast).
         cpu = not torch.cuda.is_available()
-        self.accelerator = Accelerator(cpu=cpu, fsdp_plugin=plugin, gradient_accumulation_steps=config.grad_accum,
-                                       mixed_precision="no")
-        if self.sharded and cpu:
-            from accelerate.utils import DistributedType
+        self.accelerator = Accelerator(cpu=cpu, fsdp_plugin=plugin, deepspeed_plugin=zero,
+                                       gradient_accumulation_steps=config.grad_accum, mixed_precision="no")
+        if cpu and (plugin is not None or zero is not None):
+            # accelerate turns FSDP and DeepSpeed on for accelerator devices only (in AcceleratorState
+            # their branches sit under `not cpu`; on CPU the plugin is silently dropped and the run
+            # would be DDP). torch's FSDP2 and DeepSpeed's CPU accelerator both run on gloo, so the
+            # CPU run is switched over once gloo is up: from here on it is accelerate's own FSDP2 or
+            # DeepSpeed path, the one a GPU run takes.
+            state = self.accelerator.state
+            if zero is not None:
+                state.distributed_type = DistributedType.DEEPSPEED
+                zero.set_mixed_precision("no")
+                zero.select(_from_accelerator_state=True)
+                state.deepspeed_plugins = zero
+            else:
+                state.distributed_type = DistributedType.FSDP
+                state.fsdp_plugin = plugin
+            # What AcceleratorState itself does when it switches: every later AcceleratorState() (DeepSpeed's
+            # preparation makes some) copies PartialState's fields over its own.
+            PartialState._shared_state["distributed_type"] = state.distributed_type
+        if zero is not None:
+            from transformers.integrations import unset_hf_deepspeed_config
 
-            # accelerate turns FSDP on for accelerator devices only (in AcceleratorState the FSDP
-            # branch sits under MULTI_GPU and its kin; on CPU the plugin is silently dropped and the
-            # run would be DDP). torch's FSDP2 itself runs on gloo, which has the reduce-scatter and
-            # all-gather it needs, so the CPU run is switched over once gloo is up: from here on it is
-            # accelerate's own FSDP2 path, the one a GPU run takes.
-            self.accelerator.state.distributed_type = DistributedType.FSDP
-            self.accelerator.state.fsdp_plugin = plugin
+            # Selecting the plugin registers its config with transformers, whose from_pretrained would then
+            # build a ZeRO-3 model already partitioned (zero.Init); the adapter is attached to whole weights,
+            # and the engine partitions them.
+            unset_hf_deepspeed_config()
         if self.accelerator.gradient_accumulation_steps != config.grad_accum:
             raise LoraforgeError(f"the accelerate config sets gradient_accumulation_steps="
                                  f"{self.accelerator.gradient_accumulation_steps}: leave it out and use --grad-accum")
@@ -169,8 +221,11 @@ class AccelerateRuntime:
         if config.num_processes not in (1, self.world_size):
             raise LoraforgeError(f"--num-processes {config.num_processes} inside a launcher that started "
                                  f"{self.world_size} processes: leave --num-processes out under `accelerate launch`")
+        if zero is not None:
+            _fill_deepspeed_config(zero, config, self.world_size)
         self.scale = float(self.world_size * config.grad_accum)
         self.wrapped: nn.Module | None = None
+        self.params: list[nn.Parameter] = []  # the optimizer's parameters, in its order (the checkpoint's)
         self.loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -180,6 +235,10 @@ class AccelerateRuntime:
         move with them) and hand back the loss of a batch. `switches_trainable`: the run freezes and
         unfreezes tensors as it goes (LISA), so some the wrapper knows get no gradient at a step."""
         routed = any(hasattr(m, "aux_loss") for m in model.modules())
+        if self.zero_stage and (routed or switches_trainable):
+            # DeepSpeed partitions flat buffers of the tensors that train, fixed when the engine is built.
+            what = "a routed adapter (mixlora)" if routed else "a selector that switches the trained blocks (lisa)"
+            raise LoraforgeError(f"{what} cannot train under DeepSpeed ZeRO: use data parallel or FSDP")
         if routed:
             if self.sharded:
                 # FSDP reduce-scatters the gradients each rank has; ranks whose tokens chose other
@@ -194,7 +253,12 @@ class AccelerateRuntime:
             # default: it costs a graph walk per step.
             self.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
         self.loss_fn = loss_fn
-        self.wrapped, optimizer = self.accelerator.prepare(_Root(model), optimizer)
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.group_sizes = [len(group["params"]) for group in optimizer.param_groups]
+        root = _Root(model)
+        self.wrapped, optimizer = self.accelerator.prepare(root, optimizer)
+        if self.zero_stage == 3:
+            _gather_for_root(root, model)
         # The loop gets a method, not the DDP module itself, so that `finish` holds its last reference.
         return self._loss, optimizer
 
@@ -231,9 +295,54 @@ class AccelerateRuntime:
     def run(self, model: nn.Module, fn: Callable[[nn.Module], Any]) -> Any:
         """fn(model) outside the training step (evaluation). Under FSDP it runs inside the root's
         forward, which gathers the shards the root holds (embeddings, final norm, head)."""
-        if self.sharded and self.wrapped is not None:
+        if (self.sharded or self.zero_stage == 3) and self.wrapped is not None:
             return self.wrapped(fn)
         return fn(model)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+        """The optimizer's state as whole tensors ("state.{index}.{name}", in the order of the optimizer
+        the loop built) and its param groups, gathered on every rank: a DDP run's form for any engine."""
+        if not self.zero_stage:
+            tensors, groups = torch_optimizer_state(optimizer)
+            return full_tensors(tensors), groups
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        inner = optimizer.optimizer.optimizer  # accelerate's wrapper > DeepSpeed's ZeRO optimizer > AdamW
+        step = next((s["step"] for s in inner.state.values() if "step" in s), None)
+        tensors = {}
+        for index, param in enumerate(self.params):
+            if step is None:
+                break  # no step yet: no state, as torch's AdamW has none
+            for name in ADAM_MOMENTS:
+                tensors[f"state.{index}.{name}"] = safe_get_full_optimizer_state(param, name)
+            tensors[f"state.{index}.step"] = step.clone()
+        starts = [sum(self.group_sizes[:g]) for g in range(len(self.group_sizes))]
+        groups = [{**{k: v for k, v in group.items() if k != "params"},
+                   "params": list(range(start, start + size))}
+                  for group, start, size in zip(inner.param_groups, starts, self.group_sizes)]
+        return tensors, groups
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                             groups: list[dict]) -> None:
+        """Undo `optimizer_state`: every rank takes its part of the whole tensors it read."""
+        if not self.zero_stage:
+            load_torch_optimizer_state(optimizer, tensors, groups)
+            return
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        step = tensors.get("state.0.step")
+        if step is None:
+            return  # written before the first step: nothing to restore
+        zero = optimizer.optimizer
+        for flat in zero_partitions(zero):
+            # One count per flat partition (every parameter has stepped alike), and moments that the
+            # per-parameter API writes into: ZeRO creates them only at its first step.
+            zero.optimizer.state[flat] = {"step": step.clone(), **{name: torch.zeros_like(flat) for name in ADAM_MOMENTS}}
+        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 link each parameter to its slice
+            zero._lazy_init_hp_params_optimizer_state()
+        for index, param in enumerate(self.params):
+            for name in ADAM_MOMENTS:
+                safe_set_full_optimizer_state(param, tensors[f"state.{index}.{name}"], name)
 
     def finish(self) -> None:
         # DDP's Reducer holds the process group. Were it freed after the group is destroyed, it would
@@ -247,12 +356,15 @@ class AccelerateRuntime:
         self.accelerator.end_training()
 
 
-def runtime(config: TrainConfig) -> LocalRuntime | AccelerateRuntime:
+Runtime = LocalRuntime | AccelerateRuntime
+
+
+def runtime(config: TrainConfig) -> Runtime:
     if launched():
         return AccelerateRuntime(config)
-    if config.fsdp:
-        raise LoraforgeError("--fsdp shards the model over several processes: add --num-processes N (N > 1) "
-                             "or start the run with `accelerate launch`")
+    if config.fsdp or config.zero_stage:
+        raise LoraforgeError(f"{'--fsdp' if config.fsdp else '--zero-stage'} shards the model over several processes: "
+                             f"add --num-processes N (N > 1) or start the run with `accelerate launch`")
     return LocalRuntime()
 
 
@@ -283,22 +395,95 @@ def _fsdp_plugin(config: TrainConfig) -> Any:
     return FullyShardedDataParallelPlugin(**settings)
 
 
-def _check_fsdp(config: TrainConfig) -> None:
+def _check_sharded(config: TrainConfig, engine: str, safe_optimizers: tuple[str, ...]) -> None:
     """Refuse the options that would compute something else on shards, or leave the base unsharded.
     (Selectors, LISA's switching of trained blocks and GLAD's second pass run under FSDP as they do
     under DDP: tests/test_distributed.py.)"""
     from .optim import RULES
 
     problems = []
-    if RULES.aliases.get(config.optimizer, config.optimizer) not in SHARD_SAFE_OPTIMIZERS:
-        problems.append(f"--optimizer {config.optimizer} (its update reads whole A and B matrices; "
-                        f"{', '.join(SHARD_SAFE_OPTIMIZERS)} work on shards)")
+    if RULES.aliases.get(config.optimizer, config.optimizer) not in safe_optimizers:
+        problems.append(f"--optimizer {config.optimizer} (its update reads whole rows or matrices; "
+                        f"{', '.join(safe_optimizers)} work on shards)")
     if config.quant:
-        problems.append(f"--quant {config.quant} (the 4-bit weights are buffers, which FSDP does not shard: "
+        problems.append(f"--quant {config.quant} (the 4-bit weights are buffers, which {engine} does not shard: "
                         f"the base would stay whole on every rank)")
     if problems:
-        raise LoraforgeError("FSDP does not support " + "; ".join(problems) + ": leave it out, or train "
-                             "data parallel (without --fsdp)")
+        raise LoraforgeError(f"{engine} does not support " + "; ".join(problems) + ": leave it out, or train "
+                             "data parallel")
+
+
+# ---- DeepSpeed ZeRO ----------------------------------------------------------------------------
+
+# ZeRO flattens each param group into one buffer and hands the optimizer slices of it that cut
+# across rows and tensors: only an update that works element by element stays the same.
+ZERO_SAFE_OPTIMIZERS = ("adamw", "lora-plus")
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _deepspeed_plugin(config: TrainConfig) -> Any:
+    """accelerate's DeepSpeed plugin when the run asks for ZeRO, else None: --zero-stage N, or an
+    accelerate config with distributed_type DEEPSPEED (the plugin reads the ACCELERATE_DEEPSPEED_*
+    variables, or the deepspeed_config_file they name, that `accelerate launch` sets)."""
+    from_config = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if not (config.zero_stage or from_config):
+        return None
+    from accelerate.utils import DeepSpeedPlugin
+
+    # zero3_init_flag off: the base is built whole on every rank (loraforge attaches adapters to whole
+    # weights) and partitioned when the engine is built.
+    settings: dict[str, Any] = {"zero3_init_flag": False}
+    if not from_config:
+        settings["zero_stage"] = config.zero_stage
+    return DeepSpeedPlugin(**settings)
+
+
+def _check_deepspeed(config: TrainConfig) -> None:
+    _check_sharded(config, "DeepSpeed ZeRO", ZERO_SAFE_OPTIMIZERS)
+    if config.regularizer:
+        # The engine steps inside the window's last backward; a regulariser's second pass would step again.
+        raise LoraforgeError(f"--regularizer {config.regularizer} runs a second backward per step, and DeepSpeed's "
+                             f"engine steps inside the first: use data parallel or FSDP")
+
+
+def _fill_deepspeed_config(plugin: Any, config: TrainConfig, world_size: int) -> None:
+    """Set the DeepSpeed config's batch and clipping entries from the run's own settings, and refuse
+    a config whose entries would make the engine compute another step than the loop's."""
+    ds = plugin.deepspeed_config
+    ours = {"gradient_accumulation_steps": config.grad_accum, "gradient_clipping": max(config.max_grad_norm, 0.0),
+            "train_micro_batch_size_per_gpu": config.batch_size,
+            "train_batch_size": config.batch_size * config.grad_accum * world_size}
+    for key, value in ours.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise LoraforgeError(f"the DeepSpeed config sets {key}={ds[key]}, this run has {value}: set it to 'auto' "
+                                 f"(loraforge fills it from --batch-size, --grad-accum and --max-grad-norm)")
+        ds[key] = value
+    refused = [key for key in ("optimizer", "scheduler") if key in ds]
+    refused += [key for key in ("fp16", "bf16") if str(ds.get(key, {}).get("enabled", False)).lower() == "true"]
+    zero = ds.get("zero_optimization", {})
+    refused += [f"zero_optimization.{key}" for key in ("offload_optimizer", "offload_param")
+                if zero.get(key, {}).get("device", "none") not in ("none", None)]
+    if refused:
+        raise LoraforgeError(f"the DeepSpeed config sets {', '.join(refused)}: leave them out. loraforge builds the "
+                             f"optimizer and its schedule (--optimizer, --lr, --warmup), sets precision with "
+                             f"--precision, and keeps the optimizer on the device")
+
+
+def zero_partitions(zero: Any) -> list[torch.Tensor]:
+    """This rank's flat fp32 partitions of a ZeRO optimizer, one per param group: what its AdamW
+    updates and keys its state by."""
+    return getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups  # ZeRO-3, -1/2
+
+
+def _gather_for_root(root: nn.Module, model: nn.Module) -> None:
+    """ZeRO-3 gathers a module's parameters around that module's forward. The loss reads the head's
+    weight without calling the head (it applies it to label positions only), so the root, whose
+    forward runs the whole loss, gathers it too."""
+    from deepspeed.runtime.zero import register_external_parameter
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for param in head.parameters() if head is not None else ():
+        register_external_parameter(root, param)
 
 
 def _distributed() -> bool:
@@ -314,7 +499,29 @@ def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return tensors
     from torch.distributed.tensor import DTensor
 
+    partitioned = [v for v in tensors.values() if hasattr(v, "ds_id")]  # DeepSpeed ZeRO-3's parameters
+    if partitioned:
+        from deepspeed.runtime.zero import GatheredParameters
+
+        with GatheredParameters(partitioned):
+            gathered = {k: v.detach().clone() for k, v in tensors.items() if hasattr(v, "ds_id")}
+        tensors = {**tensors, **gathered}
     return {k: v.full_tensor().detach() if isinstance(v, DTensor) else v for k, v in tensors.items()}
+
+
+@torch.no_grad()
+def assign_whole(target: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Write `tensor` (whole, as a checkpoint holds it; every rank has read the same) into `target`,
+    whatever holds it: FSDP's shard, DeepSpeed's partition and fp32 master copy, or the tensor itself."""
+    if hasattr(target, "ds_id") or hasattr(target, "_hp_mapping"):
+        from deepspeed.utils import safe_set_full_fp32_param
+        from deepspeed.runtime.zero import GatheredParameters
+
+        with GatheredParameters([target], modifier_rank=0, enabled=hasattr(target, "ds_id")):
+            target.copy_(tensor)  # the model's copy (ZeRO-3: repartitioned on leaving)
+        safe_set_full_fp32_param(target, tensor)  # the optimizer's, which the next step starts from
+        return
+    target.copy_(shard_like(target, tensor))
 
 
 def shard_like(target: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:

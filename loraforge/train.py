@@ -44,7 +44,8 @@ from .select import Selector, make_selector, search_data, selector_settings
 
 CHECKPOINT_DIR = "checkpoint"
 # Settings a resumed run may change without changing the result it converges to.
-RESUME_MAY_CHANGE = {"resume", "save_every", "log_every", "eval_every", "out", "grad_checkpoint", "compile", "fsdp"}
+RESUME_MAY_CHANGE = {"resume", "save_every", "log_every", "eval_every", "out", "grad_checkpoint", "compile", "fsdp",
+                     "zero_stage"}
 # How a global batch is split: a resumed run may split it otherwise (2 processes x batch 4 ->
 # 1 x batch 8) as long as the global batch stays the same size.
 BATCH_SPLIT = {"batch_size", "grad_accum", "num_processes"}
@@ -121,6 +122,9 @@ class TrainConfig:
                                 "`accelerate launch`, whose config sets the processes")
     fsdp: bool = opt(False, "shard the frozen base, the adapter and its optimizer state over the processes (FSDP2 "
                             "through accelerate) instead of keeping a copy on each (DDP); same adapter, same files")
+    zero_stage: int = opt(0, "DeepSpeed ZeRO through accelerate instead of DDP: 1 splits the adapter's AdamW "
+                             "state over the processes, 2 also its gradients, 3 also the frozen base and the adapter "
+                             "(0: off); same adapter, same files")
     # bookkeeping
     log_every: int = opt(1, "steps between metrics.jsonl rows")
     save_every: int = opt(0, "0: a checkpoint only at the end")
@@ -144,6 +148,10 @@ class TrainConfig:
             raise LoraforgeError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.quant not in (None, "nf4"):
             raise LoraforgeError(f"--quant must be nf4 (or not given), got {self.quant!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise LoraforgeError(f"--zero-stage must be 1, 2 or 3 (or 0 for none), got {self.zero_stage}")
+        if self.zero_stage and self.fsdp:
+            raise LoraforgeError("--fsdp and --zero-stage are two sharding engines: choose one")
         if not 0 <= self.warmup < 1:
             raise LoraforgeError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
 
@@ -309,6 +317,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
                      length_grouped=config.length_grouped, lengths=train_data.lengths)
 
     runtime.seed_workers(config.seed)
+    n_trainable = count_parameters(trainable_parameters(model))  # before ZeRO-3 leaves each rank a partition
     loss_of, optimizer = runtime.prepare(model, optimizer, lambda m, batch: batch_loss(m, batch, config.task),
                                          switches_trainable=selector is not None and selector.switches_trainable)
     device = next(model.parameters()).device  # a launcher may have moved the model to this rank's GPU
@@ -328,7 +337,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
 
     model.train()
     bar = tqdm(total=config.steps, initial=start, disable=not progress or not runtime.is_main, unit="step",
-               desc=f"train {count_parameters(trainable_parameters(model))} params")
+               desc=f"train {n_trainable} params")
     for step in range(start, config.steps):
         t0 = time.perf_counter()
         selected = selector.before_step(step, model, optimizer) if selector is not None else {}
@@ -356,6 +365,9 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
                 loss_sum += loss.item()
             return loss_sum, aux_sum
 
+        lr = lr_at(step, config)
+        for group in optimizer.param_groups:  # before the window: DeepSpeed steps inside its last backward
+            group["lr"] = lr * group["lr_scale"]  # the rule's ratio between groups (LoRA+) survives the schedule
         loss_sum, aux_sum = window_backward()
         tokens = sum(int(b["attention_mask"].sum()) for b in window)
         loss_sum, aux_sum, tokens = runtime.sum([loss_sum, aux_sum, tokens])
@@ -365,9 +377,6 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
                 f"loss became {loss_sum} at step {step + 1}; stopping. The last good checkpoint in "
                 f"{out / CHECKPOINT_DIR} is intact (lower --lr, or check the data).")
         steered = regularizer.steer(params, window_backward) if regularizer is not None else {}
-        lr = lr_at(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]  # the rule's ratio between groups (LoRA+) survives the schedule
         grad_norm = runtime.clip_grad_norm(params, config.max_grad_norm if config.max_grad_norm > 0 else math.inf)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -426,7 +435,7 @@ def _eval_metrics(model: nn.Module, data: TokenizedDataset, config: TrainConfig,
 # ---- checkpoints ------------------------------------------------------------------------------
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    config: TrainConfig, runtime: distributed.LocalRuntime | distributed.AccelerateRuntime | None = None
+                    config: TrainConfig, runtime: distributed.Runtime | None = None
                     ) -> None:
     """Every rank calls this (the RNG states are gathered, and FSDP's shards); rank 0 alone writes,
     atomically, whole tensors whatever the engine. The data position is the step: batch s of a plan
@@ -434,16 +443,14 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     runtime = runtime or distributed.LocalRuntime()
     rng = runtime.rng_states()
     trainable = distributed.full_tensors(adapter_state_dict(model))  # DDP: every rank holds them whole
-    opt_state = optimizer.state_dict()
-    tensors = distributed.full_tensors({f"state.{i}.{k}": v for i, s in opt_state["state"].items()
-                                        for k, v in s.items() if isinstance(v, torch.Tensor)})
+    tensors, param_groups = runtime.optimizer_state(optimizer)
     if not runtime.is_main:
         return
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     tensors["rng.torch"] = rng[0]
     tensors.update({f"rng.torch.{rank}": state for rank, state in enumerate(rng) if rank})
     meta = {"step": step, "global_batch": config.batch_size * config.grad_accum * runtime.world_size,
-            "config": dataclasses.asdict(config), "param_groups": opt_state["param_groups"],
+            "config": dataclasses.asdict(config), "param_groups": param_groups,
             "trainable_keys": list(trainable)}
     with atomic_dir(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
@@ -453,7 +460,7 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
-                    runtime: distributed.LocalRuntime | distributed.AccelerateRuntime | None = None) -> int:
+                    runtime: distributed.Runtime | None = None) -> int:
     """Restore a checkpoint into every rank's prepared model and optimizer (each takes its shard
     under FSDP); the processes, batch size, accumulation and engine may differ from the run that
     wrote it when the global batch does not."""
@@ -474,19 +481,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     trainable = load_file(str(path / "trainable.safetensors"))
     if set(trainable) != set(own):
         raise TrainingError(f"{path}: checkpoint tensors do not match this model's adapter")
-    with torch.no_grad():
-        for key, tensor in trainable.items():
-            own[key].copy_(distributed.shard_like(own[key], tensor))
+    for key, tensor in trainable.items():
+        distributed.assign_whole(own[key], tensor)
     tensors = load_file(str(path / "optimizer.safetensors"))
-    params = [p for group in optimizer.param_groups for p in group["params"]]  # the indices of the state
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        if key.startswith("state."):
-            _, index, name = key.split(".", 2)
-            param = params[int(index)]  # a moment is sharded as its parameter is; the step count is not
-            state.setdefault(int(index), {})[name] = (distributed.shard_like(param, tensor)
-                                                      if tensor.shape == param.shape else tensor)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    runtime.load_optimizer_state(optimizer, tensors, meta["param_groups"])
     # A rank the writing run did not have keeps the stream runtime.seed_workers gave it.
     rng_key = f"rng.torch.{runtime.rank}" if runtime.rank else "rng.torch"
     if rng_key in tensors:

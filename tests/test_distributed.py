@@ -1,5 +1,5 @@
-"""Multi-process training on accelerate (gloo on CPU), data parallel and FSDP: one global batch, any
-split or engine, the same adapter; resume across process counts and engines; a dead worker stops
+"""Multi-process training on accelerate (gloo on CPU), data parallel, FSDP and DeepSpeed ZeRO: one
+global batch, any split or engine, the same adapter; resume across process counts and engines; a dead worker stops
 the run and leaves its last checkpoint intact.
 
 Multi-process runs fork their workers from this process (TrainConfig.num_processes), so the tiny
@@ -7,6 +7,7 @@ model and data passed in memory reach them, and so do the monkeypatches below.""
 
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from loraforge.data import from_records
-from loraforge.distributed import AccelerateRuntime, WorkerFailed, micro_batches
+from loraforge.distributed import AccelerateRuntime, WorkerFailed, micro_batches, zero_partitions
 from loraforge.errors import LoraforgeError
 from loraforge.io import load_adapter
 from loraforge.train import TrainConfig, lr_at, train
@@ -131,7 +132,7 @@ def test_an_error_in_the_workers_reaches_the_caller(tmp_path):
         run(tmp_path / "run", steps=4, batch_size=2, num_processes=2, resume=True)
 
 
-@pytest.mark.parametrize("engine", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+@pytest.mark.parametrize("engine", [[], ["--fsdp"], ["--zero-stage", "2"]], ids=["ddp", "fsdp", "zero2"])
 def test_cli_num_processes_trains_and_reports_once(tmp_path, capsys, engine):
     from loraforge.cli import main
 
@@ -145,7 +146,8 @@ def test_cli_num_processes_trains_and_reports_once(tmp_path, capsys, engine):
     assert capsys.readouterr().out.count("adapter written to") == 1
     assert metric_steps(tmp_path / "out") == [1, 2]
     train_config = json.loads((tmp_path / "out" / "config.json").read_text())["train"]
-    assert train_config["num_processes"] == 2 and train_config["fsdp"] == bool(engine)
+    assert train_config["num_processes"] == 2
+    assert train_config["fsdp"] == ("--fsdp" in engine) and train_config["zero_stage"] == (2 if "2" in engine else 0)
 
 
 # ---- FSDP ---------------------------------------------------------------------------------------
@@ -221,10 +223,6 @@ def test_fsdp_refuses_what_it_cannot_shard(tmp_path, monkeypatch):
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(WorkerFailed, match="fsdp_version 1: loraforge trains with FSDP2 only"):
         run(tmp_path / "v1", batch_size=4, num_processes=2)
-    monkeypatch.delenv("ACCELERATE_USE_FSDP")
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(WorkerFailed, match="uses DeepSpeed, which loraforge train does not support"):
-        run(tmp_path / "ds", batch_size=4, num_processes=2)
 
 
 def test_an_accelerate_fsdp_config_runs_fsdp(tmp_path, reference, monkeypatch):
@@ -248,3 +246,143 @@ def test_a_multi_process_run_hands_back_the_trained_model(tmp_path, settings):
     ids = torch.randint(5, 100, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(two(input_ids=ids).logits, one(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+# ---- DeepSpeed ZeRO -----------------------------------------------------------------------------
+
+def _records_partitions(monkeypatch, folder) -> None:
+    """After prepare, every worker writes {parameter: [whole numel, this rank's numel]} and the
+    number of elements its optimizer updates (ZeRO's flat partitions) to folder."""
+    prepare = AccelerateRuntime.prepare
+
+    def recording(self, model, optimizer, loss_fn, **options):
+        loss, prepared = prepare(self, model, optimizer, loss_fn, **options)
+        sizes = {name: [getattr(p, "ds_numel", p.numel()), p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()]
+                 for name, p in model.named_parameters()}  # ZeRO-3: ds_tensor is this rank's partition
+        sizes["optimizer"] = sum(t.numel() for t in zero_partitions(prepared.optimizer))
+        (folder / f"partitions-{self.rank}.json").write_text(json.dumps(sizes))
+        return loss, prepared
+
+    monkeypatch.setattr(AccelerateRuntime, "prepare", recording)
+
+
+TRAINABLE = 4096  # the tiny model's adapter: 2 layers x 7 projections, rank 4
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_zero_partitions_as_its_stage_says_and_saves_the_whole_adapter(tmp_path, reference, monkeypatch,
+                                                                                 stage):
+    _records_partitions(monkeypatch, tmp_path)
+    result = run(tmp_path / "run", batch_size=2, grad_accum=2, num_processes=2, zero_stage=stage)
+    for rank in (0, 1):
+        sizes = json.loads((tmp_path / f"partitions-{rank}.json").read_text())
+        base, adapter_a = (sizes["model.layers.0.self_attn.q_proj.base_layer.weight"],
+                           sizes["model.layers.1.mlp.down_proj.lora_A.weight"])
+        assert sizes["optimizer"] == TRAINABLE // 2  # every stage: AdamW's elements split in two
+        if stage < 3:  # weights whole on every rank
+            assert base == [1024, 1024] and adapter_a == [256, 256]
+        else:  # every weight split in two, frozen base included
+            assert base == [1024, 512] and adapter_a == [256, 128]
+    assert sorted(p.name for p in (result.out / "adapter").iterdir()) == \
+        ["adapter_config.json", "adapter_model.safetensors", "loraforge_config.json"]
+    assert_same_adapter(result.out, reference)
+    assert metric_steps(result.out) == list(range(1, STEPS + 1))
+
+
+def test_deepspeed_checkpoints_resume_across_engines(tmp_path, reference, monkeypatch):
+    """A ZeRO-3 run's checkpoint (gathered) resumes on one process; one process's resumes under
+    ZeRO-2 and ZeRO-3 (partitioned on load, into the model and the optimizer's fp32 copy)."""
+    out = tmp_path / "zero-first"
+    monkeypatch.setattr("loraforge.train.lr_at", _dies_in_step_4_on_rank_1)
+    with pytest.raises(WorkerFailed, match=r"worker rank 1 failed \(killed by SIGKILL\).*step 3\) is intact"):
+        run(out, batch_size=4, num_processes=2, zero_stage=3, save_every=3)
+    monkeypatch.undo()
+    assert_same_adapter(run(out, batch_size=8, resume=True).out, reference)
+
+    out = tmp_path / "zero-second"
+    monkeypatch.setattr("loraforge.train.lr_at", _interrupted_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(out, batch_size=8, save_every=3)
+    monkeypatch.undo()
+    for stage in (2, 3):
+        resumed = shutil.copytree(out, tmp_path / f"resumed-{stage}")
+        assert_same_adapter(run(resumed, batch_size=4, num_processes=2, zero_stage=stage, resume=True).out, reference)
+
+
+def test_deepspeed_zero3_evaluates_the_partitioned_model(tmp_path):
+    """Evaluation runs the model outside the training step: ZeRO-3 must gather each layer for it, and
+    the head the loss applies to label positions only."""
+    def evaluated(out, **kw):
+        config = TrainConfig(out=str(out), rank=4, alpha=8, steps=2, lr=5e-3, precision="fp32", eval_every=1, **kw)
+        history = train(config, model=tiny_llama(), tokenizer=TOK, train_data=DATA, eval_data=DATA, progress=False).history
+        return [row["eval_loss"] for row in history if "eval_loss" in row]
+
+    one = evaluated(tmp_path / "one", batch_size=8)
+    assert len(one) == 3  # after each step, and at the end
+    torch.testing.assert_close(evaluated(tmp_path / "zero3", batch_size=4, num_processes=2, zero_stage=3), one,
+                               atol=1e-5, rtol=0)
+
+
+def _deepspeed_config_file(tmp_path, monkeypatch, **entries) -> None:
+    """What `accelerate launch` gives the workers for a config with deepspeed_config_file: cfg.json."""
+    config = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
+              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"} | entries
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "ds.json"))
+
+
+def test_a_deepspeed_config_file_runs_zero(tmp_path, reference, monkeypatch):
+    _deepspeed_config_file(tmp_path, monkeypatch)
+    _records_partitions(monkeypatch, tmp_path)
+    assert_same_adapter(run(tmp_path / "run", batch_size=4, num_processes=2).out, reference)
+    assert json.loads((tmp_path / "partitions-0.json").read_text())["optimizer"] == TRAINABLE // 2
+
+
+@pytest.mark.parametrize("entries, refusal", [
+    (dict(train_micro_batch_size_per_gpu=16), "sets train_micro_batch_size_per_gpu=16, this run has 4"),
+    (dict(gradient_clipping=0.5), "sets gradient_clipping=0.5, this run has 1.0"),
+    (dict(bf16={"enabled": True}, optimizer={"type": "Adam", "params": {"lr": 1e-3}}), "sets optimizer, bf16: leave"),
+    (dict(zero_optimization={"stage": 3, "offload_param": {"device": "cpu"}}), "sets zero_optimization.offload_param"),
+], ids=["micro-batch", "clipping", "optimizer-bf16", "offload"])
+def test_a_deepspeed_config_that_would_change_the_step_is_refused(tmp_path, monkeypatch, entries, refusal):
+    _deepspeed_config_file(tmp_path, monkeypatch, **entries)
+    with pytest.raises(WorkerFailed, match=refusal):
+        run(tmp_path / "run", batch_size=4, num_processes=2)
+
+
+def test_deepspeed_refuses_what_it_cannot_partition(tmp_path):
+    with pytest.raises(LoraforgeError, match="--zero-stage shards the model over several processes"):
+        run(tmp_path / "one", zero_stage=2)
+    with pytest.raises(LoraforgeError, match="--fsdp and --zero-stage are two sharding engines"):
+        run(tmp_path / "both", batch_size=4, num_processes=2, zero_stage=2, fsdp=True)
+    with pytest.raises(LoraforgeError, match="--zero-stage must be 1, 2 or 3"):
+        run(tmp_path / "four", batch_size=4, num_processes=2, zero_stage=4)
+    refused = {"allora": (dict(optimizer="allora", alpha=4, dropout=0.0), "does not support --optimizer allora"),
+               "glad": (dict(regularizer="glad"), "--regularizer glad runs a second backward"),
+               "lisa": (dict(select="lisa", lisa_layers=1), "switches the trained blocks \\(lisa\\) cannot train")}
+    for name, (settings, refusal) in refused.items():
+        with pytest.raises(WorkerFailed, match=refusal):
+            run(tmp_path / name, batch_size=4, num_processes=2, zero_stage=2, **settings)
+
+
+def test_accelerate_launch_with_the_example_zero3_config(tmp_path):
+    """The real launcher and examples/accelerate/deepspeed_zero3.yaml (on 2 CPU processes here), against
+    the same command on one process."""
+    import subprocess
+    import sys
+
+    tiny_llama().save_pretrained(tmp_path / "model")
+    TOK.save_pretrained(tmp_path / "model")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records()))
+    args = ["train", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"), "--rank", "4",
+            "--steps", "3", "--precision", "fp32", "--lr", "5e-3"]
+    config = os.path.join(os.path.dirname(__file__), "..", "examples", "accelerate", "deepspeed_zero3.yaml")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
+              "-m", "loraforge", *args, "--batch-size", "4", "--out", str(tmp_path / "zero3")]
+    done = subprocess.run(launch, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    subprocess.run([sys.executable, "-m", "loraforge", *args, "--batch-size", "8", "--out", str(tmp_path / "one")],
+                   check=True, capture_output=True, timeout=300)
+    assert_same_adapter(tmp_path / "zero3", adapter(tmp_path / "one"))
+    assert json.loads((tmp_path / "zero3" / "checkpoint" / "trainer_state.json").read_text())["global_batch"] == 8
