@@ -1,4 +1,4 @@
-"""Multi-process training on Hugging Face accelerate (DDP or FSDP), with the same answer at any scale.
+"""Multi-process training on Hugging Face accelerate (DDP, FSDP or DeepSpeed ZeRO), with the same answer at any scale.
 
 Two ways in, one training loop (`loraforge.train.train`):
 
@@ -25,7 +25,7 @@ The engine divides the loss by grad_accum, averages over ranks and steps inside 
 backward, which the same scaling undoes; `optimizer_state` / `assign_whole` read and write the
 partitions through DeepSpeed's per-parameter API, so checkpoints are again those of a DDP run.
 
-A run that is neither (one process, not launched) gets `LocalRuntime`, which is the plain loop:
+A run that is none of these (one process, not launched) gets `LocalRuntime`, which is the plain loop:
 accelerate is not even imported.
 
 Exact equivalence. Optimizer step s reads global batch s of a `BatchPlan` whose batch size is
@@ -548,6 +548,24 @@ def whole_adapter(model: nn.Module) -> Iterator[None]:
     whole = full_tensors(state)
     with tensors_replaced(model, {key: whole[key] for key in state if whole[key] is not state[key]}):
         yield
+
+
+def bytes_held(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of weights (parameters and buffers) and optimizer state this rank holds: what FSDP and
+    ZeRO divide. A shard counts its local part; ZeRO also holds an fp32 copy of its partition."""
+    def local(tensor: torch.Tensor) -> int:
+        if hasattr(tensor, "ds_tensor"):  # ZeRO-3: the parameter's own storage is released
+            tensor = tensor.ds_tensor
+        elif hasattr(tensor, "to_local"):  # FSDP's DTensor
+            tensor = tensor.to_local()
+        return tensor.numel() * tensor.element_size()
+
+    total = sum(local(t) for t in (*model.parameters(), *model.buffers()))
+    zero = getattr(optimizer, "optimizer", None)  # inside accelerate's wrapper: DeepSpeed's ZeRO optimizer, if any
+    if hasattr(zero, "single_partition_of_fp32_groups") or hasattr(zero, "fp32_partitioned_groups_flat"):
+        total += sum(local(t) for t in zero_partitions(zero))
+    return total + sum(local(v) for state in optimizer.state.values() for v in state.values()
+                       if isinstance(v, torch.Tensor))
 
 
 def micro_batches(rows: list[int], grad_accum: int, rank: int, world_size: int) -> list[list[int]]:

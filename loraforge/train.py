@@ -382,7 +382,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0  # rank 0's step, which waited for the slowest rank's gradients
         row = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm),
-               "samples_per_s": len(rows) / seconds, "tokens_per_s": tokens / seconds}
+               "samples_per_s": len(rows) / seconds, "tokens_per_s": tokens / seconds,
+               "state_mb": distributed.bytes_held(model, optimizer) / 2**20}  # rank 0's weights + optimizer state
         if aux_sum:
             row["aux_loss"] = aux_sum
         row.update(steered)

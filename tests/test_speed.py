@@ -33,17 +33,26 @@ def test_bench_speed_writes_the_issue_json_and_a_docs_section(tmp_path, monkeypa
     assert "bench speed" in doc and "frozen step (limit)" in doc and "PEFT" in doc and "Machine:" in doc
 
 
-def test_bench_speed_scaling_runs_the_trainer_on_1_and_2_processes(tmp_path, monkeypatch):
+def test_bench_speed_scaling_runs_the_trainer_on_1_and_2_processes_per_engine(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    run = SpeedRun(model=tiny_folder(tmp_path), batch_size=4, seq_len=96, rank=4, steps=2, warmup=1, num_processes="1,2")
+    run = SpeedRun(model=tiny_folder(tmp_path), batch_size=4, seq_len=96, rank=4, steps=2, warmup=1, num_processes="1,2",
+                   engines="ddp,zero3")
     report = bench_speed(run, str(tmp_path / "scaling.json"), command="loraforge bench speed --num-processes 1,2",
                          progress=False)
-    assert set(report["scaling"]) == {"1", "2"}
-    assert all(row["samples_per_s"] > 0 and row["tokens_per_s"] > row["samples_per_s"] for row in report["scaling"].values())
+    rows = report["scaling"]
+    assert set(rows) == {"1", "2 ddp", "2 zero3"}
+    assert all(row["samples_per_s"] > 0 and row["tokens_per_s"] > row["samples_per_s"] for row in rows.values())
+    # Data parallel keeps everything on each rank; ZeRO-3 splits weights and optimizer state in two
+    # (its own fp32 copy of the adapter's partition aside).
+    assert rows["2 ddp"]["state_mb"] == pytest.approx(rows["1"]["state_mb"])
+    assert rows["2 zero3"]["state_mb"] < 0.6 * rows["1"]["state_mb"]
     doc = (tmp_path / "docs" / "benchmarks.md").read_text()
-    assert "| processes | samples/s |" in doc and "| 2 |" in doc
+    assert "| processes | engine | samples/s |" in doc and "| 2 | zero3 |" in doc
     with pytest.raises(lf.LoraforgeError, match="divide --batch-size"):
         bench_speed(SpeedRun(model=run.model, batch_size=3, num_processes="2"), None, command="", progress=False)
+    with pytest.raises(lf.LoraforgeError, match="--engines: unknown zero4"):
+        bench_speed(SpeedRun(model=run.model, batch_size=4, num_processes="2", engines="zero4"), None, command="",
+                    progress=False)
 
 
 def test_bench_speed_profile_lists_the_ops_behind_the_difference(tmp_path, monkeypatch):

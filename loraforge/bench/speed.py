@@ -27,7 +27,9 @@ CPU time by op, after `--warmup` rounds) and lists the ops that make up the diff
 `--num-processes 1,2` measures data-parallel scaling instead (`scaling`): the trainer itself, one
 global batch of `--batch-size` rows split over N workers (accelerate, gloo on CPU, NCCL on GPUs),
 `--warmup` + `--steps` steps on rows of `--seq-len` tokens; the median of rank 0's samples/s and
-tokens/s over the measured steps (each covers the whole global batch).
+tokens/s over the measured steps (each covers the whole global batch), and the weights and
+optimizer state rank 0 holds. `--engines ddp,fsdp,zero1,zero2,zero3` runs each multi-process count
+under each engine.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class SpeedRun:
     compile: bool = False
     seed: int = 0
     num_processes: str = ""  # e.g. "1,2": data-parallel scaling of the trainer instead of the step comparison
+    engines: str = "ddp"  # with --num-processes: comma-separated ddp, fsdp, zero1, zero2, zero3
     profile: bool = False  # where the loraforge step's time over the frozen step goes, op by op, instead
 
 
@@ -324,44 +327,58 @@ def profile_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def scaling(run: SpeedRun, progress: bool = True) -> dict[int, dict[str, float]]:
-    """{processes: {"samples_per_s", "tokens_per_s"}}: the trainer on one global batch, split N ways."""
+ENGINES = {"ddp": {}, "fsdp": {"fsdp": True}, "zero1": {"zero_stage": 1}, "zero2": {"zero_stage": 2},
+           "zero3": {"zero_stage": 3}}
+
+
+def scaling(run: SpeedRun, progress: bool = True) -> dict[str, dict[str, float]]:
+    """{"N engine": {"processes", "samples_per_s", "tokens_per_s", "state_mb"}}: the trainer on one
+    global batch, split N ways, under each engine (one process runs alone: "1")."""
     import copy
     import tempfile
 
     from ..data import from_records
+    from ..errors import LoraforgeError
     from ..models import load_model
     from ..train import TrainConfig, train
 
     counts = [int(n) for n in run.num_processes.split(",")]
     if any(n < 1 or run.batch_size % n for n in counts):
-        from ..errors import LoraforgeError
-
         raise LoraforgeError(f"--num-processes {run.num_processes}: each count must be at least 1 and divide "
                              f"--batch-size {run.batch_size} (one global batch, split evenly)")
+    engines = run.engines.split(",")
+    if unknown := [e for e in engines if e not in ENGINES]:
+        raise LoraforgeError(f"--engines: unknown {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
     model, tokenizer = load_model(run.model)
     words = "the of and to in is was for on that with as by at from his her it an were".split()
     text = " ".join(words[(7 * i) % len(words)] for i in range(4 * run.seq_len))  # every row fills seq_len tokens
     data = from_records([{"prompt": f"Row {i}.", "completion": text} for i in range(4 * run.batch_size)], tokenizer,
                         max_length=run.seq_len)
+    runs = [(n, engine) for n in counts for engine in (engines if n > 1 else ["ddp"])]
     results = {}
-    for n in tqdm(counts, desc="bench speed --num-processes", disable=not progress):
+    for n, engine in tqdm(runs, desc="bench speed --num-processes", disable=not progress):
         with tempfile.TemporaryDirectory() as out:
             config = TrainConfig(model=run.model, out=out, steps=run.warmup + run.steps, rank=run.rank,
                                  alpha=2.0 * run.rank, targets=run.targets, batch_size=run.batch_size // n,
-                                 num_processes=n, max_length=run.seq_len, seed=run.seed, precision="fp32")
+                                 num_processes=n, max_length=run.seq_len, seed=run.seed, precision="fp32",
+                                 **(ENGINES[engine] if n > 1 else {}))
             history = train(config, model=copy.deepcopy(model), tokenizer=tokenizer, train_data=data, progress=False).history
         measured = [row for row in history if "samples_per_s" in row][run.warmup:]
-        results[n] = {key: statistics.median(row[key] for row in measured) for key in ("samples_per_s", "tokens_per_s")}
+        results[f"{n} {engine}" if n > 1 else "1"] = {
+            "processes": n, **{key: statistics.median(row[key] for row in measured)
+                               for key in ("samples_per_s", "tokens_per_s", "state_mb")}}
     return results
 
 
-def scaling_table(results: dict[int, dict[str, float]]) -> str:
-    one = results.get(1)
-    lines = ["| processes | samples/s | tokens/s | speed-up over 1 process |", "|---:|---:|---:|---:|"]
-    for n, row in results.items():
+def scaling_table(results: dict[str, dict[str, float]]) -> str:
+    one = results.get("1")
+    lines = ["| processes | engine | samples/s | tokens/s | speed-up over 1 process | weights + optimizer state "
+             "on rank 0 (MB) |", "|---:|---|---:|---:|---:|---:|"]
+    for name, row in results.items():
+        engine = name.split()[1] if " " in name else "-"
         speedup = f"{row['samples_per_s'] / one['samples_per_s']:.2f}" if one else "n/a"
-        lines.append(f"| {n} | {row['samples_per_s']:.2f} | {row['tokens_per_s']:.0f} | {speedup} |")
+        lines.append(f"| {row['processes']} | {engine} | {row['samples_per_s']:.2f} | {row['tokens_per_s']:.0f} | "
+                     f"{speedup} | {row['state_mb']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -373,7 +390,7 @@ def bench_speed(run: SpeedRun, json_path: str | None, command: str, progress: bo
         body = scaling_table(rates)
         title = (f"bench speed --num-processes: {run.model}, global batch {run.batch_size} x {run.seq_len} "
                  f"tokens, LoRA r={run.rank} {run.targets}, median of {run.steps} steps after {run.warmup}")
-        report = {"machine": machine(), "scaling": {str(n): row for n, row in rates.items()}}
+        report = {"machine": machine(), "scaling": rates}
         notes = ""
     elif run.profile:
         found = where_time_goes(run)
