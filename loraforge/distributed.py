@@ -177,7 +177,7 @@ class AccelerateRuntime:
         self.sharded = plugin is not None
         self.zero_stage = zero.zero_stage if zero is not None else 0
         if self.sharded:
-            _check_sharded(config, "FSDP", SHARD_SAFE_OPTIMIZERS)
+            _check_optimizer(config, "FSDP", SHARD_SAFE_OPTIMIZERS)
         if zero is not None:
             _check_deepspeed(config)
         # cpu=True makes accelerate pick gloo when there is no GPU: it would otherwise see no device
@@ -252,6 +252,10 @@ class AccelerateRuntime:
             # the blocks it froze: DDP would otherwise wait for those gradients forever. Not the
             # default: it costs a graph walk per step.
             self.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+        if self.sharded or self.zero_stage == 3:
+            from .quant import codes_as_parameters
+
+            codes_as_parameters(model)  # a 4-bit base (--quant) is then sharded in 4 bits
         self.loss_fn = loss_fn
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.group_sizes = [len(group["params"]) for group in optimizer.param_groups]
@@ -395,22 +399,16 @@ def _fsdp_plugin(config: TrainConfig) -> Any:
     return FullyShardedDataParallelPlugin(**settings)
 
 
-def _check_sharded(config: TrainConfig, engine: str, safe_optimizers: tuple[str, ...]) -> None:
-    """Refuse the options that would compute something else on shards, or leave the base unsharded.
-    (Selectors, LISA's switching of trained blocks and GLAD's second pass run under FSDP as they do
-    under DDP: tests/test_distributed.py.)"""
+def _check_optimizer(config: TrainConfig, engine: str, safe_optimizers: tuple[str, ...]) -> None:
+    """Refuse an optimizer whose update would compute something else on the engine's shards.
+    (Selectors, LISA's switching of trained blocks, GLAD's second pass and a 4-bit base run under
+    FSDP as they do under DDP: tests/test_distributed.py.)"""
     from .optim import RULES
 
-    problems = []
     if RULES.aliases.get(config.optimizer, config.optimizer) not in safe_optimizers:
-        problems.append(f"--optimizer {config.optimizer} (its update reads whole rows or matrices; "
-                        f"{', '.join(safe_optimizers)} work on shards)")
-    if config.quant:
-        problems.append(f"--quant {config.quant} (the 4-bit weights are buffers, which {engine} does not shard: "
-                        f"the base would stay whole on every rank)")
-    if problems:
-        raise LoraforgeError(f"{engine} does not support " + "; ".join(problems) + ": leave it out, or train "
-                             "data parallel")
+        raise LoraforgeError(f"{engine} does not support --optimizer {config.optimizer} (its update reads whole rows "
+                             f"or matrices; {', '.join(safe_optimizers)} work on shards): leave it out, or train "
+                             f"data parallel")
 
 
 # ---- DeepSpeed ZeRO ----------------------------------------------------------------------------
@@ -439,7 +437,7 @@ def _deepspeed_plugin(config: TrainConfig) -> Any:
 
 
 def _check_deepspeed(config: TrainConfig) -> None:
-    _check_sharded(config, "DeepSpeed ZeRO", ZERO_SAFE_OPTIMIZERS)
+    _check_optimizer(config, "DeepSpeed ZeRO", ZERO_SAFE_OPTIMIZERS)
     if config.regularizer:
         # The engine steps inside the window's last backward; a regulariser's second pass would step again.
         raise LoraforgeError(f"--regularizer {config.regularizer} runs a second backward per step, and DeepSpeed's "

@@ -66,7 +66,8 @@ class NF4Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def dense_weight(self) -> torch.Tensor:
-        return _functional().dequantize_4bit(self.weight_nf4, self.quant_state).to(self.compute_dtype)
+        codes = self.weight_nf4 if self.weight_nf4.dtype == torch.uint8 else self.weight_nf4.view(torch.uint8)
+        return _functional().dequantize_4bit(codes.view(-1, 1), self.quant_state).to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _DequantizedLinear.apply(x, self)
@@ -142,6 +143,24 @@ def quantize_base(model: nn.Module, quant: str = "nf4") -> int:
     if not replaced:
         raise LoraforgeError(f"{type(model).__name__} has no frozen nn.Linear layer to quantise")
     return replaced
+
+
+def codes_as_parameters(model: nn.Module) -> int:
+    """Make each NF4Linear's 4-bit codes a frozen Parameter that views the same bytes in the layer's
+    compute dtype, so that FSDP2 and ZeRO-3, which split parameters (buffers stay whole on every
+    rank) and want one dtype per unit, shard the base in 4 bits: bitsandbytes' `quant_storage`.
+    The small absmax tables stay whole on each rank. For sharded runs only: a dtype cast of the model
+    (`model.to(torch.bfloat16)`) would now convert the codes' bytes as numbers. Returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear) and m.weight_nf4.dtype == torch.uint8]
+    for layer in layers:
+        codes = layer.weight_nf4.view(-1)
+        itemsize = torch.tensor([], dtype=layer.compute_dtype).element_size()
+        if codes.numel() % itemsize:
+            raise LoraforgeError(f"a {layer.out_features} x {layer.in_features} layer's 4-bit codes do not fill whole "
+                                 f"{layer.compute_dtype} values: it cannot be sharded in 4 bits")
+        del layer._buffers["weight_nf4"]
+        layer.weight_nf4 = nn.Parameter(codes.view(layer.compute_dtype), requires_grad=False)
+    return len(layers)
 
 
 def _under(name: str, prefix: str) -> bool:

@@ -152,30 +152,37 @@ def test_cli_num_processes_trains_and_reports_once(tmp_path, capsys, engine):
 
 # ---- FSDP ---------------------------------------------------------------------------------------
 
-def _records_parameter_shards(monkeypatch, folder) -> None:
-    """After prepare, every worker writes {parameter: [whole shape, this rank's shape]} to folder."""
+def _records_partitions(monkeypatch, folder) -> None:
+    """After prepare, every worker writes {parameter: [whole numel, this rank's numel]} and, under
+    ZeRO, the number of elements its optimizer updates (its flat partitions) to folder."""
     prepare = AccelerateRuntime.prepare
 
+    def local(p: torch.Tensor) -> int:
+        if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's partition
+            return p.ds_tensor.numel()
+        return p.to_local().numel() if hasattr(p, "to_local") else p.numel()  # FSDP's DTensor: its shard
+
     def recording(self, model, optimizer, loss_fn, **options):
-        prepared = prepare(self, model, optimizer, loss_fn, **options)
-        shapes = {name: [list(p.shape), list(p.to_local().shape if hasattr(p, "to_local") else p.shape)]
-                  for name, p in model.named_parameters()}  # a DTensor's shape is the whole tensor's
-        (folder / f"shards-{self.rank}.json").write_text(json.dumps(shapes))
-        return prepared
+        loss, prepared = prepare(self, model, optimizer, loss_fn, **options)
+        sizes = {name: [getattr(p, "ds_numel", p.numel()), local(p)] for name, p in model.named_parameters()}
+        if self.zero_stage:
+            sizes["optimizer"] = sum(t.numel() for t in zero_partitions(prepared.optimizer))
+        (folder / f"partitions-{self.rank}.json").write_text(json.dumps(sizes))
+        return loss, prepared
 
     monkeypatch.setattr(AccelerateRuntime, "prepare", recording)
 
 
 def test_fsdp_shards_base_and_adapter_and_saves_the_whole_adapter(tmp_path, reference, monkeypatch):
-    _records_parameter_shards(monkeypatch, tmp_path)
+    _records_partitions(monkeypatch, tmp_path)
     result = run(tmp_path / "fsdp", batch_size=4, num_processes=2, fsdp=True)
     for rank in (0, 1):
-        shapes = json.loads((tmp_path / f"shards-{rank}.json").read_text())
+        sizes = json.loads((tmp_path / f"partitions-{rank}.json").read_text())
         for name in ("model.layers.0.self_attn.q_proj.base_layer.weight",  # frozen base (32, 32)
                      "model.layers.0.self_attn.q_proj.lora_A.weight",  # adapter (4, 32)
                      "model.layers.1.mlp.down_proj.lora_B.weight"):  # adapter (32, 4)
-            whole, local = shapes[name]
-            assert local == [whole[0] // 2, *whole[1:]], name  # half the rows on each rank
+            whole, local = sizes[name]
+            assert local == whole // 2, name  # half the rows on each rank
     # One PEFT-format adapter, the files of any other run, whole tensors equal to the 1-process run's.
     assert sorted(p.name for p in (result.out / "adapter").iterdir()) == \
         ["adapter_config.json", "adapter_model.safetensors", "loraforge_config.json"]
@@ -230,10 +237,10 @@ def test_an_accelerate_fsdp_config_runs_fsdp(tmp_path, reference, monkeypatch):
     for name, value in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true",
                         "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP"}.items():
         monkeypatch.setenv(name, value)
-    _records_parameter_shards(monkeypatch, tmp_path)
+    _records_partitions(monkeypatch, tmp_path)
     result = run(tmp_path / "run", batch_size=4, num_processes=2)
-    whole, local = json.loads((tmp_path / "shards-1.json").read_text())["model.layers.1.self_attn.o_proj.lora_B.weight"]
-    assert local == [whole[0] // 2, whole[1]]
+    whole, local = json.loads((tmp_path / "partitions-1.json").read_text())["model.layers.1.self_attn.o_proj.lora_B.weight"]
+    assert local == whole // 2
     assert_same_adapter(result.out, reference)
 
 
@@ -249,22 +256,6 @@ def test_a_multi_process_run_hands_back_the_trained_model(tmp_path, settings):
 
 
 # ---- DeepSpeed ZeRO -----------------------------------------------------------------------------
-
-def _records_partitions(monkeypatch, folder) -> None:
-    """After prepare, every worker writes {parameter: [whole numel, this rank's numel]} and the
-    number of elements its optimizer updates (ZeRO's flat partitions) to folder."""
-    prepare = AccelerateRuntime.prepare
-
-    def recording(self, model, optimizer, loss_fn, **options):
-        loss, prepared = prepare(self, model, optimizer, loss_fn, **options)
-        sizes = {name: [getattr(p, "ds_numel", p.numel()), p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()]
-                 for name, p in model.named_parameters()}  # ZeRO-3: ds_tensor is this rank's partition
-        sizes["optimizer"] = sum(t.numel() for t in zero_partitions(prepared.optimizer))
-        (folder / f"partitions-{self.rank}.json").write_text(json.dumps(sizes))
-        return loss, prepared
-
-    monkeypatch.setattr(AccelerateRuntime, "prepare", recording)
-
 
 TRAINABLE = 4096  # the tiny model's adapter: 2 layers x 7 projections, rank 4
 
@@ -386,3 +377,17 @@ def test_accelerate_launch_with_the_example_zero3_config(tmp_path):
                    check=True, capture_output=True, timeout=300)
     assert_same_adapter(tmp_path / "zero3", adapter(tmp_path / "one"))
     assert json.loads((tmp_path / "zero3" / "checkpoint" / "trainer_state.json").read_text())["global_batch"] == 8
+
+
+@pytest.mark.parametrize("engine", [dict(fsdp=True), dict(zero_stage=3)], ids=["fsdp", "zero3"])
+def test_a_4bit_base_is_sharded_in_4_bits(tmp_path, monkeypatch, engine):
+    """QLoRA under FSDP or ZeRO-3: the NF4 codes are split over the ranks like any weight (viewed in
+    the base's dtype), and the adapter is the one a single process trains on the same 4-bit base."""
+    one = adapter(run(tmp_path / "one", quant="nf4").out)
+    _records_partitions(monkeypatch, tmp_path)
+    result = run(tmp_path / "two", batch_size=4, num_processes=2, quant="nf4", **engine)
+    for rank in (0, 1):
+        sizes = json.loads((tmp_path / f"partitions-{rank}.json").read_text())
+        whole, local = sizes["model.layers.0.self_attn.q_proj.base_layer.weight_nf4"]
+        assert whole == 32 * 32 // 8 and local == whole // 2  # 32 x 32 codes of 4 bits = 128 float32 values
+    assert_same_adapter(result.out, one)
