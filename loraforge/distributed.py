@@ -226,6 +226,7 @@ class AccelerateRuntime:
         self.scale = float(self.world_size * config.grad_accum)
         self.wrapped: nn.Module | None = None
         self.params: list[nn.Parameter] = []  # the optimizer's parameters, in its order (the checkpoint's)
+        self.group_sizes: list[int] = []  # how many of them each of its param groups holds
         self.loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -599,8 +600,8 @@ def launch(config: TrainConfig, worker: Callable[[], Any], model: nn.Module | No
                              "with `accelerate launch -m loraforge train ...` (or before anything touches the GPU)")
     out = os.path.abspath(config.out)
     endpoint = f"127.0.0.1:{_free_port()}"
-    print(f"training on {config.num_processes} processes{', FSDP' if config.fsdp else ''} "
-          f"({'NCCL' if torch.cuda.is_available() else 'gloo, CPU'})")
+    engine = ", FSDP" if config.fsdp else f", DeepSpeed ZeRO-{config.zero_stage}" if config.zero_stage else ""
+    print(f"training on {config.num_processes} processes{engine} ({'NCCL' if torch.cuda.is_available() else 'gloo, CPU'})")
     launch_config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=config.num_processes, run_id="loraforge",
                                  rdzv_backend="static", rdzv_endpoint=endpoint, rdzv_configs={"rank": 0},
                                  max_restarts=0, monitor_interval=0.1, start_method="fork")

@@ -300,6 +300,16 @@ def test_deepspeed_checkpoints_resume_across_engines(tmp_path, reference, monkey
         assert_same_adapter(run(resumed, batch_size=4, num_processes=2, zero_stage=stage, resume=True).out, reference)
 
 
+def test_deepspeed_clips_at_the_runs_max_grad_norm(tmp_path):
+    """The engine clips inside its step: with --max-grad-norm its config's (not accelerate's default of
+    1.0), so both the logged norms and the adapter match one process."""
+    one = run(tmp_path / "one", max_grad_norm=0.05)
+    two = run(tmp_path / "two", batch_size=4, num_processes=2, zero_stage=2, max_grad_norm=0.05)
+    assert_same_adapter(two.out, adapter(one.out))
+    torch.testing.assert_close([row["grad_norm"] for row in two.history], [row["grad_norm"] for row in one.history],
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_deepspeed_zero3_evaluates_the_partitioned_model(tmp_path):
     """Evaluation runs the model outside the training step: ZeRO-3 must gather each layer for it, and
     the head the loss applies to label positions only."""

@@ -34,6 +34,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def status_mb(field: str = "VmRSS") -> float:
+    """A memory line of /proc/self/status in MiB: VmRSS (resident now) or VmHWM (the peak since the
+    last reset through /proc/self/clear_refs)."""
+    line = next(li for li in Path("/proc/self/status").read_text().splitlines() if li.startswith(field + ":"))
+    return int(line.split()[1]) / 1024  # the kernel reports kB
+
+
 def release_freed_memory() -> None:
     """Hand glibc's freed but cached heap pages back to the kernel, so that RSS shows what is in use
     (no-op where the C library is not glibc)."""

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import socket
 import statistics
 import threading
@@ -40,7 +39,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import LoraforgeError
-from . import append_section, figure_name, machine, map_large_blocks, release_freed_memory, save_figure
+from . import append_section, figure_name, machine, map_large_blocks, release_freed_memory, save_figure, status_mb
 
 B_SCALE = 0.05  # random B (nn.Linear's init) times this: an update of a few percent, like a trained adapter
 SYSTEMS = ("loraforge", "peft_switch", "peft_mixed", "merge_swap", "base")
@@ -141,7 +140,7 @@ class PeakRss:
     ru_maxrss cannot be reset between systems."""
 
     def __enter__(self) -> "PeakRss":
-        self.start = self.peak = _rss_mb()
+        self.start = self.peak = status_mb()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
@@ -149,21 +148,16 @@ class PeakRss:
 
     def _sample(self) -> None:
         while not self.stop.wait(0.005):
-            self.peak = max(self.peak, _rss_mb())
+            self.peak = max(self.peak, status_mb())
 
     def __exit__(self, *exc: Any) -> None:
         self.stop.set()
         self.thread.join()
-        self.peak = max(self.peak, _rss_mb())
+        self.peak = max(self.peak, status_mb())
 
     @property
     def extra_mb(self) -> float:
         return self.peak - self.start
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def measure(run: Callable[[list[Work]], list[float]], work: list[Work]) -> dict[str, float]:
@@ -417,7 +411,7 @@ def load_test(bench: ServeBench, base: Any, tokenizer: Any, folder: Path) -> dic
         # the measured pass must then come back to it: growth after that would be a leak.
         asyncio.run(fire(work))
         release_freed_memory()
-        idle_mb = _rss_mb()
+        idle_mb = status_mb()
         t0 = time.perf_counter()
         latencies, errors = asyncio.run(fire(work))
         wall = time.perf_counter() - t0
@@ -425,7 +419,7 @@ def load_test(bench: ServeBench, base: Any, tokenizer: Any, folder: Path) -> dic
         while engine.has_work() and time.monotonic() < deadline:
             time.sleep(0.05)
         release_freed_memory()
-        after_mb = _rss_mb()
+        after_mb = status_mb()
         idle = (not engine.has_work() and engine.kv.free_blocks == engine.kv.num_blocks
                 and not any(engine.pool.refs.values()))
         memory_back = after_mb <= idle_mb * (1 + MEMORY_SLACK)

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import append_section, machine, map_large_blocks, release_freed_memory
+from . import append_section, machine, map_large_blocks, release_freed_memory, status_mb
 
 JSON_KEYS = ("frozen_step_s", "loraforge_step_s", "peft_step_s", "loraforge_peak_mb", "peft_peak_mb")
 ROW_LABELS = {"frozen": "frozen step (limit)", "loraforge": "loraforge", "plain_head": "loraforge, plain head",
@@ -96,23 +96,18 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            self.before = torch.cuda.memory_allocated()
+            self.before = torch.cuda.memory_allocated() / 2**20
             return
         release_freed_memory()
         with contextlib.suppress(OSError):  # without it (not Linux) the peak is the process's peak so far
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        self.before = _status_kb("VmRSS") * 1024
+        self.before = status_mb("VmRSS")
 
     def stop(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - self.before) / 2**20
-        return (_status_kb("VmHWM") * 1024 - self.before) / 2**20
-
-
-def _status_kb(field: str) -> int:
-    line = next(li for li in Path("/proc/self/status").read_text().splitlines() if li.startswith(field + ":"))
-    return int(line.split()[1])
+            return torch.cuda.max_memory_allocated() / 2**20 - self.before
+        return status_mb("VmHWM") - self.before
 
 
 def _batch(vocab: int, run: SpeedRun, device: torch.device) -> dict[str, torch.Tensor]:
