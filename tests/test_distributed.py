@@ -324,6 +324,32 @@ def test_deepspeed_zero3_evaluates_the_partitioned_model(tmp_path):
                                atol=1e-5, rtol=0)
 
 
+def test_deepspeed_zero3_trains_a_classifier_and_its_head(tmp_path):
+    """Sequence classification: the adapter and the trained head (modules_to_save), partitioned under
+    ZeRO-3 like the rest, match one process (a base without dropout, whose masks differ per rank)."""
+    from transformers import BertForSequenceClassification
+
+    from loraforge.testing import tiny_bert
+
+    def bert():
+        config = tiny_bert().config
+        config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+        torch.manual_seed(0)
+        return BertForSequenceClassification(config).eval()
+
+    rows = [{"text": f"this is {'good' if i % 2 else 'bad'} " * (1 + i % 4), "label": i % 2} for i in range(24)]
+    data = from_records(rows, TOK, task="classification", max_length=32)
+
+    def trained(out, **kw):
+        config = TrainConfig(out=str(out), rank=4, alpha=8, steps=4, lr=5e-3, precision="fp32", task="classification",
+                             num_labels=2, **kw)
+        return train(config, model=bert(), tokenizer=TOK, train_data=data, progress=False).out
+
+    one = adapter(trained(tmp_path / "one", batch_size=8))
+    assert any("classifier" in key for key in one)
+    assert_same_adapter(trained(tmp_path / "zero3", batch_size=4, num_processes=2, zero_stage=3), one)
+
+
 def _deepspeed_config_file(tmp_path, monkeypatch, **entries) -> None:
     """What `accelerate launch` gives the workers for a config with deepspeed_config_file: cfg.json."""
     config = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
