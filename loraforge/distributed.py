@@ -86,6 +86,11 @@ class LocalRuntime:
     world_size = 1
     is_main = True
 
+    @property
+    def device(self) -> torch.device:
+        """The GPU where there is one (as accelerate picks for a process of its own), else the CPU."""
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                 loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor], switches_trainable: bool = False
                 ) -> tuple[Callable[[dict[str, torch.Tensor]], torch.Tensor], torch.optim.Optimizer]:
@@ -215,6 +220,7 @@ class AccelerateRuntime:
         if self.accelerator.gradient_accumulation_steps != config.grad_accum:
             raise LoraforgeError(f"the accelerate config sets gradient_accumulation_steps="
                                  f"{self.accelerator.gradient_accumulation_steps}: leave it out and use --grad-accum")
+        self.device = self.accelerator.device  # this rank's GPU, or the CPU
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process

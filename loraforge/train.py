@@ -291,6 +291,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
                                  text_column=config.text_column, label_column=config.label_column,
                                  num_labels=config.num_labels)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if next(model.parameters()).device.type == "cpu":  # a model the caller placed stays where it is
+        model.to(runtime.device)  # this process's GPU where there is one: adapter, search and data-based init run there
     setup_start = time.perf_counter()
     selector = None
     if config.select:
@@ -304,8 +306,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
         initialize(model, train_data, batches=config.init_batches, batch_size=config.batch_size, pad_id=pad_id,
                    lr=lr_at(0, config), seed=config.seed, progress=progress)
     setup_seconds = time.perf_counter() - setup_start
-    prepare_model(model, config)
-    device = next(model.parameters()).device
+    prepare_model(model, config)  # after the move: the 4-bit codes and their absmax tables are made on the device
     optimizer = make_optimizer(model, config.optimizer, config.lr, config.weight_decay,
                                **{name: getattr(config, name) for name in rule_settings(config.optimizer)})
     regularizer = None
@@ -320,7 +321,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
     n_trainable = count_parameters(trainable_parameters(model))  # before ZeRO-3 leaves each rank a partition
     loss_of, optimizer = runtime.prepare(model, optimizer, lambda m, batch: batch_loss(m, batch, config.task),
                                          switches_trainable=selector is not None and selector.switches_trainable)
-    device = next(model.parameters()).device  # a launcher may have moved the model to this rank's GPU
+    device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP has replaced them by this rank's shards
     start = 0
     if config.resume and (out / CHECKPOINT_DIR).is_dir():
