@@ -437,8 +437,7 @@ def _eval_metrics(model: nn.Module, data: TokenizedDataset, config: TrainConfig,
 # ---- checkpoints ------------------------------------------------------------------------------
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    config: TrainConfig, runtime: distributed.Runtime | None = None
-                    ) -> None:
+                    config: TrainConfig, runtime: distributed.Runtime | None = None) -> None:
     """Every rank calls this (the RNG states are gathered, and FSDP's shards); rank 0 alone writes,
     atomically, whole tensors whatever the engine. The data position is the step: batch s of a plan
     over the global batch size is the same for any split."""
