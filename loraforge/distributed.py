@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import json
 import os
 import signal
@@ -433,6 +434,8 @@ def _deepspeed_plugin(config: TrainConfig) -> Any:
     from_config = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if not (config.zero_stage or from_config):
         return None
+    if importlib.util.find_spec("deepspeed") is None:
+        raise LoraforgeError("DeepSpeed ZeRO needs the deepspeed package: pip install 'loraforge[deepspeed]'")
     from accelerate.utils import DeepSpeedPlugin
 
     # zero3_init_flag off: the base is built whole on every rank (loraforge attaches adapters to whole

@@ -5,6 +5,7 @@ the run and leaves its last checkpoint intact.
 Multi-process runs fork their workers from this process (TrainConfig.num_processes), so the tiny
 model and data passed in memory reach them, and so do the monkeypatches below."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -378,13 +379,18 @@ def test_a_deepspeed_config_that_would_change_the_step_is_refused(tmp_path, monk
         run(tmp_path / "run", batch_size=4, num_processes=2)
 
 
-def test_deepspeed_refuses_what_it_cannot_partition(tmp_path):
+def test_deepspeed_refuses_what_it_cannot_partition(tmp_path, monkeypatch):
     with pytest.raises(LoraforgeError, match="--zero-stage shards the model over several processes"):
         run(tmp_path / "one", zero_stage=2)
     with pytest.raises(LoraforgeError, match="--fsdp and --zero-stage are two sharding engines"):
         run(tmp_path / "both", batch_size=4, num_processes=2, zero_stage=2, fsdp=True)
     with pytest.raises(LoraforgeError, match="--zero-stage must be 1, 2 or 3"):
         run(tmp_path / "four", batch_size=4, num_processes=2, zero_stage=4)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
+    with pytest.raises(WorkerFailed, match=r"needs the deepspeed package: pip install 'loraforge\[deepspeed\]'"):
+        run(tmp_path / "missing", batch_size=4, num_processes=2, zero_stage=2)
+    monkeypatch.undo()
     refused = {"allora": (dict(optimizer="allora", alpha=4, dropout=0.0), "does not support --optimizer allora"),
                "glad": (dict(regularizer="glad"), "--regularizer glad runs a second backward"),
                "lisa": (dict(select="lisa", lisa_layers=1), "switches the trained blocks \\(lisa\\) cannot train")}
