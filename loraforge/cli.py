@@ -157,8 +157,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import ANSWER_RE, evaluate_dataset, exact_match
     from .inject import classification_head
     from .io import load_pretrained
+    from .models import default_device
 
     model, tokenizer = load_pretrained(args.model, args.adapter, task=args.task, num_labels=args.num_labels)
+    model.to(default_device())
     task = args.task or ("classification" if classification_head(model) else "causal-lm")
     data = load_dataset(args.data, tokenizer, task=task, max_length=args.max_length, num_labels=args.num_labels)
     metrics: dict[str, Any] = evaluate_dataset(model, data, batch_size=args.batch_size, pad_id=tokenizer.pad_token_id or 0, progress=True)
@@ -176,9 +178,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .evaluate import generate
     from .io import load_pretrained
+    from .models import default_device
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_pretrained(args.model, args.adapter)
+    model.to(default_device())
     print(generate(model, tokenizer, [args.prompt], max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_p=args.top_p)[0])
     return 0

@@ -89,8 +89,9 @@ class LocalRuntime:
 
     @property
     def device(self) -> torch.device:
-        """The GPU where there is one (as accelerate picks for a process of its own), else the CPU."""
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from .models import default_device
+
+        return default_device()
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                 loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor], switches_trainable: bool = False

@@ -42,6 +42,12 @@ def cache_dir() -> str:
     return os.path.expanduser(os.environ.get("LORAFORGE_CACHE") or "~/.cache/loraforge")
 
 
+def default_device() -> torch.device:
+    """Where a run computes: the GPU where there is one (`CUDA_VISIBLE_DEVICES=` hides it), else the CPU.
+    Models load on the CPU; train, eval and generate move them."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_model(name_or_path: str, task: str | None = None, num_labels: int | None = None,
                dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Load (model, tokenizer) for `task` ("causal-lm" or "classification"; None: the model's natural task).
