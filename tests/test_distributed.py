@@ -194,22 +194,26 @@ def test_fsdp_shards_base_and_adapter_and_saves_the_whole_adapter(tmp_path, refe
             torch.testing.assert_close(value, reference["base_model.model." + key], atol=1e-5, rtol=0, msg=key)
 
 
-def test_fsdp_checkpoints_resume_across_engines(tmp_path, reference, monkeypatch):
-    """An FSDP run's checkpoint (gathered) resumes on one process; one process's resumes under FSDP
-    (sharded on load); both reach the uninterrupted adapter."""
-    out = tmp_path / "fsdp-first"
+@pytest.mark.parametrize("engines", [[dict(fsdp=True)], [dict(zero_stage=3), dict(zero_stage=2)]], ids=["fsdp", "zero"])
+def test_sharded_checkpoints_resume_across_engines(tmp_path, reference, monkeypatch, engines):
+    """A sharded run's checkpoint (gathered whole) resumes on one process; one process's resumes
+    sharded (split on load: FSDP's shards, ZeRO's partitions and its fp32 copy); all reach the
+    uninterrupted adapter."""
+    out = tmp_path / "sharded-first"
     monkeypatch.setattr("loraforge.train.lr_at", _dies_in_step_4_on_rank_1)
     with pytest.raises(WorkerFailed, match=r"worker rank 1 failed \(killed by SIGKILL\).*step 3\) is intact"):
-        run(out, batch_size=4, num_processes=2, fsdp=True, save_every=3)
+        run(out, batch_size=4, num_processes=2, save_every=3, **engines[0])
     monkeypatch.undo()
     assert_same_adapter(run(out, batch_size=8, resume=True).out, reference)
 
-    out = tmp_path / "fsdp-second"
+    out = tmp_path / "one-first"
     monkeypatch.setattr("loraforge.train.lr_at", _interrupted_in_step_4)
     with pytest.raises(KeyboardInterrupt):
         run(out, batch_size=8, save_every=3)
     monkeypatch.undo()
-    assert_same_adapter(run(out, batch_size=4, num_processes=2, fsdp=True, resume=True).out, reference)
+    for i, engine in enumerate(engines):
+        resumed = shutil.copytree(out, tmp_path / f"resumed-{i}")
+        assert_same_adapter(run(resumed, batch_size=4, num_processes=2, resume=True, **engine).out, reference)
 
 
 @pytest.mark.parametrize("engine", [dict(), dict(fsdp=True)], ids=["ddp", "fsdp"])
@@ -279,26 +283,6 @@ def test_deepspeed_zero_partitions_as_its_stage_says_and_saves_the_whole_adapter
         ["adapter_config.json", "adapter_model.safetensors", "loraforge_config.json"]
     assert_same_adapter(result.out, reference)
     assert metric_steps(result.out) == list(range(1, STEPS + 1))
-
-
-def test_deepspeed_checkpoints_resume_across_engines(tmp_path, reference, monkeypatch):
-    """A ZeRO-3 run's checkpoint (gathered) resumes on one process; one process's resumes under
-    ZeRO-2 and ZeRO-3 (partitioned on load, into the model and the optimizer's fp32 copy)."""
-    out = tmp_path / "zero-first"
-    monkeypatch.setattr("loraforge.train.lr_at", _dies_in_step_4_on_rank_1)
-    with pytest.raises(WorkerFailed, match=r"worker rank 1 failed \(killed by SIGKILL\).*step 3\) is intact"):
-        run(out, batch_size=4, num_processes=2, zero_stage=3, save_every=3)
-    monkeypatch.undo()
-    assert_same_adapter(run(out, batch_size=8, resume=True).out, reference)
-
-    out = tmp_path / "zero-second"
-    monkeypatch.setattr("loraforge.train.lr_at", _interrupted_in_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        run(out, batch_size=8, save_every=3)
-    monkeypatch.undo()
-    for stage in (2, 3):
-        resumed = shutil.copytree(out, tmp_path / f"resumed-{stage}")
-        assert_same_adapter(run(resumed, batch_size=4, num_processes=2, zero_stage=stage, resume=True).out, reference)
 
 
 def test_deepspeed_clips_at_the_runs_max_grad_norm(tmp_path):
