@@ -447,7 +447,7 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     tensors, param_groups = runtime.optimizer_state(optimizer)
     if not runtime.is_main:
         return
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}  # GPU runs: moments on the device
     tensors["rng.torch"] = rng[0]
     tensors.update({f"rng.torch.{rank}": state for rank, state in enumerate(rng) if rank})
     meta = {"step": step, "global_batch": config.batch_size * config.grad_accum * runtime.world_size,
