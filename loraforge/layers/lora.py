@@ -148,7 +148,10 @@ class _LoRAFunction(torch.autograd.Function):
         dtype, s = ctx.dtype, ctx.scaling
         with torch.autocast(x.device.type, enabled=False):
             g = grad.reshape(-1, grad.shape[-1]).to(dtype)  # (N, d_out)
-            u = (g @ lora_B.to(dtype)).mul_(s)  # (N, r)
+            # The two products with g are taken transposed, (B^T g^T)^T and (xa^T g)^T: the same
+            # numbers, but CPU BLAS reads the tall g 3-4x faster this way round in float32 (no
+            # slower in bf16); they were most of the adapter's cost in a step (bench speed --profile).
+            u = (lora_B.to(dtype).T @ g.T).T.mul_(s)  # (N, r)
             grad_x = grad_A = grad_B = None
             if ctx.needs_input_grad[0]:
                 grad_x = (g @ _dense_weight(ctx.base).to(dtype)).addmm_(u, lora_A.to(dtype))
@@ -156,5 +159,5 @@ class _LoRAFunction(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 grad_A = (u.T @ x.reshape(-1, x.shape[-1]).to(dtype)).to(lora_A.dtype)  # (r, d_in)
             if ctx.needs_input_grad[3]:
-                grad_B = (g.T @ xa).mul_(s).to(lora_B.dtype)  # (d_out, r)
+                grad_B = (xa.T @ g).mul_(s).T.contiguous().to(lora_B.dtype)  # (d_out, r)
         return grad_x, None, grad_A, grad_B, None
