@@ -133,7 +133,8 @@ class LocalRuntime:
 def torch_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """A torch optimizer's state dict as flat tensors ("state.{index}.{name}") and its param groups."""
     state = optimizer.state_dict()
-    tensors = {f"state.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items() if isinstance(v, torch.Tensor)}
+    tensors = {f"state.{i}.{k}": v for i, s in state["state"].items()
+               for k, v in s.items() if isinstance(v, torch.Tensor)}
     return tensors, state["param_groups"]
 
 
@@ -147,7 +148,8 @@ def load_torch_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[s
         if key.startswith("state."):
             _, index, name = key.split(".", 2)
             param = params[int(index)]
-            state.setdefault(int(index), {})[name] = shard_like(param, tensor) if tensor.shape == param.shape else tensor
+            whole = tensor.shape == param.shape  # a moment; a step count is a scalar
+            state.setdefault(int(index), {})[name] = shard_like(param, tensor) if whole else tensor
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -350,7 +352,8 @@ class AccelerateRuntime:
         for flat in zero_partitions(zero):
             # One count per flat partition (every parameter has stepped alike), and moments that the
             # per-parameter API writes into: ZeRO creates them only at its first step.
-            zero.optimizer.state[flat] = {"step": step.clone(), **{name: torch.zeros_like(flat) for name in ADAM_MOMENTS}}
+            moments = {name: torch.zeros_like(flat) for name in ADAM_MOMENTS}
+            zero.optimizer.state[flat] = {"step": step.clone(), **moments}
         if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 link each parameter to its slice
             zero._lazy_init_hp_params_optimizer_state()
         for index, param in enumerate(self.params):
@@ -611,7 +614,8 @@ def launch(config: TrainConfig, worker: Callable[[], Any], model: nn.Module | No
     out = os.path.abspath(config.out)
     endpoint = f"127.0.0.1:{_free_port()}"
     engine = ", FSDP" if config.fsdp else f", DeepSpeed ZeRO-{config.zero_stage}" if config.zero_stage else ""
-    print(f"training on {config.num_processes} processes{engine} ({'NCCL' if torch.cuda.is_available() else 'gloo, CPU'})")
+    backend = "NCCL" if torch.cuda.is_available() else "gloo, CPU"
+    print(f"training on {config.num_processes} processes{engine} ({backend})")
     launch_config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=config.num_processes, run_id="loraforge",
                                  rdzv_backend="static", rdzv_endpoint=endpoint, rdzv_configs={"rank": 0},
                                  max_restarts=0, monitor_interval=0.1, start_method="fork")

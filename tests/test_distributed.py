@@ -1,6 +1,6 @@
 """Multi-process training on accelerate (gloo on CPU), data parallel, FSDP and DeepSpeed ZeRO: one
-global batch, any split or engine, the same adapter; resume across process counts and engines; a dead worker stops
-the run and leaves its last checkpoint intact.
+global batch, any split or engine, the same adapter; resume across process counts and engines; a
+dead worker stops the run and leaves its last checkpoint intact.
 
 Multi-process runs fork their workers from this process (TrainConfig.num_processes), so the tiny
 model and data passed in memory reach them, and so do the monkeypatches below."""
@@ -244,7 +244,8 @@ def test_an_accelerate_fsdp_config_runs_fsdp(tmp_path, reference, monkeypatch):
         monkeypatch.setenv(name, value)
     _records_partitions(monkeypatch, tmp_path)
     result = run(tmp_path / "run", batch_size=4, num_processes=2)
-    whole, local = json.loads((tmp_path / "partitions-1.json").read_text())["model.layers.1.self_attn.o_proj.lora_B.weight"]
+    sizes = json.loads((tmp_path / "partitions-1.json").read_text())
+    whole, local = sizes["model.layers.1.self_attn.o_proj.lora_B.weight"]
     assert local == whole // 2
     assert_same_adapter(result.out, reference)
 
@@ -300,8 +301,8 @@ def test_deepspeed_zero3_evaluates_the_partitioned_model(tmp_path):
     the head the loss applies to label positions only."""
     def evaluated(out, **kw):
         config = TrainConfig(out=str(out), rank=4, alpha=8, steps=2, lr=5e-3, precision="fp32", eval_every=1, **kw)
-        history = train(config, model=tiny_llama(), tokenizer=TOK, train_data=DATA, eval_data=DATA, progress=False).history
-        return [row["eval_loss"] for row in history if "eval_loss" in row]
+        result = train(config, model=tiny_llama(), tokenizer=TOK, train_data=DATA, eval_data=DATA, progress=False)
+        return [row["eval_loss"] for row in result.history if "eval_loss" in row]
 
     one = evaluated(tmp_path / "one", batch_size=8)
     assert len(one) == 3  # after each step, and at the end
@@ -371,7 +372,8 @@ def test_deepspeed_refuses_what_it_cannot_partition(tmp_path, monkeypatch):
     with pytest.raises(LoraforgeError, match="--zero-stage must be 1, 2 or 3"):
         run(tmp_path / "four", batch_size=4, num_processes=2, zero_stage=4)
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "deepspeed" else find_spec(name, *args))
     with pytest.raises(WorkerFailed, match=r"needs the deepspeed package: pip install 'loraforge\[deepspeed\]'"):
         run(tmp_path / "missing", batch_size=4, num_processes=2, zero_stage=2)
     monkeypatch.undo()
