@@ -236,7 +236,7 @@ class AccelerateRuntime:
         self.scale = float(self.world_size * config.grad_accum)
         self.wrapped: nn.Module | None = None
         self.params: list[nn.Parameter] = []  # the optimizer's parameters, in its order (the checkpoint's)
-        self.group_sizes: list[int] = []  # how many of them each of its param groups holds
+        self.group_indices: list[list[int]] = []  # their indices in that order, per param group
         self.loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -269,7 +269,8 @@ class AccelerateRuntime:
             codes_as_parameters(model)  # a 4-bit base (--quant) is then sharded in 4 bits
         self.loss_fn = loss_fn
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.group_sizes = [len(group["params"]) for group in optimizer.param_groups]
+        sizes = [len(group["params"]) for group in optimizer.param_groups]
+        self.group_indices = [list(range(sum(sizes[:g]), sum(sizes[:g + 1]))) for g in range(len(sizes))]
         root = _Root(model)
         self.wrapped, optimizer = self.accelerator.prepare(root, optimizer)
         if self.zero_stage == 3:
@@ -325,16 +326,13 @@ class AccelerateRuntime:
         inner = optimizer.optimizer.optimizer  # accelerate's wrapper > DeepSpeed's ZeRO optimizer > AdamW
         step = next((s["step"] for s in inner.state.values() if "step" in s), None)
         tensors = {}
-        for index, param in enumerate(self.params):
-            if step is None:
-                break  # no step yet: no state, as torch's AdamW has none
-            for name in ADAM_MOMENTS:
-                tensors[f"state.{index}.{name}"] = safe_get_full_optimizer_state(param, name)
-            tensors[f"state.{index}.step"] = step.clone()
-        starts = [sum(self.group_sizes[:g]) for g in range(len(self.group_sizes))]
-        groups = [{**{k: v for k, v in group.items() if k != "params"},
-                   "params": list(range(start, start + size))}
-                  for group, start, size in zip(inner.param_groups, starts, self.group_sizes)]
+        if step is not None:  # before the first step there is no state, as torch's AdamW has none
+            for index, param in enumerate(self.params):
+                for name in ADAM_MOMENTS:
+                    tensors[f"state.{index}.{name}"] = safe_get_full_optimizer_state(param, name)
+                tensors[f"state.{index}.step"] = step.clone()
+        groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": indices}
+                  for group, indices in zip(inner.param_groups, self.group_indices)]
         return tensors, groups
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
@@ -483,8 +481,9 @@ def _fill_deepspeed_config(plugin: Any, config: TrainConfig, world_size: int) ->
 
 def zero_partitions(zero: Any) -> list[torch.Tensor]:
     """This rank's flat fp32 partitions of a ZeRO optimizer, one per param group: what its AdamW
-    updates and keys its state by."""
-    return getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups  # ZeRO-3, -1/2
+    updates and keys its state by. Any other optimizer (or None) has none."""
+    return (getattr(zero, "fp32_partitioned_groups_flat", None)  # ZeRO-3
+            or getattr(zero, "single_partition_of_fp32_groups", []))  # ZeRO-1/2
 
 
 def _gather_for_root(root: nn.Module, model: nn.Module) -> None:
@@ -573,9 +572,8 @@ def bytes_held(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
         return tensor.numel() * tensor.element_size()
 
     total = sum(local(t) for t in (*model.parameters(), *model.buffers()))
-    zero = getattr(optimizer, "optimizer", None)  # inside accelerate's wrapper: DeepSpeed's ZeRO optimizer, if any
-    if hasattr(zero, "single_partition_of_fp32_groups") or hasattr(zero, "fp32_partitioned_groups_flat"):
-        total += sum(local(t) for t in zero_partitions(zero))
+    # Inside accelerate's wrapper: DeepSpeed's ZeRO optimizer, whose fp32 copy counts too, if any.
+    total += sum(local(t) for t in zero_partitions(getattr(optimizer, "optimizer", None)))
     return total + sum(local(v) for state in optimizer.state.values() for v in state.values()
                        if isinstance(v, torch.Tensor))
 

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models import default_device
 from . import append_section, machine, map_large_blocks, release_freed_memory, status_mb
 
 JSON_KEYS = ("frozen_step_s", "loraforge_step_s", "peft_step_s", "loraforge_peak_mb", "peft_peak_mb")
@@ -229,7 +230,7 @@ def wanted_precisions(run: SpeedRun, device: torch.device) -> list[str]:
 
 def measure(run: SpeedRun, progress: bool = True) -> dict[str, dict[str, dict[str, float]]]:
     """{precision: {variant: {"step_s": median seconds, "peak_mb": largest peak growth}}}."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     wanted = wanted_precisions(run, device)
     memory = PeakMemory(device)
     n_variants = len(ROW_LABELS) - (0 if run.compile else 1)
@@ -290,7 +291,7 @@ def where_time_goes(run: SpeedRun, top: int = 8) -> dict[str, dict[str, dict[str
     the `top` ops by difference plus "total"."""
     from torch.profiler import ProfilerActivity, profile
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     wanted = wanted_precisions(run, device)
     results = {}
