@@ -8,37 +8,42 @@
     lf.save_adapter(model, "out/adapter")      # PEFT's format
 """
 
-from .config import AdapterConfig
-from .errors import AdapterError, DataError, LoraforgeError, ModelNotFoundError
-from .inject import (
-    adapter_disabled,
-    adapter_layers,
+from loraforge.adapters.inject import (
     adapter_state_dict,
     attach,
     detach,
-    find_targets,
     merge,
     merge_and_unload,
     trainable_parameters,
     unmerge,
 )
-from .init import initialize
-from .io import load_adapter, save_adapter
-from .optim import make_optimizer
-from .registry import get_method, methods
+from loraforge.adapters.io import load_adapter, save_adapter
+from loraforge.core.config import AdapterConfig
+from loraforge.core.errors import AdapterError, DataError, LoraforgeError, ModelNotFoundError
+from loraforge.core.modules import find_targets
+from loraforge.core.registry import get_method, methods
+from loraforge.methods.base import adapter_disabled, adapter_layers
+from loraforge.optim import make_optimizer
+from loraforge.training.initialize import initialize
 
+__all__ = [
+    "AdapterConfig", "AdapterError", "DataError", "LoraforgeError", "ModelNotFoundError", "adapter_disabled",
+    "adapter_layers", "adapter_state_dict", "attach", "detach", "find_targets", "get_method", "initialize",
+    "load_adapter", "make_optimizer", "merge", "merge_and_unload", "methods", "save_adapter", "trainable_parameters",
+    "unmerge", "load_model", "train", "TrainConfig", "evaluate", "generate", "merge_to_folder",
+]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
     # Heavier entry points import lazily so that `import loraforge` stays fast for the CLI's --help.
     lazy = {
-        "load_model": ("models", "load_model"),
-        "train": ("train", "train"),
-        "TrainConfig": ("train", "TrainConfig"),
-        "evaluate": ("evaluate", "evaluate"),
-        "generate": ("evaluate", "generate"),
-        "merge_to_folder": ("evaluate", "merge_to_folder"),
+        "load_model": ("core.models", "load_model"),
+        "train": ("training.loop", "train"),
+        "TrainConfig": ("training.config", "TrainConfig"),
+        "evaluate": ("training.evaluate", "evaluate_dataset"),
+        "generate": ("training.evaluate", "generate"),
+        "merge_to_folder": ("training.evaluate", "merge_to_folder"),
     }
     if name in lazy:
         import importlib

@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from .errors import LoraforgeError
+from loraforge.core.errors import LoraforgeError
 
 COMMANDS = "demo | train | eval | generate | merge | methods | analyze | fed | serve | bench"
 # Commands that live with their feature: each of these modules has add_parser(subparsers).
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import TrainConfig
+    from loraforge.training.config import TrainConfig
 
     parser = argparse.ArgumentParser(prog="loraforge", description="Low-rank adaptation of pretrained models.")
     sub = parser.add_subparsers(required=True, metavar=COMMANDS)
@@ -117,7 +117,7 @@ def _base_type(hint: Any) -> type:
 
 
 def train_config_from_args(args: argparse.Namespace):
-    from .train import TrainConfig
+    from loraforge.training.config import TrainConfig
 
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
@@ -142,7 +142,7 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from loraforge.training.loop import train
 
     config = train_config_from_args(args)
     result = train(config)
@@ -153,11 +153,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import load_dataset
-    from .evaluate import ANSWER_RE, evaluate_dataset, exact_match
-    from .inject import classification_head
-    from .io import load_pretrained
-    from .models import default_device
+    from loraforge.adapters.inject import classification_head
+    from loraforge.adapters.io import load_pretrained
+    from loraforge.core.models import default_device
+    from loraforge.training.data import load_dataset
+    from loraforge.training.evaluate import ANSWER_RE, evaluate_dataset, exact_match
 
     model, tokenizer = load_pretrained(args.model, args.adapter, task=args.task, num_labels=args.num_labels)
     model.to(default_device())
@@ -176,9 +176,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .evaluate import generate
-    from .io import load_pretrained
-    from .models import default_device
+    from loraforge.adapters.io import load_pretrained
+    from loraforge.core.models import default_device
+    from loraforge.training.evaluate import generate
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_pretrained(args.model, args.adapter)
@@ -191,12 +191,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     import torch
 
-    from .evaluate import merge_to_folder
-    from .io import load_pretrained
+    from loraforge.adapters.io import load_pretrained
+    from loraforge.training.evaluate import merge_to_folder
 
     model, tokenizer = load_pretrained(args.model, args.adapter, task=args.task, num_labels=args.num_labels)
     if args.quant:
-        from .quant import dequantize_base, quantize_base
+        from loraforge.quant.nf4 import dequantize_base, quantize_base
 
         quantize_base(model, args.quant)
         dequantize_base(model)
@@ -206,8 +206,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from .config import AdapterConfig
-    from .registry import methods
+    from loraforge.core.config import AdapterConfig
+    from loraforge.core.registry import methods
 
     try:
         d_out, d_in = (int(v) for v in args.shape.lower().split("x"))
@@ -220,9 +220,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for row in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
-    from .optim import rule_names
-    from .regularizers import regularizer_names
-    from .select import selector_names
+    from loraforge.optim import rule_names
+    from loraforge.regularizers import regularizer_names
+    from loraforge.select import selector_names
 
     print(f"\n--optimizer: {', '.join(rule_names())}\n--regularizer: {', '.join(regularizer_names())}\n"
           f"--select: {', '.join(selector_names())}")
@@ -230,7 +230,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from loraforge.demo import run_demo
 
     results = run_demo(out=args.out, seed=args.seed)
     print(json.dumps(results, indent=2))

@@ -11,7 +11,7 @@ from itertools import combinations
 
 import pytest
 
-from loraforge.tasks.advising import (
+from loraforge.demo.advising import (
     COMPARE_QUESTIONS,
     DIALOGUE_OPENERS,
     EVALUATED_FACTS,

@@ -7,7 +7,7 @@ from test_methods_common import MODELS, logits
 from torch import nn
 
 import loraforge as lf
-from loraforge.layers.block_lora import BlockLoRALinear
+from loraforge.methods.block_lora import BlockLoRALinear
 from loraforge.testing import tiny_llama
 
 

@@ -10,7 +10,7 @@ from test_methods_common import MODELS, logits, perturb
 from torch import nn
 
 import loraforge as lf
-from loraforge.layers.bone import BatLinear, BoneLinear
+from loraforge.methods.bone import BatLinear, BoneLinear
 from loraforge.testing import tiny_llama
 
 VARIANTS = {"bone": True, "bone-bat": "bat"}  # method -> PEFT MissConfig(init_weights=...)

@@ -45,7 +45,7 @@ def test_train_eval_generate_merge(workspace, capsys):
     assert main(["merge", "--model", str(workspace / "model"), "--adapter", str(out / "adapter"),
                  "--out", str(workspace / "merged")]) == 0
     # The merged folder is a plain transformers model with the adapter inside its weights.
-    from loraforge.io import load_pretrained
+    from loraforge.adapters.io import load_pretrained
 
     adapted, _ = load_pretrained(str(workspace / "model"), out / "adapter")
     plain = AutoModelForCausalLM.from_pretrained(workspace / "merged").eval()

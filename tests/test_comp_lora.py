@@ -7,8 +7,8 @@ from test_methods_common import MODELS, logits
 from torch import nn
 
 import loraforge as lf
-from loraforge.layers.comp_lora import CompLoRALinear
-from loraforge.layers.lora import LoRALinear
+from loraforge.methods.comp_lora import CompLoRALinear
+from loraforge.methods.lora import LoRALinear
 from loraforge.testing import tiny_llama
 
 

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraforge.data import (
+from loraforge.core.errors import DataError
+from loraforge.testing import tiny_tokenizer
+from loraforge.training.data import (
     IGNORE_INDEX,
     BatchPlan,
     Example,
@@ -26,8 +28,6 @@ from loraforge.data import (
     to_messages,
     tokenize_messages,
 )
-from loraforge.errors import DataError
-from loraforge.testing import tiny_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,12 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loraforge.data import from_records
+from loraforge.adapters.io import load_adapter
+from loraforge.core.errors import LoraforgeError
 from loraforge.distributed import AccelerateRuntime, WorkerFailed, micro_batches, zero_partitions
-from loraforge.errors import LoraforgeError
-from loraforge.io import load_adapter
-from loraforge.train import TrainConfig, lr_at, train
 from loraforge.testing import tiny_llama, tiny_tokenizer
+from loraforge.training.config import TrainConfig
+from loraforge.training.data import from_records
+from loraforge.training.loop import lr_at, train
 
 TOK = tiny_tokenizer()
 STEPS = 6
@@ -96,7 +97,7 @@ def _dies_in_step_4_on_rank_1(step: int, config: TrainConfig) -> float:
 
 def test_a_dead_worker_stops_the_run_then_one_process_resumes_it(tmp_path, reference, monkeypatch):
     out = tmp_path / "run"
-    monkeypatch.setattr("loraforge.train.lr_at", _dies_in_step_4_on_rank_1)
+    monkeypatch.setattr("loraforge.training.loop.lr_at", _dies_in_step_4_on_rank_1)
     with pytest.raises(WorkerFailed, match=r"worker rank 1 failed \(killed by SIGKILL\)") as failure:
         run(out, batch_size=4, num_processes=2, save_every=3)
     assert "step 3) is intact" in str(failure.value)
@@ -119,7 +120,7 @@ def _interrupted_in_step_4(step: int, config: TrainConfig) -> float:
 
 def test_two_processes_resume_a_one_process_run(tmp_path, reference, monkeypatch):
     out = tmp_path / "run"
-    monkeypatch.setattr("loraforge.train.lr_at", _interrupted_in_step_4)
+    monkeypatch.setattr("loraforge.training.loop.lr_at", _interrupted_in_step_4)
     with pytest.raises(KeyboardInterrupt):
         run(out, batch_size=8, save_every=3)
     monkeypatch.undo()
@@ -200,14 +201,14 @@ def test_sharded_checkpoints_resume_across_engines(tmp_path, reference, monkeypa
     sharded (split on load: FSDP's shards, ZeRO's partitions and its fp32 copy); all reach the
     uninterrupted adapter."""
     out = tmp_path / "sharded-first"
-    monkeypatch.setattr("loraforge.train.lr_at", _dies_in_step_4_on_rank_1)
+    monkeypatch.setattr("loraforge.training.loop.lr_at", _dies_in_step_4_on_rank_1)
     with pytest.raises(WorkerFailed, match=r"worker rank 1 failed \(killed by SIGKILL\).*step 3\) is intact"):
         run(out, batch_size=4, num_processes=2, save_every=3, **engines[0])
     monkeypatch.undo()
     assert_same_adapter(run(out, batch_size=8, resume=True).out, reference)
 
     out = tmp_path / "one-first"
-    monkeypatch.setattr("loraforge.train.lr_at", _interrupted_in_step_4)
+    monkeypatch.setattr("loraforge.training.loop.lr_at", _interrupted_in_step_4)
     with pytest.raises(KeyboardInterrupt):
         run(out, batch_size=8, save_every=3)
     monkeypatch.undo()

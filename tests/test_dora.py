@@ -10,7 +10,7 @@ from test_methods_common import MODELS, logits, perturb
 from torch import nn
 
 import loraforge as lf
-from loraforge.layers.dora import DoRALinear
+from loraforge.methods.dora import DoRALinear
 from loraforge.testing import tiny_llama
 
 

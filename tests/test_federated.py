@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+import safetensors.torch
 import torch
 from peft import PeftModel
 
@@ -212,10 +213,10 @@ def test_adapter_for_another_shape_or_with_nan_tensors_is_refused(tmp_path):
     with pytest.raises(lf.AdapterError, match=r"c1: key 'm.lora_A.weight' has shape \(4, 11\).*another base model"):
         aggregate("flora", [random_client(0, 4), random_client(1, 4, shape=(12, 11))])
     bad = save_client(tmp_path, 0)
-    tensors = lf.io.load_file(f"{bad}/adapter_model.safetensors")
+    tensors = safetensors.torch.load_file(f"{bad}/adapter_model.safetensors")
     key = next(iter(tensors))
     tensors[key][0, 0] = float("nan")
-    lf.io.save_file(tensors, f"{bad}/adapter_model.safetensors")
+    safetensors.torch.save_file(tensors, f"{bad}/adapter_model.safetensors")
     with pytest.raises(lf.AdapterError, match=f"{key}.*NaN"):
         aggregate("fedavg", [bad, save_client(tmp_path, 1)], out=tmp_path / "agg")
     assert not (tmp_path / "agg").exists()
@@ -373,9 +374,9 @@ def test_fed_run_in_flowers_simulation_engine(fed_setup):
 # ---- the Flower app `flwr run` deploys -------------------------------------------------------------
 def test_pyproject_declares_a_valid_flower_app_whose_config_is_fed_runs():
     pytest.importorskip("flwr")
-    import tomllib
     from pathlib import Path
 
+    import tomllib
     from flwr.common.config import validate_config
 
     from loraforge.federated.app import config_from_run_config

@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 import loraforge as lf
 from loraforge.analysis import analyze
 from loraforge.analysis.cli import add_parser
-from loraforge.data import from_records
-from loraforge.train import TrainConfig, lr_at, train
 from loraforge.testing import tiny_llama, tiny_tokenizer
+from loraforge.training.config import TrainConfig
+from loraforge.training.data import from_records
+from loraforge.training.loop import lr_at, train
 
 TOK = tiny_tokenizer()
 
@@ -66,7 +67,7 @@ def test_resume_after_kill_reaches_the_same_weights(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return lr_at(step, config)
 
-    monkeypatch.setattr("loraforge.train.lr_at", killed_at_step_5)
+    monkeypatch.setattr("loraforge.training.loop.lr_at", killed_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "killed", steps=6, save_every=2)
     monkeypatch.undo()

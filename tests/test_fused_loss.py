@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 import loraforge as lf
-from loraforge.kernels import linear_cross_entropy
+from loraforge.core.kernels import linear_cross_entropy
 from loraforge.testing import tiny_gpt2, tiny_llama
-from loraforge.train import batch_loss
+from loraforge.training.loss import batch_loss
 
 
 def plain_and_fused(chunk_rows: int, with_bias: bool, amp: bool = False):

@@ -5,10 +5,11 @@ import torch
 from safetensors.torch import load_file
 
 import loraforge as lf
-from loraforge.data import from_records
 from loraforge.regularizers import make_regularizer
 from loraforge.testing import tiny_bert, tiny_llama, tiny_tokenizer
-from loraforge.train import TrainConfig, train
+from loraforge.training.config import TrainConfig
+from loraforge.training.data import from_records
+from loraforge.training.loop import train
 
 TOK = tiny_tokenizer()
 IDS = torch.randint(5, 100, (3, 12), generator=torch.Generator().manual_seed(0))

@@ -10,10 +10,11 @@ from torch import nn
 
 import loraforge as lf
 from loraforge.cli import build_parser, train_config_from_args
-from loraforge.data import from_records
-from loraforge.init import initializers, resolve_initializer
+from loraforge.core.registry import initializers, resolve_initializer
 from loraforge.testing import TINY_MODELS, tiny_llama, tiny_tokenizer
-from loraforge.train import TrainConfig, lr_at, train
+from loraforge.training.config import TrainConfig
+from loraforge.training.data import from_records
+from loraforge.training.loop import lr_at, train
 
 STARTS = [("lora", "pissa"), ("lora", "lora-ga"), ("lora", "eva"), ("lora-xs", "default"), ("lora-sb", "default")]
 OUTPUT_KEPT = {"pissa", "lora-ga", "eva"}  # the output equals the base model's at init (spec check 1)
@@ -159,10 +160,10 @@ def test_resume_after_kill_reaches_the_same_weights(init, tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return lr_at(step, config)
 
-    monkeypatch.setattr("loraforge.train.lr_at", killed_in_step_3)
+    monkeypatch.setattr("loraforge.training.loop.lr_at", killed_in_step_3)
     with pytest.raises(KeyboardInterrupt):
         run("killed")
-    monkeypatch.setattr("loraforge.train.lr_at", lr_at)
+    monkeypatch.setattr("loraforge.training.loop.lr_at", lr_at)
     resumed = run("killed", resume=True)
     expected, got = lf.adapter_state_dict(full.model), lf.adapter_state_dict(resumed.model)
     assert sorted(got) == sorted(expected)

@@ -9,9 +9,9 @@ from peft import EvaConfig, LoraConfig, PeftModel, get_peft_model, initialize_lo
 from torch import nn
 
 import loraforge as lf
-from loraforge.data import BatchPlan, collate, from_records
-from loraforge.init.eva import redistribute
+from loraforge.methods.init.eva import redistribute
 from loraforge.testing import tiny_llama, tiny_tokenizer
+from loraforge.training.data import BatchPlan, collate, from_records
 
 pytestmark = pytest.mark.filterwarnings("ignore:EVA:UserWarning")
 

@@ -8,11 +8,11 @@ from peft.tuners.lora.loraga import preprocess_loraga
 from torch import nn
 
 import loraforge as lf
-from loraforge.data import BatchPlan, collate, from_records
-from loraforge.init.lora_ga import lora_ga_start
-from loraforge.init.residual import ResidualLoRALinear
-from loraforge.layers.lora import LoRALinear
+from loraforge.methods.init.lora_ga import lora_ga_start
+from loraforge.methods.init.residual import ResidualLoRALinear
+from loraforge.methods.lora import LoRALinear
 from loraforge.testing import tiny_llama, tiny_tokenizer
+from loraforge.training.data import BatchPlan, collate, from_records
 
 R = 4
 

@@ -6,7 +6,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 import loraforge as lf
-from loraforge.init.residual import ResidualLoRALinear
+from loraforge.methods.init.residual import ResidualLoRALinear
 from loraforge.testing import tiny_llama
 
 

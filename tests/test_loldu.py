@@ -7,7 +7,7 @@ from test_methods_common import MODELS, logits, perturb
 from torch import nn
 
 import loraforge as lf
-from loraforge.layers.loldu import LoLDULinear, ldu
+from loraforge.methods.loldu import LoLDULinear, ldu
 from loraforge.testing import tiny_llama
 
 

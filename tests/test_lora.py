@@ -10,8 +10,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 import loraforge as lf
-from loraforge.io import read_adapter
-from loraforge.layers.lora import LoRALinear
+from loraforge.adapters.io import read_adapter
+from loraforge.methods.lora import LoRALinear
 from loraforge.testing import TINY_MODELS, tiny_bert, tiny_llama
 
 MODEL_NAMES = list(TINY_MODELS)
@@ -256,7 +256,7 @@ def test_failed_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("loraforge.io.save_file", crash)
+    monkeypatch.setattr("loraforge.adapters.io.save_file", crash)
     with pytest.raises(OSError):
         lf.save_adapter(model, tmp_path / "a")
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == before

@@ -6,9 +6,9 @@ from peft import PeftModel
 from torch import nn
 
 import loraforge as lf
-from loraforge.data import BatchPlan, collate, from_records
-from loraforge.layers.lora_xs import LoRAXSLinear
+from loraforge.methods.lora_xs import LoRAXSLinear
 from loraforge.testing import tiny_llama, tiny_tokenizer
+from loraforge.training.data import BatchPlan, collate, from_records
 
 
 def test_only_r_squared_trains():

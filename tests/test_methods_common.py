@@ -119,7 +119,7 @@ def test_loss_decreases_on_a_fixed_batch(method, model):
 
 
 def test_tensors_replaced_puts_parameters_and_buffers_back_whatever_happens():
-    from loraforge.inject import tensors_replaced
+    from loraforge.adapters.inject import tensors_replaced
 
     model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
     weight, mean = model[0].weight, model[1].running_mean

@@ -9,10 +9,11 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 import loraforge as lf
-from loraforge.data import from_records
-from loraforge.moe import MixLoRAFFN, expert_load
+from loraforge.methods.moe import MixLoRAFFN, expert_load
 from loraforge.testing import tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
-from loraforge.train import TrainConfig, train
+from loraforge.training.config import TrainConfig
+from loraforge.training.data import from_records
+from loraforge.training.loop import train
 
 PROJ = ("gate_proj", "up_proj", "down_proj")
 

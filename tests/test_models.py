@@ -4,9 +4,9 @@ import time
 import pytest
 import torch
 
-from loraforge import models
-from loraforge.errors import LoraforgeError, ModelNotFoundError
-from loraforge.models import EMBEDDED_MODELS, cache_dir, load_model
+from loraforge.core import models
+from loraforge.core.errors import LoraforgeError, ModelNotFoundError
+from loraforge.core.models import EMBEDDED_MODELS, cache_dir, load_model
 from loraforge.testing import tiny_bert, tiny_llama, tiny_tokenizer
 
 

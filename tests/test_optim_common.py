@@ -6,10 +6,11 @@ import torch
 from safetensors.torch import load_file
 
 import loraforge as lf
-from loraforge.data import from_records
 from loraforge.optim import rule_names
 from loraforge.testing import tiny_llama, tiny_tokenizer
-from loraforge.train import TrainConfig, lr_at, train
+from loraforge.training.config import TrainConfig
+from loraforge.training.data import from_records
+from loraforge.training.loop import lr_at, train
 
 TOK = tiny_tokenizer()
 DATA = from_records([{"prompt": f"Q{i}: {i}+{i}?", "completion": f" {2 * i}" + "!" * (i % 4)} for i in range(24)], TOK,
@@ -41,10 +42,10 @@ def test_resume_after_kill_reaches_the_same_weights(tmp_path, monkeypatch, rule)
             raise KeyboardInterrupt
         return lr_at(step, config)
 
-    monkeypatch.setattr("loraforge.train.lr_at", killed_at_step_5)
+    monkeypatch.setattr("loraforge.training.loop.lr_at", killed_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "killed", rule, save_every=2)
-    monkeypatch.setattr("loraforge.train.lr_at", lr_at)
+    monkeypatch.setattr("loraforge.training.loop.lr_at", lr_at)
     resumed = run(tmp_path, "killed", rule, save_every=2, resume=True)
     reference = adapter(full)
     assert any(v.abs().sum() > 0 for k, v in reference.items() if "lora_B" in k)

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import loraforge as lf
-from loraforge.data import from_records
 from loraforge.testing import tiny_bert, tiny_llama, tiny_tokenizer
-from loraforge.train import TrainConfig, train
+from loraforge.training.config import TrainConfig
+from loraforge.training.data import from_records
+from loraforge.training.loop import train
 
 TOK = tiny_tokenizer()
 

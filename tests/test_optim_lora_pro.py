@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import loraforge as lf
-from loraforge.layers.lora import LoRALinear
+from loraforge.methods.lora import LoRALinear
 from loraforge.optim.lora_pro import adjusted_gradients, equivalent_gradient, solve_sylvester
 from loraforge.testing import tiny_llama
 

@@ -41,7 +41,7 @@ def test_pairs_run_only_the_named_combinations():
 def test_bench_methods_runs_every_method_then_lora_under_each_initialiser_at_its_own_rate():
     runs = all_runs(BenchRun(lr=2e-3), None, method_lrs={"full": 1e-4, "pissa": 5e-4})
     starts = [(r.method, r.init) for r in runs]
-    assert starts[: len(lf.registry.methods())] == [(m.name, "default") for m in lf.registry.methods()]
+    assert starts[: len(lf.methods())] == [(m.name, "default") for m in lf.methods()]
     assert {("lora", "pissa"), ("lora", "lora-ga"), ("lora", "eva")} <= set(starts)
     rate = {(r.method, r.init): r.lr for r in runs}
     assert rate["full", "default"] == 1e-4 and rate["lora", "pissa"] == 5e-4 and rate["lora", "eva"] == 2e-3

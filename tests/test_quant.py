@@ -8,12 +8,13 @@ from torch import nn
 pytest.importorskip("bitsandbytes")
 
 import loraforge as lf  # noqa: E402
-from loraforge.data import from_records  # noqa: E402
-from loraforge.io import load_adapter  # noqa: E402
-from loraforge.layers.lora import LoRALinear  # noqa: E402
-from loraforge.quant import NF4Linear, dequantize_base, quantize_base, quantized_bits  # noqa: E402
+from loraforge.adapters.io import load_adapter  # noqa: E402
+from loraforge.methods.lora import LoRALinear  # noqa: E402
+from loraforge.quant.nf4 import NF4Linear, dequantize_base, quantize_base, quantized_bits  # noqa: E402
 from loraforge.testing import tiny_llama, tiny_tokenizer  # noqa: E402
-from loraforge.train import TrainConfig, train  # noqa: E402
+from loraforge.training.config import TrainConfig
+from loraforge.training.data import from_records  # noqa: E402
+from loraforge.training.loop import train  # noqa: E402
 
 # The 16 NF4 levels (QLoRA, appendix E); the widest gap is between -1 and the next level.
 NF4_LEVELS = torch.tensor([-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,

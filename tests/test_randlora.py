@@ -6,12 +6,20 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from peft import RandLoraConfig, get_peft_model
-from test_methods_common import (MODELS, check_attach, check_loss_decreases, check_merge, check_param_count,
-                                 check_save_load, logits, perturb)
+from test_methods_common import (
+    MODELS,
+    check_attach,
+    check_loss_decreases,
+    check_merge,
+    check_param_count,
+    check_save_load,
+    logits,
+    perturb,
+)
 from torch import nn
 
 import loraforge as lf
-from loraforge.layers.randlora import RandLoRALinear, RandomBases
+from loraforge.methods.randlora import RandLoRALinear, RandomBases
 from loraforge.testing import tiny_llama
 
 EXTRAS = [{}, {"sparse": True}, {"very_sparse": True, "projection_prng_key": 3}]

@@ -9,11 +9,12 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import loraforge as lf
-from loraforge.data import from_records
 from loraforge.select import find_blocks, make_selector
 from loraforge.select.lisa import sample_blocks
 from loraforge.testing import tiny_tokenizer
-from loraforge.train import TrainConfig, lr_at, train
+from loraforge.training.config import TrainConfig
+from loraforge.training.data import from_records
+from loraforge.training.loop import lr_at, train
 
 TOK = tiny_tokenizer()
 DATA = from_records([{"prompt": f"Q{i}: {i}+{i}?", "completion": f" {2 * i}"} for i in range(24)], TOK, max_length=32)
@@ -104,10 +105,10 @@ def test_trainer_logs_the_blocks_and_resumes_identically(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return lr_at(step, config)
 
-    monkeypatch.setattr("loraforge.train.lr_at", killed_at_step_6)
+    monkeypatch.setattr("loraforge.training.loop.lr_at", killed_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "killed", save_every=2)  # checkpoint after step 4, mid-period (period 1 = steps 4-6)
-    monkeypatch.setattr("loraforge.train.lr_at", lr_at)
+    monkeypatch.setattr("loraforge.training.loop.lr_at", lr_at)
     resumed = run(tmp_path, "killed", save_every=2, resume=True)
     want = load_file(str(full.out / "adapter" / "adapter_model.safetensors"))
     got = load_file(str(resumed.out / "adapter" / "adapter_model.safetensors"))

@@ -8,13 +8,14 @@ import torch
 from torch import nn
 
 import loraforge as lf
-from loraforge.data import from_records
 from loraforge.select import SearchData, gate_adapter, make_selector
 from loraforge.select.colora import allocate_ranks, faig, integrated_gradients
 from loraforge.select.diffora import top_modules
 from loraforge.select.flexora import selected_layers
 from loraforge.testing import tiny_llama, tiny_tokenizer
-from loraforge.train import TrainConfig, train
+from loraforge.training.config import TrainConfig
+from loraforge.training.data import from_records
+from loraforge.training.loop import train
 
 D, BLOCKS = 8, 4
 
@@ -287,7 +288,7 @@ def test_colora_without_fine_tuning_falls_back_to_uniform_ranks():
 def test_resume_reattaches_the_chosen_structure_and_reaches_the_same_weights(tmp_path, monkeypatch, select):
     from safetensors.torch import load_file
 
-    from loraforge.train import lr_at
+    from loraforge.training.loop import lr_at
 
     tok = tiny_tokenizer()
     data = from_records([{"prompt": f"Q{i}: {i}+{i}?", "completion": f" {2 * i}"} for i in range(30)], tok, max_length=32)
@@ -304,11 +305,11 @@ def test_resume_reattaches_the_chosen_structure_and_reaches_the_same_weights(tmp
             raise KeyboardInterrupt
         return lr_at(step, config)
 
-    monkeypatch.setattr("loraforge.train.lr_at", killed_at_step_5)
+    monkeypatch.setattr("loraforge.training.loop.lr_at", killed_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         run("killed", save_every=2)
-    monkeypatch.setattr("loraforge.train.lr_at", lr_at)
-    monkeypatch.setattr("loraforge.train.search_data", lambda *a: pytest.fail("a resumed run must not search again"))
+    monkeypatch.setattr("loraforge.training.loop.lr_at", lr_at)
+    monkeypatch.setattr("loraforge.training.loop.search_data", lambda *a: pytest.fail("a resumed run must not search again"))
     resumed = run("killed", save_every=2, resume=True)
     want = load_file(str(full.out / "adapter" / "adapter_model.safetensors"))
     got = load_file(str(resumed.out / "adapter" / "adapter_model.safetensors"))

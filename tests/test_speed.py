@@ -9,7 +9,9 @@ import torch
 import loraforge as lf
 from loraforge.bench.speed import JSON_KEYS, SpeedRun, available_precisions, bench_speed
 from loraforge.testing import tiny_llama, tiny_tokenizer
-from loraforge.train import TrainConfig, batch_loss, prepare_model
+from loraforge.training.config import TrainConfig
+from loraforge.training.loop import prepare_model
+from loraforge.training.loss import batch_loss
 
 pytest.importorskip("peft")
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import loraforge as lf
-from loraforge.layers.lora import LoRALinear
+from loraforge.methods.lora import LoRALinear
 
 
 def plain_forward(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,12 @@ import torch
 from safetensors.torch import load_file
 
 import loraforge as lf
-from loraforge.data import collate, from_records
-from loraforge.train import TrainConfig, TrainingError, batch_loss, lr_at, train
+from loraforge.core.errors import TrainingError
 from loraforge.testing import tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
+from loraforge.training.config import TrainConfig
+from loraforge.training.data import collate, from_records
+from loraforge.training.loop import lr_at, train
+from loraforge.training.loss import batch_loss
 
 TOK = tiny_tokenizer()
 
@@ -58,10 +61,10 @@ def test_resume_after_kill_reaches_the_same_weights(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_lr_at(step, config)
 
-    monkeypatch.setattr("loraforge.train.lr_at", killed_at_step_6)
+    monkeypatch.setattr("loraforge.training.loop.lr_at", killed_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "killed", steps=8, dropout=0.1, save_every=2)
-    monkeypatch.setattr("loraforge.train.lr_at", real_lr_at)
+    monkeypatch.setattr("loraforge.training.loop.lr_at", real_lr_at)
     resumed = run(tmp_path, "killed", steps=8, dropout=0.1, save_every=2, resume=True)
     for key, value in adapter_tensors(full.out).items():
         torch.testing.assert_close(adapter_tensors(resumed.out)[key], value, atol=1e-6, rtol=0)
@@ -92,7 +95,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
         loss = original(model, batch, task)
         return loss * float("nan") if calls["n"] == 4 else loss
 
-    monkeypatch.setattr("loraforge.train.batch_loss", poisoned)
+    monkeypatch.setattr("loraforge.training.loop.batch_loss", poisoned)
     with pytest.raises(TrainingError, match="loss became nan at step 4"):
         run(tmp_path, "nan", steps=6, save_every=1)
     checkpoint = tmp_path / "nan" / "checkpoint"

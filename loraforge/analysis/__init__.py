@@ -10,11 +10,18 @@ weights or an attached adapter into (W0, dW) pairs one module at a time; `model`
 a whole model; `report` writes report.md / report.json / PNGs; `cli` is `loraforge analyze`.
 """
 
-from .intruder_dims import Intruders, count_intruders, find_intruders, intruder_scores, low_rank_factors, mitigated_update
-from .model import ModuleAnalysis, adapter_similarity, analyze, intruders, mitigate
-from .report import write_report
-from .spectra import effective_rank, singular_values, subspace_similarity
-from .weights import open_updates
+from loraforge.analysis.intruder_dims import (
+    Intruders,
+    count_intruders,
+    find_intruders,
+    intruder_scores,
+    low_rank_factors,
+    mitigated_update,
+)
+from loraforge.analysis.model import ModuleAnalysis, adapter_similarity, analyze, intruders, mitigate
+from loraforge.analysis.report import write_report
+from loraforge.analysis.spectra import effective_rank, singular_values, subspace_similarity
+from loraforge.analysis.weights import open_updates
 
 __all__ = [
     "Intruders", "ModuleAnalysis", "adapter_similarity", "analyze", "count_intruders", "effective_rank",

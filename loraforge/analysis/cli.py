@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..errors import LoraforgeError
+from loraforge.core.errors import LoraforgeError
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -32,9 +32,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .model import adapter_similarity, analyze, check_settings, mitigate
-    from .report import write_report
-    from .weights import source_kind
+    from loraforge.analysis.model import adapter_similarity, analyze, check_settings, mitigate
+    from loraforge.analysis.report import write_report
+    from loraforge.analysis.weights import source_kind
 
     check_settings(args.k, args.epsilon, 1.0 if args.mitigate is None else args.mitigate)
     sources = [args.adapter, *args.compare]
@@ -66,9 +66,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def load_base(model_name: str, adapter_dir: str | None):
     """The base model, loaded for the task and head the adapter was trained with (if one is given)."""
-    from ..inject import classification_head, detach
-    from ..io import load_pretrained
-    from ..registry import get_method
+    from loraforge.adapters.inject import classification_head, detach
+    from loraforge.adapters.io import load_pretrained
+    from loraforge.core.registry import get_method
 
     model, _ = load_pretrained(model_name, adapter_dir)  # checks the adapter fits this model
     if adapter_dir is None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .spectra import working_dtype
+from loraforge.analysis.spectra import working_dtype
 
 
 @dataclass

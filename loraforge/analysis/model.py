@@ -14,12 +14,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import read_adapter_config
-from ..errors import AdapterError, LoraforgeError
-from ..io import save_adapter
-from .intruder_dims import Intruders, find_intruders, low_rank_factors, mitigated_update
-from .spectra import effective_rank, numerical_rank, subspace_similarity
-from .weights import open_updates
+from loraforge.adapters.io import save_adapter
+from loraforge.analysis.intruder_dims import Intruders, find_intruders, low_rank_factors, mitigated_update
+from loraforge.analysis.spectra import effective_rank, numerical_rank, subspace_similarity
+from loraforge.analysis.weights import open_updates
+from loraforge.core.config import read_adapter_config
+from loraforge.core.errors import AdapterError, LoraforgeError
 
 MAX_SUBSPACE_DIM = 64  # right singular vectors kept per update for adapter-vs-adapter similarity
 

@@ -23,13 +23,13 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display: also on a headless server
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from ..io import atomic_write_text  # noqa: E402
-from .intruder_dims import count_intruders  # noqa: E402
-from .model import ModuleAnalysis  # noqa: E402
-from .spectra import numerical_rank  # noqa: E402
+from loraforge.analysis.intruder_dims import count_intruders  # noqa: E402
+from loraforge.analysis.model import ModuleAnalysis  # noqa: E402
+from loraforge.analysis.spectra import numerical_rank  # noqa: E402
+from loraforge.core.files import atomic_write_text  # noqa: E402
 
 EPSILONS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # the sweep: 0.05, 0.10, ..., 0.95
 SPECTRUM_TOP = 32

@@ -26,12 +26,13 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..config import CONFIG_NAME, AdapterConfig, read_adapter_config
-from ..errors import AdapterError
-from ..inject import adapter_layers, classification_head, detach, find_targets, is_attached
-from ..io import PEFT_PREFIX, load_adapter
-from ..layers.base import AdapterLayer
-from ..registry import get_method
+from loraforge.adapters.inject import classification_head, detach, is_attached
+from loraforge.adapters.io import PEFT_PREFIX, load_adapter
+from loraforge.core.config import CONFIG_NAME, AdapterConfig, read_adapter_config
+from loraforge.core.errors import AdapterError
+from loraforge.core.modules import find_targets
+from loraforge.core.registry import get_method
+from loraforge.methods.base import AdapterLayer, adapter_layers
 
 ModuleUpdate = Callable[[], tuple[torch.Tensor, torch.Tensor]]  # () -> (W0, dW), both (d_out, d_in)
 

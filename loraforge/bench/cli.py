@@ -9,7 +9,7 @@ import sys
 
 
 def add_parser(subparsers) -> None:
-    from .methods import BenchRun
+    from loraforge.bench.methods import BenchRun
 
     bench = subparsers.add_parser("bench", help="benchmarks; tables go to docs/benchmarks.md")
     kinds = bench.add_subparsers(required=True, metavar="methods | parity | intruders | fed | serve | speed")
@@ -34,7 +34,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--rank", type=int, default=8)
     p.set_defaults(run=run_parity)
 
-    from .speed import SpeedRun
+    from loraforge.bench.speed import SpeedRun
 
     p = kinds.add_parser("speed", help="a LoRA training step against the frozen-base limit and PEFT, per precision")
     for f in dataclasses.fields(SpeedRun):
@@ -46,19 +46,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(run=run_speed)
 
-    from .intruders import IntruderBench
+    from loraforge.bench.intruders import IntruderBench
 
     p = kinds.add_parser("intruders", help="LoRA ranks vs full fine-tuning: intruder dimensions, forgetting, mitigation")
     _dataclass_flags(p, IntruderBench)
     p.set_defaults(run=run_intruders)
 
-    from .fed import FedBench
+    from loraforge.bench.fed import FedBench
 
     p = kinds.add_parser("fed", help="FedAvg vs FLoRA vs LoRA-FAIR vs centralised on Flower's simulation engine")
     _dataclass_flags(p, FedBench)
     p.set_defaults(run=run_fed)
 
-    from .serve import ServeBench
+    from loraforge.bench.serve import ServeBench
 
     p = kinds.add_parser("serve", help="multi-adapter serving throughput against PEFT and merging; --load: HTTP load test")
     _dataclass_flags(p, ServeBench)
@@ -66,7 +66,7 @@ def add_parser(subparsers) -> None:
 
 
 def run_methods(args: argparse.Namespace) -> int:
-    from .methods import BenchRun, bench_methods
+    from loraforge.bench.methods import BenchRun, bench_methods
 
     fields = {f.name for f in dataclasses.fields(BenchRun)}
     base = BenchRun(**{k: v for k, v in vars(args).items() if k in fields})
@@ -79,7 +79,7 @@ def run_methods(args: argparse.Namespace) -> int:
             raise SystemExit("--pairs names the combinations itself: drop --methods, --rules and --inits")
         rules, inits = None, []
     if args.lrs:
-        from .sweep import bench_sweep
+        from loraforge.bench.sweep import bench_sweep
 
         bench_sweep(base, methods, rules, [float(x) for x in args.lrs.split(",")], command=_command(), inits=inits,
                     jobs=args.jobs, pairs=pairs)
@@ -113,28 +113,28 @@ def _method_lrs(text: str) -> dict[str, float]:
 
 
 def run_parity(args: argparse.Namespace) -> int:
-    from .parity import bench_parity
+    from loraforge.bench.parity import bench_parity
 
     bench_parity(args.model, args.rank, command=_command())
     return 0
 
 
 def run_intruders(args: argparse.Namespace) -> int:
-    from .intruders import IntruderBench, bench_intruders
+    from loraforge.bench.intruders import IntruderBench, bench_intruders
 
     bench_intruders(_from_args(IntruderBench, args), command=_command())
     return 0
 
 
 def run_fed(args: argparse.Namespace) -> int:
-    from .fed import FedBench, bench_fed
+    from loraforge.bench.fed import FedBench, bench_fed
 
     bench_fed(_from_args(FedBench, args), command=_command())
     return 0
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .serve import ServeBench, bench_serve
+    from loraforge.bench.serve import ServeBench, bench_serve
 
     bench_serve(_from_args(ServeBench, args), command=_command())
     return 0
@@ -157,7 +157,7 @@ def _from_args(cls: type, args: argparse.Namespace):
 
 
 def run_speed(args: argparse.Namespace) -> int:
-    from .speed import SpeedRun, bench_speed
+    from loraforge.bench.speed import SpeedRun, bench_speed
 
     fields = {f.name for f in dataclasses.fields(SpeedRun)}
     bench_speed(SpeedRun(**{k: v for k, v in vars(args).items() if k in fields}), args.json, command=_command())

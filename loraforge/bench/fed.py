@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import LoraforgeError
-from ..io import atomic_write_text
-from . import append_section, figure_name, save_figure
-from .methods import BenchRun, load_rows
+from loraforge.bench import append_section, figure_name, save_figure
+from loraforge.bench.methods import BenchRun, load_rows
+from loraforge.core.errors import LoraforgeError
+from loraforge.core.files import atomic_write_text
 
 TASKS = {"minilm-l6": "sst2", "smollm2-135m": "advising"}
 STRATEGY_NAMES = ("fedavg", "flora", "lora-fair")
@@ -71,7 +71,7 @@ def write_data(bench: FedBench, model: str, folder: Path) -> tuple[Path, str]:
 
 
 def run_config(bench: FedBench, model: str, data: Path, task: str, strategy: str, out: Path):
-    from ..federated.flower import FedRunConfig
+    from loraforge.federated.flower import FedRunConfig
 
     return FedRunConfig(model=model, data=str(data), out=str(out), task=task, clients=bench.clients,
                         partition=bench.partition, rounds=bench.rounds, local_steps=bench.local_steps,
@@ -81,15 +81,16 @@ def run_config(bench: FedBench, model: str, data: Path, task: str, strategy: str
 
 def flower_simulation(cfg: Any, cpus: int) -> Path:
     """One `fed run` in Flower's simulation engine."""
-    from ..federated.flower import run
+    from loraforge.federated.flower import run
 
     return run(cfg, num_cpus=cpus)
 
 
 def centralised(bench: FedBench, cfg: Any) -> list[dict[str, Any]]:
     """The trainer on the pooled client rows, evaluated on the same held-out split once per round's worth of steps."""
-    from ..federated.flower import base_model, prepare, rows_dataset, split_rows
-    from ..train import TrainConfig, train
+    from loraforge.federated.flower import base_model, prepare, rows_dataset, split_rows
+    from loraforge.training.config import TrainConfig
+    from loraforge.training.loop import train
 
     prepare(cfg)  # fixes num_labels as the federated runs see it, and makes the folder
     held_out, parts = split_rows(cfg)
@@ -125,7 +126,7 @@ def bench_model(bench: FedBench, model: str, runner: Callable[[Any, int], Path] 
             raise LoraforgeError(f"{out} is not empty: choose another --out for a new benchmark run")
         runner(run_config(bench, model, data, task, strategy, out), bench.cpus)
         curves[strategy] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    from ..federated.flower import split_rows
+    from loraforge.federated.flower import split_rows
 
     baseline = run_config(bench, model, data, task, "fedavg", root / "centralised")
     curves["centralised"] = centralised(bench, baseline)

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import LoraforgeError
-from . import append_section, figure_name, save_figure
-from .methods import BenchRun, load_rows, shared_data
+from loraforge.bench import append_section, figure_name, save_figure
+from loraforge.bench.methods import BenchRun, load_rows, shared_data
+from loraforge.core.errors import LoraforgeError
 
 TASKS = {"minilm-l6": "sst2", "smollm2-135m": "advising"}  # the issue's pairs; other models name --data
 
@@ -94,7 +94,7 @@ class ForgettingProbe:
     kept its shape scores ~0 whatever its classification head does."""
 
     def __init__(self, base: nn.Module, tokenizer: Any, task: str, rows: list[dict], max_length: int = 256):
-        from ..data import from_records
+        from loraforge.training.data import from_records
 
         self.task, self.tokenizer = task, tokenizer
         if task == "causal-lm":
@@ -106,7 +106,7 @@ class ForgettingProbe:
     @torch.no_grad()
     def _measure(self, model: nn.Module) -> torch.Tensor:
         """Causal LM: the held-out loss (0-d). Encoder: cosines of consecutive text pairs (n - 1,)."""
-        from ..evaluate import evaluate_dataset
+        from loraforge.training.evaluate import evaluate_dataset
 
         if self.task == "causal-lm":
             pad = self.tokenizer.pad_token_id or 0
@@ -126,27 +126,28 @@ class ForgettingProbe:
 
 
 def task_score(model: nn.Module, data: Any, pad_id: int) -> float:
-    from ..evaluate import evaluate_dataset
+    from loraforge.training.evaluate import evaluate_dataset
 
     metrics = evaluate_dataset(model, data, batch_size=64, pad_id=pad_id)
     return metrics.get("accuracy", metrics["loss"])
 
 
 def count_by_epsilon(analysis: dict) -> list[int]:
-    from ..analysis.intruder_dims import count_intruders
-    from ..analysis.report import EPSILONS
+    from loraforge.analysis.intruder_dims import count_intruders
+    from loraforge.analysis.report import EPSILONS
 
     return [sum(count_intruders(m.intruders.max_cosine, e) for m in analysis.values()) for e in EPSILONS]
 
 
 def reproduce(bench: IntruderBench, model_name: str) -> dict[str, Any]:
     """Every variant on one model: the rows of its table."""
-    from ..analysis import analyze, mitigate
-    from ..data import from_records
-    from ..inject import trainable_parameters
-    from ..io import load_adapter
-    from ..models import load_model
-    from ..train import TrainConfig, train
+    from loraforge.adapters.inject import trainable_parameters
+    from loraforge.adapters.io import load_adapter
+    from loraforge.analysis import analyze, mitigate
+    from loraforge.core.models import load_model
+    from loraforge.training.config import TrainConfig
+    from loraforge.training.data import from_records
+    from loraforge.training.loop import train
 
     data = bench.data or TASKS.get(model_name)
     if data is None:
@@ -246,7 +247,7 @@ def write_section(bench: IntruderBench, results: list[dict[str, Any]], command: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..analysis.report import EPSILONS
+    from loraforge.analysis.report import EPSILONS
 
     parts = []
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)

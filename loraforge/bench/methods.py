@@ -36,9 +36,9 @@ from pathlib import Path
 from queue import SimpleQueue
 from typing import Any
 
-from ..errors import LoraforgeError
-from ..io import atomic_write_text
-from . import append_section, figure_name, peak_rss_mb, save_figure
+from loraforge.bench import append_section, figure_name, peak_rss_mb, save_figure
+from loraforge.core.errors import LoraforgeError
+from loraforge.core.files import atomic_write_text
 
 SHARED_DATA_CANDIDATES = ("$LORAFORGE_SHARED_DATA", "../shared/data", "/work/shared/data")
 
@@ -70,11 +70,11 @@ def shared_data(name: str) -> Path:
 
 def load_rows(run: BenchRun) -> tuple[str, list[dict], list[dict]]:
     """(task, train rows, held-out rows)."""
-    from ..data import read_rows
+    from loraforge.training.data import read_rows
 
     if run.data == "advising":
-        from ..demo import SYSTEM
-        from ..tasks.advising import build_knowledge_base, phase1_examples
+        from loraforge.demo import SYSTEM
+        from loraforge.demo.advising import build_knowledge_base, phase1_examples
 
         rows = [{"messages": [{"role": "system", "content": SYSTEM}, *r["messages"]]}
                 for r in phase1_examples(build_knowledge_base(run.seed), run.seed)]
@@ -92,11 +92,12 @@ def run_one(run: BenchRun) -> dict[str, Any]:
     """Train one (method, init) and measure it; runs inside a fresh process."""
     import torch
 
-    from ..data import from_records
-    from ..evaluate import evaluate_dataset
-    from ..inject import trainable_parameters
-    from ..models import load_model
-    from ..train import TrainConfig, train
+    from loraforge.adapters.inject import trainable_parameters
+    from loraforge.core.models import load_model
+    from loraforge.training.config import TrainConfig
+    from loraforge.training.data import from_records
+    from loraforge.training.evaluate import evaluate_dataset
+    from loraforge.training.loop import train
 
     torch.manual_seed(run.seed)
     task, train_rows, dev_rows = load_rows(run)
@@ -140,9 +141,9 @@ def selection_summary(selection: dict[str, Any] | None) -> str | None:
 
 def rule_fields(rule: str) -> dict[str, str]:
     """The TrainConfig field a rule name sets: optimizer, regularizer or select."""
-    from ..optim import rule_names
-    from ..regularizers import regularizer_names
-    from ..select import selector_names
+    from loraforge.optim import rule_names
+    from loraforge.regularizers import regularizer_names
+    from loraforge.select import selector_names
 
     for field_name, names in (("optimizer", rule_names()), ("regularizer", regularizer_names()), ("select", selector_names())):
         if rule in names:
@@ -157,8 +158,8 @@ def all_runs(base: BenchRun, methods: list[str] | None, rules: list[str] | None 
     """Every (method, init) x rule x rate, or, with `pairs`, just those (method, rule) pairs x rate
     (a sweep of chosen combinations rather than the full cross). `inits` None: each initialiser that
     starts plain LoRA, when every method runs; with `lrs` (a sweep) `method_lrs` is ignored."""
-    from ..init import initializers
-    from ..registry import get_method, methods as registered
+    from loraforge.core.registry import get_method, initializers
+    from loraforge.core.registry import methods as registered
 
     if pairs and (methods or rules or inits):
         raise LoraforgeError("give either METHOD/RULE pairs or methods, rules and initialisers to cross, not both")

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import torch
 
-from . import append_section
+from loraforge.bench import append_section
 
 
 def parity(model_name: str = "smollm2-135m", rank: int = 8, seed: int = 0) -> dict[str, float]:
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from ..config import AdapterConfig
-    from ..inject import attach
-    from ..io import load_adapter, save_adapter
-    from ..models import load_model
+    from loraforge.adapters.inject import attach
+    from loraforge.adapters.io import load_adapter, save_adapter
+    from loraforge.core.config import AdapterConfig
+    from loraforge.core.models import load_model
 
     prompts = ["When is the application deadline?", "How much is tuition per year?", "Tell me about visas."]
     model, tokenizer = load_model(model_name)

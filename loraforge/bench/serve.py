@@ -38,8 +38,16 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import LoraforgeError
-from . import append_section, figure_name, machine, map_large_blocks, release_freed_memory, save_figure, status_mb
+from loraforge.bench import (
+    append_section,
+    figure_name,
+    machine,
+    map_large_blocks,
+    release_freed_memory,
+    save_figure,
+    status_mb,
+)
+from loraforge.core.errors import LoraforgeError
 
 B_SCALE = 0.05  # random B (nn.Linear's init) times this: an update of a few percent, like a trained adapter
 SYSTEMS = ("loraforge", "peft_switch", "peft_mixed", "merge_swap", "base")
@@ -96,10 +104,11 @@ class Work:
 
 def make_adapters(model_name: str, count: int, ranks: list[int], folder: Path, seed: int = 0) -> list[str]:
     """`count` adapters a000, a001, ... in `folder` (kept: a later run with more adapters adds only the missing)."""
-    from ..config import AdapterConfig
-    from ..inject import adapter_layers, attach, detach
-    from ..io import save_adapter
-    from ..models import load_model
+    from loraforge.adapters.inject import attach, detach
+    from loraforge.adapters.io import save_adapter
+    from loraforge.core.config import AdapterConfig
+    from loraforge.core.models import load_model
+    from loraforge.methods.base import adapter_layers
 
     names = [f"a{i:03d}" for i in range(count)]
     missing = [i for i, n in enumerate(names) if not (folder / n / "adapter_config.json").is_file()]
@@ -177,7 +186,7 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 def engine_runner(engine: Any) -> Callable[[list[Work]], list[float]]:
-    from ..serve import SamplingParams
+    from loraforge.serve import SamplingParams
 
     def run(work: list[Work]) -> list[float]:
         reqs = [engine.add_request(w.prompt, w.adapter, SamplingParams(max_tokens=w.new_tokens, ignore_eos=True))
@@ -257,7 +266,7 @@ def run_count(bench: ServeBench, count: int, folder: Path, base: Any, tokenizer:
     """Every system at `count` adapters, for each distribution: one row each."""
     import copy
 
-    from ..serve import Engine
+    from loraforge.serve import Engine
 
     names = [f"a{i:03d}" for i in range(count)]
     ranks = [int(r) for r in bench.ranks.split(",")]
@@ -362,8 +371,8 @@ def load_test(bench: ServeBench, base: Any, tokenizer: Any, folder: Path) -> dic
     import httpx
     import uvicorn
 
-    from ..serve import Engine
-    from ..serve.server import create_app
+    from loraforge.serve import Engine
+    from loraforge.serve.server import create_app
 
     names = make_adapters(bench.model, bench.load_adapters, [int(r) for r in bench.ranks.split(",")], folder,
                           bench.seed)
@@ -437,7 +446,7 @@ def load_test(bench: ServeBench, base: Any, tokenizer: Any, folder: Path) -> dic
 
 
 def bench_serve(bench: ServeBench, command: str = "", write: bool = True) -> dict[str, Any]:
-    from ..models import load_model
+    from loraforge.core.models import load_model
 
     bench.check()
     base, tokenizer = load_model(bench.model, task="causal-lm")

@@ -48,8 +48,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models import default_device
-from . import append_section, machine, map_large_blocks, release_freed_memory, status_mb
+from loraforge.bench import append_section, machine, map_large_blocks, release_freed_memory, status_mb
+from loraforge.core.models import default_device
 
 JSON_KEYS = ("frozen_step_s", "loraforge_step_s", "peft_step_s", "loraforge_peak_mb", "peft_peak_mb")
 ROW_LABELS = {"frozen": "frozen step (limit)", "loraforge": "loraforge", "plain_head": "loraforge, plain head",
@@ -74,8 +74,8 @@ class SpeedRun:
 
 
 def available_precisions(device: torch.device) -> list[str]:
-    from ..quant import backend_available
-    from ..train import autocast_dtype
+    from loraforge.quant.nf4 import backend_available
+    from loraforge.training.loop import autocast_dtype
 
     found = ["fp32"]
     if autocast_dtype("auto", device) == torch.bfloat16:
@@ -118,7 +118,7 @@ def _batch(vocab: int, run: SpeedRun, device: torch.device) -> dict[str, torch.T
 
 
 def _load(run: SpeedRun, device: torch.device) -> nn.Module:
-    from ..models import load_model
+    from loraforge.core.models import load_model
 
     model, _ = load_model(run.model)
     return model.to(device).train()
@@ -148,10 +148,11 @@ def _steps(run: SpeedRun, precision: str, device: torch.device) -> dict[str, Cal
     """One closure per variant, each doing one full step on its own model."""
     from peft import LoraConfig, get_peft_model
 
-    from ..config import AdapterConfig
-    from ..inject import attach
-    from ..quant import quantize_base
-    from ..train import batch_loss, parse_targets
+    from loraforge.adapters.inject import attach
+    from loraforge.core.config import AdapterConfig
+    from loraforge.quant.nf4 import quantize_base
+    from loraforge.training.config import parse_targets
+    from loraforge.training.loss import batch_loss
 
     amp = torch.bfloat16 if precision == "bf16" else None
     targets = parse_targets(run.targets)
@@ -222,7 +223,7 @@ def wanted_precisions(run: SpeedRun, device: torch.device) -> list[str]:
     wanted = have if run.precisions == "all" else [p.strip() for p in run.precisions.split(",")]
     missing = [p for p in wanted if p not in have]
     if missing:
-        from ..errors import LoraforgeError
+        from loraforge.core.errors import LoraforgeError
 
         raise LoraforgeError(f"precision {', '.join(missing)} is not available here (available: {', '.join(have)})")
     return wanted
@@ -333,10 +334,11 @@ def scaling(run: SpeedRun, progress: bool = True) -> dict[str, dict[str, float]]
     import copy
     import tempfile
 
-    from ..data import from_records
-    from ..errors import LoraforgeError
-    from ..models import load_model
-    from ..train import TrainConfig, train
+    from loraforge.core.errors import LoraforgeError
+    from loraforge.core.models import load_model
+    from loraforge.training.config import TrainConfig
+    from loraforge.training.data import from_records
+    from loraforge.training.loop import train
 
     counts = [int(n) for n in run.num_processes.split(",")]
     if any(n < 1 or run.batch_size % n for n in counts):

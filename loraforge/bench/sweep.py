@@ -16,8 +16,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from . import append_section, figure_name, save_figure
-from .methods import BenchRun, all_runs, run_all
+from loraforge.bench import append_section, figure_name, save_figure
+from loraforge.bench.methods import BenchRun, all_runs, run_all
 
 ONE_POINT = 0.01
 

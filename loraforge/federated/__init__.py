@@ -9,10 +9,20 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from ..config import CONFIG_NAME, LORAFORGE_CONFIG_NAME, WEIGHTS_NAME
-from ..errors import AdapterError
-from ..io import PEFT_PREFIX, atomic_dir, read_adapter
-from .aggregate import STRATEGIES, Aggregate, ClientAdapter, check_clients, fedavg, flora, lora_fair, lora_modules
+from loraforge.adapters.io import PEFT_PREFIX, read_adapter
+from loraforge.core.config import CONFIG_NAME, LORAFORGE_CONFIG_NAME, WEIGHTS_NAME
+from loraforge.core.errors import AdapterError
+from loraforge.core.files import atomic_dir
+from loraforge.federated.aggregate import (
+    STRATEGIES,
+    Aggregate,
+    ClientAdapter,
+    check_clients,
+    fedavg,
+    flora,
+    lora_fair,
+    lora_modules,
+)
 
 __all__ = ["STRATEGIES", "Aggregate", "ClientAdapter", "aggregate", "fedavg", "flora", "lora_fair", "lora_modules",
            "read_client", "write_adapter"]

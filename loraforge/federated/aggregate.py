@@ -34,8 +34,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import AdapterConfig
-from ..errors import AdapterError
+from loraforge.core.config import AdapterConfig
+from loraforge.core.errors import AdapterError
 
 
 @dataclass

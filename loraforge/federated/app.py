@@ -28,8 +28,8 @@ from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from ..errors import LoraforgeError
-from .flower import FedRunConfig, client_train, prepare, server_main
+from loraforge.core.errors import LoraforgeError
+from loraforge.federated.flower import FedRunConfig, client_train, prepare, server_main
 
 client_app = ClientApp()
 client_app.train()(client_train)

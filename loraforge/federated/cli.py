@@ -8,7 +8,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from ..errors import AdapterError
+from loraforge.core.errors import AdapterError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -54,7 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
-    from . import aggregate
+    from loraforge.federated import aggregate
 
     weights = parse_weights(args.weights) if args.weights else None
     options = {}
@@ -71,8 +71,8 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
         print(f"{args.strategy}: aggregate of {len(args.adapters)} adapters (rank {result.config.rank}) "
               f"written to {args.out}")
         return 0
-    from ..evaluate import merge_to_folder
-    from ..io import load_pretrained
+    from loraforge.adapters.io import load_pretrained
+    from loraforge.training.evaluate import merge_to_folder
 
     with tempfile.TemporaryDirectory(prefix="loraforge-fed-") as tmp:
         adapter_dir = Path(tmp) / "aggregate"
@@ -86,7 +86,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     try:
-        from .flower import FedRunConfig, run
+        from loraforge.federated.flower import FedRunConfig, run
     except ImportError as exc:
         raise AdapterError(f"fed run needs Flower: pip install 'loraforge[fed]' ({exc})") from exc
     fields = {f: getattr(args, f) for f in FedRunConfig.__dataclass_fields__ if hasattr(args, f)}

@@ -31,15 +31,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from ..config import AdapterConfig
-from ..data import from_records, read_rows
-from ..errors import AdapterError, LoraforgeError
-from ..evaluate import evaluate_dataset
-from ..inject import adapter_state_dict, attach, merge_and_unload
-from ..io import atomic_dir, atomic_write_text, load_adapter
-from ..train import TrainConfig, parse_targets, train
-from . import STRATEGIES, ClientAdapter, check_clients, read_client, write_adapter
-from .aggregate import stack_onto
+from loraforge.adapters.inject import adapter_state_dict, attach, merge_and_unload
+from loraforge.adapters.io import load_adapter
+from loraforge.core.config import AdapterConfig
+from loraforge.core.errors import AdapterError, LoraforgeError
+from loraforge.core.files import atomic_dir, atomic_write_text
+from loraforge.federated import STRATEGIES, ClientAdapter, check_clients, read_client, write_adapter
+from loraforge.federated.aggregate import stack_onto
+from loraforge.training.config import TrainConfig, parse_targets
+from loraforge.training.data import from_records, read_rows
+from loraforge.training.evaluate import evaluate_dataset
+from loraforge.training.loop import train
 
 log = logging.getLogger("loraforge.fed")
 CHECKPOINT = "checkpoint"  # global adapter + metrics + round counter of the last finished round
@@ -112,7 +114,7 @@ _BASES: dict[tuple[str, str], tuple] = {}  # (model, task) -> (model, tokenizer)
 
 
 def base_model(cfg: FedRunConfig) -> tuple[torch.nn.Module, object]:
-    from ..models import load_model
+    from loraforge.core.models import load_model
 
     if (cfg.model, cfg.task) not in _BASES:
         with torch.random.fork_rng(devices=[]):
@@ -302,7 +304,7 @@ def prepare(cfg: FedRunConfig) -> None:
 
 def run(cfg: FedRunConfig, num_cpus: int = 2) -> Path:
     """Run `cfg` in Flower's simulation engine (Ray; one CPU per simulated client at a time)."""
-    from .app import client_app  # the ClientApp `flwr run` deploys
+    from loraforge.federated.app import client_app  # the ClientApp `flwr run` deploys
 
     prepare(cfg)
     server = ServerApp()  # app.server_app reads its settings from Flower's run config; here they are in hand

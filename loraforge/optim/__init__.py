@@ -18,8 +18,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import LoraforgeError
-from ..plugins import Plugins
+from loraforge.core.errors import LoraforgeError
+from loraforge.core.plugins import Plugins
 
 RULES: Plugins[Callable[..., torch.optim.Optimizer]] = Plugins(
     "optimizer", __name__, aliases={"loraplus": "lora-plus", "lora+": "lora-plus", "lorapro": "lora-pro"},

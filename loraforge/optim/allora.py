@@ -27,9 +27,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import LoraforgeError
-from ..layers.base import AdapterLayer
-from . import named_trainable, register_rule
+from loraforge.core.errors import LoraforgeError
+from loraforge.methods.base import AdapterLayer
+from loraforge.optim import named_trainable, register_rule
 
 
 def allora_coefficients(param: torch.Tensor, eta: float) -> torch.Tensor:

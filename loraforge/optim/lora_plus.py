@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import LoraforgeError
-from . import named_trainable, register_rule
+from loraforge.core.errors import LoraforgeError
+from loraforge.optim import named_trainable, register_rule
 
 
 def _decayed_names(model: nn.Module) -> set[str]:

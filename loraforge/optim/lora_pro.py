@@ -38,10 +38,10 @@ import math
 import torch
 from torch import nn
 
-from ..errors import LoraforgeError
-from ..layers.base import AdapterLayer
-from ..layers.lora import LoRALinear
-from . import named_trainable, register_rule
+from loraforge.core.errors import LoraforgeError
+from loraforge.methods.base import AdapterLayer
+from loraforge.methods.lora import LoRALinear
+from loraforge.optim import named_trainable, register_rule
 
 DELTA = 1e-8  # the reference's ridge on B^T B and A A^T
 

@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 
 from torch import nn
 
-from ..plugins import Plugins
+from loraforge.core.plugins import Plugins
 
 
 class Regularizer(Protocol):

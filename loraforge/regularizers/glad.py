@@ -30,8 +30,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import LoraforgeError
-from . import register_regularizer
+from loraforge.core.errors import LoraforgeError
+from loraforge.regularizers import register_regularizer
 
 
 class GLAD:

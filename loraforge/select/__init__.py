@@ -25,10 +25,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..config import AdapterConfig
-from ..errors import LoraforgeError
-from ..plugins import Plugins
-from ..inject import adapter_layers, attach, tensors_replaced
+from loraforge.adapters.inject import attach, tensors_replaced
+from loraforge.core.config import AdapterConfig
+from loraforge.core.errors import LoraforgeError
+from loraforge.core.plugins import Plugins
+from loraforge.methods.base import adapter_layers
 
 Batch = dict[str, torch.Tensor]
 
@@ -109,8 +110,8 @@ def search_data(train_data: Any, eval_data: Any, batch_size: int, pad_id: int, t
     """`steps` training batches and up to `steps` validation batches, seeded. Validation is
     `eval_data` when given, else every fifth training row (held out from the search's training
     batches only: the final training run sees all rows)."""
-    from ..data import BatchPlan, collate, count_label_tokens
-    from ..train import batch_loss  # the trainer imports this package: import at call time
+    from loraforge.training.data import BatchPlan, collate, count_label_tokens
+    from loraforge.training.loss import batch_loss  # the trainer imports this package: import at call time
 
     rows = list(range(len(train_data)))
     if eval_data is None:
@@ -185,7 +186,7 @@ def unrolled_gate_grads(model: nn.Module, search: SearchData, weights: list[torc
     """d/d alpha of L_val(theta - eta * grad_theta L_train(theta, alpha), alpha): Flexora's (and
     DARTS') one-step unroll, exact through the second-order term, with eta the adapter's learning
     rate (the step an SGD update would take; the search's AdamW step is not differentiated)."""
-    from ..layers.lora import plain_autograd  # the fused LoRA node is once-differentiable
+    from loraforge.methods.lora import plain_autograd  # the fused LoRA node is once-differentiable
 
     with plain_autograd(model):
         grads = torch.autograd.grad(search.loss(model, train_batch), weights, create_graph=True, allow_unused=True)

@@ -29,10 +29,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..config import AdapterConfig
-from ..errors import LoraforgeError
-from ..inject import attach, find_targets
-from . import SearchData, Selector, register_selector
+from loraforge.adapters.inject import attach
+from loraforge.core.config import AdapterConfig
+from loraforge.core.errors import LoraforgeError
+from loraforge.core.modules import find_targets
+from loraforge.select import SearchData, Selector, register_selector
 
 
 def integrated_gradients(model: nn.Module, weights: dict[str, nn.Parameter], start: dict[str, torch.Tensor],

@@ -30,10 +30,11 @@ import math
 import torch
 from torch import nn
 
-from ..config import AdapterConfig
-from ..errors import LoraforgeError
-from ..inject import adapter_layers, adapter_state_dict, attach, detach
-from . import SearchData, Selector, gated_search, register_selector
+from loraforge.adapters.inject import adapter_state_dict, attach, detach
+from loraforge.core.config import AdapterConfig
+from loraforge.core.errors import LoraforgeError
+from loraforge.methods.base import adapter_layers
+from loraforge.select import SearchData, Selector, gated_search, register_selector
 
 
 def top_modules(logits: dict[str, float], ratio: float) -> list[str]:

@@ -34,10 +34,10 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..config import AdapterConfig
-from ..errors import LoraforgeError
-from ..inject import attach, detach
-from . import SearchData, Selector, adapter_paths_by_block, gated_search, register_selector
+from loraforge.adapters.inject import attach, detach
+from loraforge.core.config import AdapterConfig
+from loraforge.core.errors import LoraforgeError
+from loraforge.select import SearchData, Selector, adapter_paths_by_block, gated_search, register_selector
 
 
 def selected_layers(logits: list[float], layer_ids: list[int]) -> list[int]:

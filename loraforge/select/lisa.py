@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import LoraforgeError
-from . import Selector, block_of, find_blocks, register_selector
+from loraforge.core.errors import LoraforgeError
+from loraforge.select import Selector, block_of, find_blocks, register_selector
 
 
 def sample_blocks(n_blocks: int, gamma: int, seed: int, period: int) -> list[int]:

@@ -7,9 +7,9 @@
 The HTTP server (loraforge/serve/server.py) needs the `serve` extra (fastapi, uvicorn).
 """
 
-from .engine import Engine, Request, RequestError, SamplingParams
-from .kv_cache import BlockPool
-from .pool import AdapterBusyError, AdapterPool, UnknownAdapterError
+from loraforge.serve.engine import Engine, Request, RequestError, SamplingParams
+from loraforge.serve.kv_cache import BlockPool
+from loraforge.serve.pool import AdapterBusyError, AdapterPool, UnknownAdapterError
 
 __all__ = ["AdapterBusyError", "AdapterPool", "BlockPool", "Engine", "Request", "RequestError", "SamplingParams",
            "UnknownAdapterError"]

@@ -6,7 +6,7 @@ import argparse
 import ipaddress
 import sys
 
-from ..errors import LoraforgeError
+from loraforge.core.errors import LoraforgeError
 
 LOOPBACK = ("localhost",)
 
@@ -30,11 +30,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .server import create_app
+        from loraforge.serve.server import create_app
     except ImportError as exc:
         raise LoraforgeError(f"`loraforge serve` needs the serve extra: pip install 'loraforge[serve]' ({exc})") from exc
-    from ..models import load_model
-    from .engine import Engine
+    from loraforge.core.models import load_model
+    from loraforge.serve.engine import Engine
 
     if not _is_loopback(args.host) and args.api_key is None:
         print(f"loraforge: warning: listening on {args.host} without --api-key: anyone who can reach it may use it",

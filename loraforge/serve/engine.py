@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from ..errors import AdapterError, LoraforgeError
-from .kv_cache import BlockPool
-from .pool import AdapterPool, LoRABatch
+from loraforge.core.errors import AdapterError, LoraforgeError
+from loraforge.serve.kv_cache import BlockPool
+from loraforge.serve.pool import AdapterPool, LoRABatch
 
 SERVED_MODEL_TYPES = ("llama",)
 LORA_KERNELS = ("auto", "segment", "padded")  # AdapterPool.add_delta's layouts

@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import CONFIG_NAME
-from ..errors import AdapterError
-from ..io import read_adapter
+from loraforge.adapters.io import read_adapter
+from loraforge.core.config import CONFIG_NAME
+from loraforge.core.errors import AdapterError
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 HostAdapter = dict[str, tuple[torch.Tensor, torch.Tensor, float]]

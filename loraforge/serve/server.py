@@ -23,14 +23,15 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
-from fastapi import Depends, FastAPI, Request as HttpRequest
+from fastapi import Depends, FastAPI
+from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from ..errors import AdapterError
-from .engine import Engine, Request, RequestError, SamplingParams
-from .pool import AdapterBusyError, UnknownAdapterError
+from loraforge.core.errors import AdapterError
+from loraforge.serve.engine import Engine, Request, RequestError, SamplingParams
+from loraforge.serve.pool import AdapterBusyError, UnknownAdapterError
 
 
 class EngineLoop:

@@ -1,5 +1,0 @@
-"""Fused computations that keep a training step close to the frozen model's own cost."""
-
-from .linear_cross_entropy import linear_cross_entropy
-
-__all__ = ["linear_cross_entropy"]

@@ -1,0 +1,94 @@
+"""The protocol every parametrisation follows: wrap one frozen linear layer and add `delta(x)`.
+
+    h = base_layer(x) + delta(x)            (unmerged: training, multi-adapter serving)
+    W <- W + delta_weight()                 (merged: plain inference, export)
+
+A subclass defines its tensors in `__init__`, `delta(x)` (never materialising d_out x d_in when a
+low-rank path exists) and `delta_weight()` (the d_out x d_in update, float32, for merging).
+Every parameter and persistent buffer the layer creates (i.e. not under `base_layer.`) is adapter
+state: saved with the adapter; its parameters train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from loraforge.core.config import AdapterConfig
+from loraforge.core.errors import AdapterError
+from loraforge.core.modules import LINEAR_TYPES
+
+
+class AdapterLayer(nn.Module):
+    def __init__(self, base_layer: nn.Module, config: AdapterConfig, name: str):
+        super().__init__()
+        if not isinstance(base_layer, LINEAR_TYPES):
+            raise TypeError(f"{name}: cannot adapt {type(base_layer).__name__}, only Linear / Conv1D")
+        self.base_layer = base_layer
+        # GPT-2's Conv1D keeps its weight as (d_in, d_out): PEFT calls this fan_in_fan_out.
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        d0, d1 = base_layer.weight.shape
+        self.in_features, self.out_features = (d0, d1) if self.fan_in_fan_out else (d1, d0)
+        self.merged = False
+        self.disabled = False
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged or self.disabled:  # merged: the update is already inside the weight
+            return out
+        return out + self.delta(x).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self._add_to_weight(+1.0)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self._add_to_weight(-1.0)
+            self.merged = False
+
+    def _add_to_weight(self, sign: float) -> None:
+        if hasattr(self.base_layer, "to_linear"):  # a 4-bit base (quant.py): merge into its dequantised weight
+            self.base_layer = self.base_layer.to_linear()
+        weight = self.base_layer.weight
+        update = self.delta_weight().float()  # (d_out, d_in); float32 so merge/unmerge round-trips
+        if self.fan_in_fan_out:
+            update = update.T
+        weight.data = (weight.data.float() + sign * update).to(weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, merged={self.merged}"
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone (e.g. the 'before' side of an evaluation)."""
+    layers = adapter_layers(model).values()
+    if any(layer.merged for layer in layers):
+        raise AdapterError("cannot disable a merged adapter: unmerge() it first")
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+

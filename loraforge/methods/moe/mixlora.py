@@ -1,0 +1,290 @@
+"""MixLoRA: a mixture of LoRA experts in each frozen FFN, plain LoRA on attention.
+
+MixLoRA: Enhancing Large Language Models Fine-Tuning with LoRA based Mixture of Experts,
+Li et al. (arXiv 2404.15159). For a token h (d) of a LLaMA-style block with E experts:
+
+    p = softmax(G h)                          router G (E x d), N(0, 0.02^2), no bias, no jitter
+    S = top-k(p),   w_e = p_e / sum_S p       the k chosen experts, weights renormalised to 1
+    z_e = act((W_g + s B^g_e A^g_e) h) * ((W_u + s B^u_e A^u_e) h)                 (d_ff)
+    y = sum_{e in S} w_e (W_d + s B^d_e A^d_e) z_e
+      = W_d (sum_S w_e z_e) + sum_S w_e s B^d_e A^d_e z_e      (sum_S w_e = 1: one W_d per token)
+
+W_g h and W_u h are computed once per token; only the rank-r terms are per expert. With every
+B = 0 (init) each expert is the frozen FFN, so y is its output whatever the router says.
+
+Load balance, the reference code's Mixtral form (aux_norm="mixtral"): pooled over the real
+(non-padding) tokens of every MoE layer of one forward, f[j, e] = share of tokens whose j-th
+choice is e, P_e = mean p_e, L_aux = E sum_j sum_e f[j, e] P_e (= k when balanced). "switch"
+divides by k (= 1 when balanced). While P is uniform (a fresh router) L_aux = k whatever f is;
+its gradient still pushes p away from overloaded experts. The trainer adds aux_loss_coef * L_aux.
+
+Decisions where the spec is open:
+- The FFN never sees the attention mask: a forward pre-hook on the base model records it, and
+  each MoE layer takes its last T columns (a KV cache puts the past first). Without a usable
+  mask (None, or a call outside the model) every token counts.
+- `target_modules` chooses the plain-LoRA layers outside the FFNs (q/k/v/o_proj in LLaMA); every
+  gated FFN becomes a mixture with experts on gate, up and down. rank/alpha/dropout are shared;
+  rank_pattern / alpha_pattern reach expert LoRA through the projection path ("mlp.down_proj").
+- L_aux is formed in training mode only; expert loads are counted always (padding excluded).
+  The pool restarts when a layer reports twice (a new forward); the first FFN carries aux_loss.
+- LoRA dropout acts on each expert's own input rows (an independent mask per expert).
+- merge() folds the attention LoRA only: the mixture has no dense equivalent (merges=False).
+- The registry's per-layer count (`loraforge methods`) is one projection's expert bank,
+  E r (d_in + d_out); the router adds E d per FFN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraforge.core.config import AdapterConfig
+from loraforge.core.errors import AdapterError
+from loraforge.core.modules import find_targets
+from loraforge.core.registry import register
+from loraforge.methods.base import AdapterLayer
+from loraforge.methods.lora import LoRALinear
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixLoRAOptions:
+    """`AdapterConfig.extras` of a MixLoRA adapter (defaults: the reference code's)."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    aux_loss_coef: float = 0.01
+    router_init_std: float = 0.02
+    aux_norm: str = "mixtral"  # "mixtral" (= k when balanced) | "switch" (= 1 when balanced)
+
+    @classmethod
+    def of(cls, config: AdapterConfig) -> "MixLoRAOptions":
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(config.extras) - set(known))
+        if unknown:
+            raise AdapterError(f"mixlora: unknown extras {unknown}; known: {', '.join(known)}")
+        o = cls(**config.extras)
+        number = (int, float)
+        checks = [("num_experts", lambda v: type(v) is int and v >= 1, "a positive integer"),  # before top_k reads it
+                  ("top_k", lambda v: type(v) is int and 1 <= v <= o.num_experts, "an integer in [1, num_experts]"),
+                  ("aux_loss_coef", lambda v: isinstance(v, number) and v >= 0, "a number >= 0"),
+                  ("router_init_std", lambda v: isinstance(v, number) and v > 0, "a number > 0"),
+                  ("aux_norm", lambda v: v in ("mixtral", "switch"), "'mixtral' or 'switch'")]
+        for key, ok, want in checks:
+            if not ok(getattr(o, key)):
+                raise AdapterError(f"mixlora: extras[{key!r}] must be {want}, got {getattr(o, key)!r}")
+        return o
+
+
+class ExpertLoRA(nn.Module):
+    """E independent LoRA pairs for one frozen projection W (d_out x d_in): expert e adds s B_e A_e x."""
+
+    def __init__(self, base_layer: nn.Module, config: AdapterConfig, name: str):
+        super().__init__()
+        experts = MixLoRAOptions.of(config).num_experts
+        d_out, d_in = base_layer.weight.shape
+        self.rank, alpha = config.rank_for(name), config.alpha_for(name)
+        self.scaling = alpha / math.sqrt(self.rank) if config.use_rslora else alpha / self.rank
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        device = base_layer.weight.device
+        self.lora_A = nn.Parameter(torch.empty(experts, self.rank, d_in, device=device))  # (E, r, d_in)
+        self.lora_B = nn.Parameter(torch.zeros(experts, d_out, self.rank, device=device))  # (E, d_out, r)
+        self._init_tensors(config.init)
+
+    @torch.no_grad()
+    def _init_tensors(self, init: str) -> None:
+        if self.lora_A.is_meta:
+            return
+        for e in range(self.lora_A.shape[0]):  # expert by expert, so fan-in is d_in (r for B), as LoRALinear's
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A[e], std=1.0 / self.rank)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A[e], a=math.sqrt(5))
+            if init == "random":  # tests only: experts that differ from the frozen FFN at step 0
+                nn.init.kaiming_uniform_(self.lora_B[e], a=math.sqrt(5))
+
+    def extra_repr(self) -> str:
+        experts, d_out, rank = self.lora_B.shape
+        return f"experts={experts}, rank={rank}, in={self.lora_A.shape[2]}, out={d_out}"
+
+    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        x = self.dropout(x.to(self.lora_A.dtype))  # (n, d_in)
+        return F.linear(F.linear(x, self.lora_A[expert]), self.lora_B[expert]) * self.scaling  # (n, d_out)
+
+    def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Rows sorted by expert, counts[e] of them for expert e, each through its expert's LoRA."""
+        return torch.cat([self(rows, e) for e, rows in enumerate(x.split(counts))])  # (sum counts, d_out)
+
+
+class LoadBalance:
+    """Router statistics of one forward, pooled over every MoE layer of a model (the reference
+    concatenates all layers' router logits before one loss), padding left out."""
+
+    def __init__(self, options: MixLoRAOptions, owner: nn.Module):
+        self.options = options
+        self.owner = weakref.ref(owner)  # the one module whose aux_loss the trainer reads
+        self.mask: torch.Tensor | None = None  # (B, T) attention mask of the running forward
+        self._restart()
+
+    def _restart(self) -> None:
+        self.seen: set[int] = set()  # ids of the layers that reported in this forward
+        self.tokens, self.prob_sum, self.choice_sum = 0, 0.0, 0.0
+
+    def mask_hook(self):
+        """Forward pre-hook for the base model: records the attention mask. It holds the pool
+        weakly, so after detach() it neither keeps the old adapter alive nor does anything."""
+        pool = weakref.ref(self)
+
+        def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if (balance := pool()) is not None:
+                balance.mask = kwargs.get("attention_mask")
+
+        return capture
+
+    def real_tokens(self, lead_shape: torch.Size) -> torch.Tensor | None:
+        """(B·T,) bool, True for a non-padding token; None when the mask does not fit (all count)."""
+        m = self.mask
+        if m is None or m.dim() != 2 or len(lead_shape) != 2 or m.shape[0] != lead_shape[0] or m.shape[1] < lead_shape[1]:
+            return None
+        return m[:, m.shape[1] - lead_shape[1]:].reshape(-1).bool()
+
+    def add(self, layer: nn.Module, probs: torch.Tensor, chosen: torch.Tensor) -> None:
+        """probs (n, E), chosen (n, k) of one layer's real tokens; sets the pooled loss so far."""
+        if id(layer) in self.seen:  # a layer reports twice: a new forward has begun
+            self._restart()
+        self.seen.add(id(layer))
+        experts, k = probs.shape[1], chosen.shape[1]
+        self.tokens += probs.shape[0]
+        self.prob_sum = self.prob_sum + probs.sum(0)  # (E,)
+        self.choice_sum = self.choice_sum + F.one_hot(chosen, experts).sum(0)  # (k, E)
+        owner = self.owner()
+        if self.tokens == 0 or owner is None:
+            return
+        f, p = self.choice_sum / self.tokens, self.prob_sum / self.tokens  # (k, E), (E,)
+        loss = experts * (f * p).sum() / (k if self.options.aux_norm == "switch" else 1)
+        owner.aux_loss = self.options.aux_loss_coef * loss
+
+
+class MixLoRAFFN(AdapterLayer):
+    """A frozen gated FFN (`base_layer`) turned into E LoRA experts behind a top-k router."""
+
+    def __init__(self, mlp: nn.Module, config: AdapterConfig, name: str, balance: LoadBalance | None = None):
+        # An AdapterLayer by protocol (base_layer, merged / disabled: detach, adapter_disabled and
+        # saving work unchanged), but its base is a whole FFN, so the Linear-only __init__ is skipped.
+        nn.Module.__init__(self)
+        options = MixLoRAOptions.of(config)
+        self.base_layer, self.merged, self.disabled, self.fan_in_fan_out = mlp, False, False, False
+        self.in_features = self.out_features = mlp.gate_proj.in_features
+        self.num_experts, self.top_k = options.num_experts, options.top_k
+        device = mlp.gate_proj.weight.device
+        self.router = nn.Linear(self.in_features, self.num_experts, bias=False, device=device)  # G (E, d)
+        with torch.no_grad():
+            self.router.weight.normal_(0.0, options.router_init_std)
+        self.experts = nn.ModuleDict({p: ExpertLoRA(getattr(mlp, p), config, f"{name}.{p}") for p in PROJECTIONS})
+        self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.long, device=device),
+                             persistent=False)
+        self.balance = balance or LoadBalance(options, self)
+        self.aux_loss: torch.Tensor | None = None
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Full softmax (N, E), renormalised weights of the chosen experts (N, k), their ids (N, k)."""
+        probs = self.router(h.to(self.router.weight.dtype)).float().softmax(-1)  # (N, E)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
+        return probs, weights / weights.sum(-1, keepdim=True), chosen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mlp = self.base_layer
+        if self.disabled:
+            return mlp(x)
+        h = x.reshape(-1, x.shape[-1])  # (N, d)
+        probs, weights, chosen = self.route(h)
+        self._account(probs, chosen, x.shape[:-1])
+        order = chosen.flatten().argsort(stable=True)  # (N k) assignments, grouped by expert
+        token, w = order // self.top_k, weights.flatten()[order, None]  # (N k,), (N k, 1)
+        counts = torch.bincount(chosen.flatten(), minlength=self.num_experts).tolist()
+        h_s = h.index_select(0, token)  # (N k, d): each token once per chosen expert
+        # The frozen W_g h and W_u h once per token (N, d_ff), copied to its k assignments.
+        gate = mlp.gate_proj(h).index_select(0, token) + self.experts["gate_proj"].grouped(h_s, counts)
+        up = mlp.up_proj(h).index_select(0, token) + self.experts["up_proj"].grouped(h_s, counts)
+        z = mlp.act_fn(gate) * up  # (N k, d_ff): z_e of every assignment
+        mixed = z.new_zeros(h.shape[0], z.shape[1]).index_add_(0, token, w.to(z.dtype) * z)  # (N, d_ff)
+        delta = w * self.experts["down_proj"].grouped(z, counts)  # (N k, d)
+        out = mlp.down_proj(mixed)  # (N, d)
+        return out.index_add(0, token, delta.to(out.dtype)).reshape(x.shape)
+
+    def _account(self, probs: torch.Tensor, chosen: torch.Tensor, lead_shape: torch.Size) -> None:
+        real = self.balance.real_tokens(lead_shape)
+        if real is not None:
+            probs, chosen = probs[real], chosen[real]
+        self.tokens_per_expert += torch.bincount(chosen.flatten(), minlength=self.num_experts)
+        if self.training:
+            self.balance.add(self, probs, chosen)
+
+    def merge(self) -> None:
+        """Nothing to fold: routing depends on the input, so no dense FFN equals the mixture."""
+
+    def extra_repr(self) -> str:
+        return f"d={self.in_features}, experts={self.num_experts}, top_k={self.top_k}"
+
+
+def gated_ffns(model: nn.Module) -> dict[str, nn.Module]:
+    """LLaMA-style FFNs: down(act(gate(h)) * up(h)) with Linear gate_proj / up_proj / down_proj."""
+    return {name: m for name, m in model.named_modules()
+            if all(isinstance(getattr(m, p, None), nn.Linear) for p in PROJECTIONS) and callable(getattr(m, "act_fn", None))}
+
+
+def attach_mixlora(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """The registry's attach hook: plain LoRA outside the FFNs, a MixLoRAFFN in place of each FFN."""
+    MixLoRAOptions.of(config)
+    ffns = gated_ffns(model)
+    if not ffns:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise AdapterError(f"mixlora needs LLaMA-style gated FFNs (gate_proj, up_proj, down_proj Linear layers and "
+                           f"act_fn); {type(model).__name__} (model_type {model_type!r}) has none")
+    plain = _plain_lora_targets(model, config, list(ffns))
+    for name in plain:
+        _replace(model, name, LoRALinear(model.get_submodule(name), config, name))
+    balance = None
+    for name, mlp in ffns.items():
+        block = MixLoRAFFN(mlp, config, name, balance)
+        balance = block.balance  # one pool for the model; the first FFN carries aux_loss
+        _replace(model, name, block)
+    getattr(model, "base_model", model).register_forward_pre_hook(balance.mask_hook(), with_kwargs=True)
+    return plain + list(ffns)
+
+
+def expert_load(model: nn.Module, reset: bool = False) -> dict[str, torch.Tensor]:
+    """Tokens routed to each expert (E,), per MoE FFN path, since attach or the last reset."""
+    loads = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MixLoRAFFN):
+            loads[name] = module.tokens_per_expert.clone()
+            if reset:
+                module.tokens_per_expert.zero_()
+    return loads
+
+
+def _plain_lora_targets(model: nn.Module, config: AdapterConfig, ffns: list[str]) -> list[str]:
+    spec = config.target_modules
+    if isinstance(spec, list):  # names of FFNs go (a reloaded adapter lists the FFNs it replaced)
+        spec = [t for t in spec if not any(f == t or f.endswith("." + t) for f in ffns)]
+        if not spec:
+            return []
+    targets = find_targets(model, dataclasses.replace(config, target_modules=spec))
+    return [t for t in targets if not any(t.startswith(f + ".") for f in ffns)]
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+register("mixlora", axis="mixture", merges=False, peft_type=None, attach=attach_mixlora,
+         paper="MixLoRA: Enhancing Large Language Models Fine-Tuning with LoRA based Mixture of Experts (arXiv 2404.15159)",
+         )(ExpertLoRA)

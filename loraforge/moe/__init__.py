@@ -1,5 +1,0 @@
-"""Mixture-of-experts adapters; importing this package registers them."""
-
-from .mixlora import MixLoRAFFN, MixLoRAOptions, attach_mixlora, expert_load
-
-__all__ = ["MixLoRAFFN", "MixLoRAOptions", "attach_mixlora", "expert_load"]

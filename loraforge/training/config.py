@@ -1,0 +1,119 @@
+"""`TrainConfig`: everything a run needs. The CLI's flags and the keys of `--config run.yaml` are its fields."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from loraforge.core.config import AdapterConfig
+from loraforge.core.errors import LoraforgeError
+
+
+def opt(default: Any, help: str = "") -> Any:
+    """A TrainConfig field whose help text becomes the CLI flag's help."""
+    return field(default=default, metadata={"help": help})
+
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; the CLI's flags and the keys of `--config run.yaml` are these fields."""
+
+    model: str = opt("smollm2-135m", "embedded name, local HF folder or .gguf file")
+    data: str | None = opt(None, "JSONL (chat / alpaca / prompt-completion / GSM8K) or TSV/CSV (classification)")
+    out: str = opt("runs/train", "run folder: config, metrics, checkpoint, adapter/")
+    task: str = opt("causal-lm", "causal-lm | classification")
+    num_labels: int | None = opt(None, "classification: inferred from the data when not given")
+    eval_data: str | None = opt(None, "held-out data in the same form as --data")
+    text_column: str | None = opt(None, "classification text column; None: sentence or text")
+    label_column: str | None = opt(None, "classification label column; None: label")
+    # adapter
+    method: str = opt("lora", "a name from `loraforge methods`")
+    rank: int = opt(8, "adapter rank r")
+    alpha: float = opt(16.0, "scale s = alpha / r (alpha / sqrt(r) with --use-rslora)")
+    dropout: float = opt(0.0, "dropout on the adapter branch input only")
+    targets: str = opt("all-linear", "all-linear, comma-separated names, or one regex")
+    use_rslora: bool = opt(False, "rank-stabilised scale alpha / sqrt(r)")
+    init: str = opt("default", "default | gaussian | pissa | lora-ga | eva (lora-xs and lora-sb bring their own)")
+    init_batches: int = opt(8, "training batches a data-based start (lora-ga, eva, lora-sb) reads before step 1")
+    # optimisation
+    steps: int = opt(100, "optimizer steps")
+    lr: float = opt(2e-4, "peak learning rate (AdamW)")
+    batch_size: int = opt(8, "rows per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    warmup: float = opt(0.06, "fraction of the steps spent warming up linearly, then cosine to 0")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    optimizer: str = opt("adamw", "optimisation rule: adamw | lora-plus | lora-pro | allora (loraforge/optim/)")
+    loraplus_lr_ratio: float = opt(16.0, "lora-plus: lr of B / lr of A (lambda)")
+    lorapro_mode: str = opt("full", "lora-pro: full (Adam moments in the d_out x d_in space) | efficient (A/B-sized)")
+    lorapro_x_mode: str = opt("sylvester", "lora-pro: the free r x r matrix X: sylvester | symmetry | zero")
+    allora_eta: float = opt(2.0, "allora: gradient factor at a zero row; needs --alpha = --rank, --dropout 0")
+    regularizer: str | None = opt(None, "gradient regulariser: glad (loraforge/regularizers/); costs a second pass")
+    select: str | None = opt(None, "where adapters go, which layers train: lisa | flexora | diffora | colora (select/)")
+    lisa_layers: int = opt(2, "lisa: transformer blocks trained at a time (gamma)")
+    lisa_interval: int = opt(20, "lisa: optimizer steps between resamplings (K)")
+    select_steps: int = opt(20, "flexora/diffora: search steps; colora: steps of the short full fine-tune")
+    select_lr: float = opt(0.01, "flexora/diffora: learning rate of the gates (Adam)")
+    select_order: int = opt(1, "flexora/diffora: gate gradient, 1 = first order (reference code), 2 = one-step unrolled")
+    diffora_ratio: float = opt(0.5, "diffora: fraction of the target modules that keep an adapter")
+    colora_ig_steps: int = opt(8, "colora: integrated-gradient steps N of the contribution (FAIG)")
+    glad_rho: float = opt(0.05, "glad: SAM radius of the reference gradient's perturbation")
+    glad_lambda: float = opt(1.0, "glad: share of the conflicting component removed (1: full projection)")
+    max_grad_norm: float = opt(1.0, "0 turns clipping off")
+    max_length: int = opt(512, "tokens per row; longer rows are truncated")
+    length_grouped: bool = opt(False, "batch rows of similar length together: less padding")
+    precision: str = opt("auto", "auto | fp32 | bf16 | fp16 (autocast; auto = bf16 where the hardware has it)")
+    seed: int = opt(0, "seeds the adapter init, data order and dropout")
+    quant: str | None = opt(None, "nf4: hold the frozen base's linear weights in 4 bits, NF4 + double quantisation "
+                                  "(QLoRA; pip install 'loraforge[quant]')")
+    grad_checkpoint: bool = opt(False, "recompute each decoder layer's activations in backward: less memory, "
+                                       "about one more forward of compute")
+    compile: bool = opt(False, "torch.compile the base model's forward (off by default: see docs/benchmarks.md)")
+    num_processes: int = opt(1, "data-parallel workers on this machine, started through accelerate (gloo on CPU, "
+                                "NCCL on GPUs); each takes batch-size rows per micro-batch. Leave at 1 under "
+                                "`accelerate launch`, whose config sets the processes")
+    fsdp: bool = opt(False, "shard the frozen base, the adapter and its optimizer state over the processes (FSDP2 "
+                            "through accelerate) instead of keeping a copy on each (DDP); same adapter, same files")
+    zero_stage: int = opt(0, "DeepSpeed ZeRO through accelerate instead of DDP: 1 splits the adapter's AdamW "
+                             "state over the processes, 2 also its gradients, 3 also the frozen base and the adapter "
+                             "(0: off); same adapter, same files")
+    # bookkeeping
+    log_every: int = opt(1, "steps between metrics.jsonl rows")
+    save_every: int = opt(0, "0: a checkpoint only at the end")
+    eval_every: int = opt(0, "0: evaluate only at the end (when eval_data is given)")
+    resume: bool = opt(False, "continue from --out's checkpoint")
+
+    def adapter_config(self) -> AdapterConfig:
+        return AdapterConfig(method=self.method, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                             target_modules=parse_targets(self.targets), use_rslora=self.use_rslora, init=self.init, seed=self.seed,
+                             base_model_name_or_path=self.model)
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "init_batches", "num_processes"):
+            if getattr(self, name) < 1:
+                raise LoraforgeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise LoraforgeError(f"--lr must be positive, got {self.lr}")
+        if self.task not in ("causal-lm", "classification"):
+            raise LoraforgeError(f"--task must be causal-lm or classification, got {self.task!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise LoraforgeError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.quant not in (None, "nf4"):
+            raise LoraforgeError(f"--quant must be nf4 (or not given), got {self.quant!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise LoraforgeError(f"--zero-stage must be 1, 2 or 3 (or 0 for none), got {self.zero_stage}")
+        if self.zero_stage and self.fsdp:
+            raise LoraforgeError("--fsdp and --zero-stage are two sharding engines: choose one")
+        if not 0 <= self.warmup < 1:
+            raise LoraforgeError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+
+
+
+def parse_targets(text: str) -> list[str] | str:
+    """'all-linear' stays; 'q_proj,v_proj' (plain names) becomes a list; anything else is a regex."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if text != "all-linear" and names and all(re.fullmatch(r"[\w.]+", n) for n in names):
+        return names
+    return text
+

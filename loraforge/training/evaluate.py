@@ -1,0 +1,121 @@
+"""Evaluate, generate, merge: what a user does with a trained adapter.
+
+- `evaluate_dataset`: loss and perplexity over the label tokens (causal LM), loss and accuracy
+  (classification).
+- `generate`: batched generation with the chat template applied (left padding, greedy by default).
+- `exact_match`: for answers ending in `#### N` (GSM8K's form), the share of generated answers
+  whose final number equals N.
+- `merge_to_folder`: fold the adapter into the base and write a plain Hugging Face folder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from loraforge.adapters.inject import merge_and_unload
+from loraforge.core.errors import LoraforgeError
+from loraforge.core.files import atomic_dir
+from loraforge.training.data import TokenizedDataset, collate, count_label_tokens, read_rows, render_chat
+from loraforge.training.loss import batch_loss
+
+ANSWER_RE = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+NUMBER_RE = re.compile(r"-?\d[\d,]*\.?\d*")
+
+
+@torch.no_grad()
+def evaluate_dataset(model: nn.Module, data: TokenizedDataset, batch_size: int = 16, pad_id: int = 0,
+                     progress: bool = False) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum, count, correct = 0.0, 0, 0
+    for start in tqdm(range(0, len(data), batch_size), disable=not progress, desc="eval", unit="batch"):
+        batch = {k: v.to(device) for k, v in collate([data[i] for i in range(start, min(start + batch_size, len(data)))], pad_id).items()}
+        if data.task == "classification":
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        else:
+            loss_sum += batch_loss(model, batch, data.task).item()
+        count += count_label_tokens(batch)
+    model.train(was_training)
+    loss = loss_sum / max(1, count)
+    metrics = {"loss": loss}
+    if data.task == "classification":
+        metrics["accuracy"] = correct / max(1, count)
+    else:
+        metrics["perplexity"] = float(torch.exp(torch.tensor(loss)))
+    return metrics
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer: Any, prompts: list[str] | list[list[dict[str, str]]],
+             max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16,
+             progress: bool = False) -> list[str]:
+    """Answer each prompt (a user message, or a whole conversation) with the chat template applied."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    texts = [render_chat(c, tokenizer, add_generation_prompt=True) for c in conversations]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation appends on the right: pad on the left
+    answers: list[str] = []
+    try:
+        for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="generate", unit="batch"):
+            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, **sampling)
+            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return [a.strip() for a in answers]
+
+
+def final_number(text: str) -> str | None:
+    """The answer's number: after '####' when present, else the last number in the text."""
+    match = ANSWER_RE.search(text)
+    found = match.group(1) if match else (NUMBER_RE.findall(text) or [None])[-1]
+    return found.replace(",", "").rstrip(".") if found else None
+
+
+def exact_match(model: nn.Module, tokenizer: Any, path: str | Path, max_new_tokens: int = 256,
+                batch_size: int = 16, limit: int | None = None) -> dict[str, float]:
+    rows = read_rows(path)[:limit]
+    conversations, expected = [], []
+    for row in rows:
+        messages = row["messages"]
+        reference = final_number(messages[-1]["content"]) if ANSWER_RE.search(messages[-1]["content"]) else None
+        if reference is not None:
+            conversations.append(messages[:-1])
+            expected.append(reference)
+    if not expected:
+        raise LoraforgeError(f"{path}: no answer ends in '#### N', so exact match cannot be measured")
+    answers = generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True)
+    hits = sum(final_number(a) == e for a, e in zip(answers, expected))
+    return {"exact_match": hits / len(expected), "exact_match_n": len(expected)}
+
+
+def merge_to_folder(model: nn.Module, tokenizer: Any, out: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Merge the adapter into the base and write a folder `transformers` loads with no loraforge."""
+    plain = merge_and_unload(model)
+    if dtype is not None:
+        plain = plain.to(dtype)
+    for obj, attr in ((plain, "loraforge_config"), (plain, "loraforge_targets"), (plain, "loraforge_adapter_keys"),
+                      (plain.config, "loraforge_base")):
+        if hasattr(obj, attr):
+            delattr(obj, attr)  # a plain transformers folder: nothing of loraforge's in it
+    with atomic_dir(out) as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return Path(out)
