@@ -11,7 +11,7 @@ from torch import nn
 
 import loraforge as lf
 from loraforge.methods.bone import BatLinear, BoneLinear
-from loraforge.testing import tiny_llama
+from loraforge.testing import assert_same_outputs, tiny_llama
 
 VARIANTS = {"bone": True, "bone-bat": "bat"}  # method -> PEFT MissConfig(init_weights=...)
 
@@ -125,7 +125,7 @@ def test_outputs_equal_peft_miss_on_the_same_weights(method):
     with torch.no_grad():
         for key, value in lf.adapter_state_dict(ours).items():
             state[key].copy_(value)
-    torch.testing.assert_close(logits(theirs), logits(ours), atol=1e-5, rtol=0)
+    assert_same_outputs(ours, theirs, logits)
 
 
 def test_peft_loads_saved_bone_and_bat_is_marked_loraforge_only(tmp_path):
@@ -133,7 +133,7 @@ def test_peft_loads_saved_bone_and_bat_is_marked_loraforge_only(tmp_path):
     lf.save_adapter(model, tmp_path / "bone")
     assert json.loads((tmp_path / "bone" / "adapter_config.json").read_text())["peft_type"] == "MISS"
     theirs = PeftModel.from_pretrained(tiny_llama(), tmp_path / "bone").eval()
-    torch.testing.assert_close(logits(theirs), logits(model), atol=1e-5, rtol=0)
+    assert_same_outputs(model, theirs, logits)
     lf.save_adapter(lf.attach(tiny_llama(), bone_config("bone-bat")), tmp_path / "bat")
     assert json.loads((tmp_path / "bat" / "adapter_config.json").read_text())["peft_type"] == "LORAFORGE_BONE-BAT"
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import loraforge as lf
 from loraforge.methods.dora import DoRALinear
-from loraforge.testing import tiny_llama
+from loraforge.testing import assert_same_outputs, tiny_llama
 
 
 def dora_config(**kw) -> lf.AdapterConfig:
@@ -132,7 +132,7 @@ def test_same_seed_gives_peft_adapter_and_outputs_after_perturbation(name):
     with torch.no_grad():
         for key, value in lf.adapter_state_dict(ours).items():
             state[key].copy_(value)
-    torch.testing.assert_close(logits(theirs.eval()), logits(ours), atol=1e-5, rtol=0)
+    assert_same_outputs(ours, theirs.eval(), logits)
 
 
 def test_dropout_in_training_matches_peft():
@@ -155,7 +155,7 @@ def test_peft_loads_loraforge_dora(name, tmp_path):
     saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "LORA" and saved["use_dora"] is True
     theirs = PeftModel.from_pretrained(MODELS[name](), tmp_path / "a").eval()
-    torch.testing.assert_close(logits(theirs), logits(model), atol=1e-5, rtol=0)
+    assert_same_outputs(model, theirs, logits)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -165,4 +165,4 @@ def test_loraforge_loads_peft_dora(name, tmp_path):
     theirs.save_pretrained(tmp_path / "peft")
     ours = lf.load_adapter(MODELS[name](), tmp_path / "peft")
     assert ours.loraforge_config.method == "dora"
-    torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-5, rtol=0)
+    assert_same_outputs(ours, theirs, logits)

@@ -20,7 +20,7 @@ from torch import nn
 
 import loraforge as lf
 from loraforge.methods.randlora import RandLoRALinear, RandomBases
-from loraforge.testing import tiny_llama
+from loraforge.testing import assert_same_outputs, tiny_llama
 
 EXTRAS = [{}, {"sparse": True}, {"very_sparse": True, "projection_prng_key": 3}]
 
@@ -128,7 +128,7 @@ def test_same_key_gives_peft_bases_and_outputs(name, extras):
     with torch.no_grad():
         for key, value in lf.adapter_state_dict(ours).items():
             state[key].copy_(value)
-    torch.testing.assert_close(logits(theirs), logits(ours), atol=1e-5, rtol=0)
+    assert_same_outputs(ours, theirs, logits)
 
 
 def test_init_values_follow_peft():

@@ -12,7 +12,7 @@ from loraforge.select import SearchData, gate_adapter, make_selector
 from loraforge.select.colora import allocate_ranks, faig, integrated_gradients
 from loraforge.select.diffora import top_modules
 from loraforge.select.flexora import selected_layers
-from loraforge.testing import tiny_llama, tiny_tokenizer
+from loraforge.testing import assert_same_outputs, tiny_llama, tiny_tokenizer
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import from_records
 from loraforge.training.loop import train
@@ -212,13 +212,14 @@ def test_trained_adapter_reloads_with_its_selected_structure_in_loraforge_and_pe
     reloaded = lf.load_adapter(tiny_llama(), result.out / "adapter")
     assert sorted(lf.adapter_layers(reloaded)) == chosen
     ids = torch.randint(5, 100, (2, 10))
+
+    def logits(model):
+        return model(input_ids=ids).logits
+
     result.model.eval()
-    with torch.no_grad():
-        expected = result.model(input_ids=ids).logits
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
-        peft = pytest.importorskip("peft")
-        peft_model = peft.PeftModel.from_pretrained(tiny_llama(), str(result.out / "adapter"))
-        torch.testing.assert_close(peft_model(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+    assert_same_outputs(reloaded, result.model, logits)
+    peft = pytest.importorskip("peft")
+    assert_same_outputs(peft.PeftModel.from_pretrained(tiny_llama(), str(result.out / "adapter")), result.model, logits)
 
 
 def test_colora_integrated_gradients_are_complete():

@@ -64,10 +64,10 @@ class AdapterLayer(nn.Module):
         if hasattr(self.base_layer, "to_linear"):  # a 4-bit base (quant.py): merge into its dequantised weight
             self.base_layer = self.base_layer.to_linear()
         weight = self.base_layer.weight
-        update = self.delta_weight().float()  # (d_out, d_in); float32 so merge/unmerge round-trips
+        update = wide(self.delta_weight())  # (d_out, d_in); float32 at least so merge/unmerge round-trips
         if self.fan_in_fan_out:
             update = update.T
-        weight.data = (weight.data.float() + sign * update).to(weight.dtype)
+        weight.data = (wide(weight.data) + sign * update).to(weight.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, merged={self.merged}"
@@ -91,4 +91,10 @@ def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer in layers:
             layer.disabled = False
+
+
+def wide(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in float32 at least: a bf16/fp16 layer forms its update and norms in float32 (so merge
+    and unmerge round-trip), and a float64 one stays float64 (the precision of parity tests)."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
 

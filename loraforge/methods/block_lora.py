@@ -32,7 +32,7 @@ from torch import nn
 from loraforge.core.config import AdapterConfig
 from loraforge.core.errors import AdapterError
 from loraforge.core.registry import register
-from loraforge.methods.base import AdapterLayer
+from loraforge.methods.base import AdapterLayer, wide
 
 
 def n_blocks(config: AdapterConfig) -> int:
@@ -78,5 +78,5 @@ class BlockLoRALinear(AdapterLayer):
         return self.lora_B(self.lora_A(x_sum)) * self.scaling  # (..., r) -> (..., d_out)
 
     def delta_weight(self) -> torch.Tensor:
-        block = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling  # (d_out, d_in/n)
+        block = (wide(self.lora_B.weight) @ wide(self.lora_A.weight)) * self.scaling  # (d_out, d_in/n)
         return block.repeat(1, self.n_blocks)  # (d_out, d_in)

@@ -36,7 +36,7 @@ from torch import nn
 from loraforge.core.config import AdapterConfig
 from loraforge.core.errors import AdapterError
 from loraforge.core.registry import register
-from loraforge.methods.base import AdapterLayer
+from loraforge.methods.base import AdapterLayer, wide
 
 PAPER = "Bone: Block Affine Transformation as Parameter Efficient Fine-tuning Methods for LLMs (arXiv 2409.15371)"
 
@@ -79,7 +79,7 @@ class BoneLinear(_BlockLayer):
 
     def delta_weight(self) -> torch.Tensor:
         copies = math.ceil(self.in_features / self.block)
-        return self.miss_block.float().T.repeat(1, copies)[:, : self.in_features]  # (d_out, d_in)
+        return wide(self.miss_block).T.repeat(1, copies)[:, : self.in_features]  # (d_out, d_in)
 
 
 @register("bone-bat", axis="rank", paper=PAPER)
@@ -106,7 +106,7 @@ class BatLinear(_BlockLayer):
         return F.linear(x, self._delta(self._w0().to(x.dtype)))
 
     def delta_weight(self) -> torch.Tensor:
-        return self._delta(self._w0().float())
+        return self._delta(wide(self._w0()))
 
     def _add_to_weight(self, sign: float) -> None:
         if sign > 0:

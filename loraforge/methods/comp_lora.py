@@ -34,6 +34,7 @@ from torch import nn
 from loraforge.core.config import AdapterConfig
 from loraforge.core.errors import AdapterError
 from loraforge.core.registry import register
+from loraforge.methods.base import wide
 from loraforge.methods.lora import LoRALinear
 
 SIDES = ("both", "in", "out")
@@ -57,7 +58,7 @@ class CompLoRALinear(LoRALinear):
 
     @torch.no_grad()
     def _fill_subspaces(self) -> None:
-        w0 = self.base_layer.weight.float()
+        w0 = wide(self.base_layer.weight)
         u, _, vh = torch.linalg.svd(w0.T if self.fan_in_fan_out else w0, full_matrices=False)
         if self.comp_U is not None:
             self.comp_U.copy_(u[:, : self.k])  # (d_out, k)
@@ -79,7 +80,7 @@ class CompLoRALinear(LoRALinear):
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self._factors()
-        return (b.float() @ a.float()) * self.scaling  # (d_out, d_in)
+        return (wide(b) @ wide(a)) * self.scaling  # (d_out, d_in)
 
 
 def _options(config: AdapterConfig, rank: int, min_dim: int, name: str) -> tuple[int, str]:

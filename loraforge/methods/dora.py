@@ -31,6 +31,7 @@ from torch import nn
 
 from loraforge.core.config import AdapterConfig
 from loraforge.core.registry import register
+from loraforge.methods.base import wide
 from loraforge.methods.lora import LoRALinear
 
 
@@ -56,7 +57,7 @@ class DoRALinear(LoRALinear):
 
     @torch.no_grad()
     def _row_norm(self) -> torch.Tensor:
-        w0, a, b = self._w0().float(), self.lora_A.weight.float(), self.lora_B.weight.float()
+        w0, a, b = wide(self._w0()), wide(self.lora_A.weight), wide(self.lora_B.weight)
         s = self.scaling
         cross = ((w0 @ a.T) * b).sum(1)  # (d_out,): rowsum(W0 * BA) without BA
         square = ((b @ (a @ a.T)) * b).sum(1)  # (d_out,): ||BA||^2_row
@@ -85,20 +86,20 @@ class DoRALinear(LoRALinear):
         return out + self._update(x, w0x).to(out.dtype)
 
     def _merged_weight(self, norm: torch.Tensor) -> torch.Tensor:
-        direction = self._w0().float() + super().delta_weight()  # (d_out, d_in): W0 + s B A
-        return (self.lora_magnitude_vector.float() / norm)[:, None] * direction
+        direction = wide(self._w0()) + super().delta_weight()  # (d_out, d_in): W0 + s B A
+        return (wide(self.lora_magnitude_vector) / norm)[:, None] * direction
 
     def delta_weight(self) -> torch.Tensor:
         """W' - W0 (while unmerged): what merging adds."""
-        return self._merged_weight(self._row_norm()) - self._w0().float()
+        return self._merged_weight(self._row_norm()) - wide(self._w0())
 
     def _add_to_weight(self, sign: float) -> None:
         if sign > 0:
             self.merge_norm = self._row_norm()
             new = self._merged_weight(self.merge_norm)
         else:
-            ratio = self.merge_norm / self.lora_magnitude_vector.float()  # (d_out,): n / m
-            new = self._w0().float() * ratio[:, None] - super().delta_weight()
+            ratio = self.merge_norm / wide(self.lora_magnitude_vector)  # (d_out,): n / m
+            new = wide(self._w0()) * ratio[:, None] - super().delta_weight()
             self.merge_norm = None
         weight = self.base_layer.weight
         weight.data = (new.T if self.fan_in_fan_out else new).to(weight.dtype).contiguous()

@@ -36,7 +36,7 @@ from torch import nn
 from loraforge.core.config import AdapterConfig
 from loraforge.core.errors import AdapterError
 from loraforge.core.registry import register
-from loraforge.methods.base import AdapterLayer
+from loraforge.methods.base import AdapterLayer, wide
 
 
 def ldu(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,7 +79,7 @@ class LoLDULinear(AdapterLayer):
 
     @torch.no_grad()
     def _init_from_weight(self, sigma: float, name: str) -> None:
-        w0 = self.base_layer.weight.float()
+        w0 = wide(self.base_layer.weight)
         perm, lower, diag, upper = ldu(w0.T if self.fan_in_fan_out else w0)
         pivots = diag[: self.rank]
         if (pivots == 0).any():  # U = U' / D needs them; pivots beyond r are never used

@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 
 from loraforge.core.config import AdapterConfig
 from loraforge.core.registry import register
-from loraforge.methods.base import AdapterLayer
+from loraforge.methods.base import AdapterLayer, wide
 
 
 @register(
@@ -90,7 +90,7 @@ class LoRALinear(AdapterLayer):
         return self.lora_B(self.lora_A(x)) * self.scaling  # (..., r) -> (..., d_out)
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling  # (d_out, d_in)
+        return (wide(self.lora_B.weight) @ wide(self.lora_A.weight)) * self.scaling  # (d_out, d_in)
 
 
 @contextmanager

@@ -37,7 +37,7 @@ from torch import nn
 from loraforge.core.config import AdapterConfig
 from loraforge.core.errors import AdapterError
 from loraforge.core.registry import register
-from loraforge.methods.base import AdapterLayer
+from loraforge.methods.base import AdapterLayer, wide
 
 XS_PAPER = "LoRA-XS: Low-Rank Adaptation with Extremely Small Number of Parameters (arXiv 2405.17604)"
 SB_PAPER = ("Initialization using Update Approximation is a Silver Bullet for Extremely Efficient Low-Rank "
@@ -85,7 +85,7 @@ class LoRAXSLinear(AdapterLayer):
         return F.linear(F.linear(x, self.lora_A), self.lora_B @ self.lora_R) * self.scaling  # (..., r) -> (..., d_out)
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B.float() @ self.lora_R.float() @ self.lora_A.float()) * self.scaling  # (d_out, d_in)
+        return (wide(self.lora_B) @ wide(self.lora_R) @ wide(self.lora_A)) * self.scaling  # (d_out, d_in)
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (r, d_in), B R (d_out, r)): the plain LoRA with delta_weight() == s·(B R) A."""

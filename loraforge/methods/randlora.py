@@ -41,7 +41,7 @@ from transformers.pytorch_utils import Conv1D
 from loraforge.core.config import AdapterConfig
 from loraforge.core.errors import AdapterError
 from loraforge.core.registry import register
-from loraforge.methods.base import AdapterLayer
+from loraforge.methods.base import AdapterLayer, wide
 
 EXTRAS = {"projection_prng_key": 0, "sparse": False, "very_sparse": False}
 
@@ -155,5 +155,5 @@ class RandLoRALinear(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         a_hat, b = self._factors()
-        update = b.float() @ a_hat.float() * self.scaling  # (D, m)
+        update = wide(b) @ wide(a_hat) * self.scaling  # (D, m)
         return update if self.in_features == self.small else update.T  # (d_out, d_in)

@@ -5,10 +5,13 @@ Used by the test suite and by examples that must run in seconds. Nothing here do
 
 from __future__ import annotations
 
+import copy
 import string
+from typing import Callable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from torch import nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -80,3 +83,15 @@ def tiny_bert(seed: int = 0, num_labels: int = 2, vocab_size: int = TINY_VOCAB) 
 
 
 TINY_MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+
+
+def assert_same_outputs(ours: nn.Module, theirs: nn.Module, outputs: Callable[[nn.Module], torch.Tensor]) -> None:
+    """Two implementations of one adapter (loraforge's and PEFT's, say) give the same outputs.
+
+    Both run on float64 copies: there, the float32 rounding of either one's order of accumulation
+    (1e-5 on a logit, which the next release of a library may cross) is gone, while a real difference
+    (a missing term, another scale) is still 1e-4 or more. The models passed in are left as they were."""
+    with torch.no_grad():
+        got, want = (outputs(copy.deepcopy(model).double()) for model in (ours, theirs))
+    torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+
