@@ -23,7 +23,7 @@ from loraforge.core.errors import AdapterError, DataError, LoraforgeError, Model
 from loraforge.core.modules import find_targets
 from loraforge.core.registry import get_method, methods
 from loraforge.methods.base import adapter_disabled, adapter_layers
-from loraforge.optim import make_optimizer
+from loraforge.training.components import make_optimizer
 from loraforge.training.initialize import initialize
 
 __all__ = [

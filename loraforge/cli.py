@@ -198,7 +198,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.quant:
         from loraforge.quant.nf4 import dequantize_base, quantize_base
 
-        quantize_base(model, args.quant)
+        quantize_base(model)
         dequantize_base(model)
     out = merge_to_folder(model, tokenizer, args.out, dtype=getattr(torch, args.dtype) if args.dtype else None)
     print(f"merged model written to {out}")
@@ -220,12 +220,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for row in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
-    from loraforge.optim import rule_names
-    from loraforge.regularizers import regularizer_names
-    from loraforge.select import selector_names
+    from loraforge.core.plugins import OPTIMIZERS, REGULARIZERS, SELECTORS
 
-    print(f"\n--optimizer: {', '.join(rule_names())}\n--regularizer: {', '.join(regularizer_names())}\n"
-          f"--select: {', '.join(selector_names())}")
+    print(f"\n--optimizer: {', '.join(OPTIMIZERS.names())}\n--regularizer: {', '.join(REGULARIZERS.names())}\n"
+          f"--select: {', '.join(SELECTORS.names())}")
     return 0
 
 

@@ -17,11 +17,12 @@ from safetensors.torch import load_file
 
 from loraforge.adapters.io import load_adapter
 from loraforge.core.errors import LoraforgeError
-from loraforge.distributed import AccelerateRuntime, WorkerFailed, micro_batches, zero_partitions
+from loraforge.distributed import AccelerateRuntime, WorkerFailed, zero_partitions
 from loraforge.testing import tiny_llama, tiny_tokenizer
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import from_records
 from loraforge.training.loop import lr_at, train
+from loraforge.training.runtime import micro_batches
 
 TOK = tiny_tokenizer()
 STEPS = 6

@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 import loraforge as lf
-from loraforge.regularizers import make_regularizer
 from loraforge.testing import tiny_bert, tiny_llama, tiny_tokenizer
+from loraforge.training.components import make_regularizer
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import from_records
 from loraforge.training.loop import train

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 import loraforge as lf
-from loraforge.optim import rule_names
+from loraforge.core.plugins import OPTIMIZERS
 from loraforge.testing import tiny_llama, tiny_tokenizer
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import from_records
@@ -30,7 +30,7 @@ def adapter(result) -> dict[str, torch.Tensor]:
 
 
 def test_every_rule_is_listed():
-    assert {"adamw", "lora-plus", "lora-pro", "allora"} <= set(rule_names())
+    assert {"adamw", "lora-plus", "lora-pro", "allora"} <= set(OPTIMIZERS.names())
 
 
 @pytest.mark.parametrize("rule", ["lora-plus", "lora-pro", "allora"])

@@ -9,9 +9,10 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import loraforge as lf
-from loraforge.select import find_blocks, make_selector
+from loraforge.select import find_blocks
 from loraforge.select.lisa import sample_blocks
 from loraforge.testing import tiny_tokenizer
+from loraforge.training.components import make_selector
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import from_records
 from loraforge.training.loop import lr_at, train

@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 import loraforge as lf
-from loraforge.select import SearchData, gate_adapter, make_selector
+from loraforge.select import SearchData, gate_adapter
 from loraforge.select.colora import allocate_ranks, faig, integrated_gradients
 from loraforge.select.diffora import top_modules
 from loraforge.select.flexora import selected_layers
 from loraforge.testing import assert_same_outputs, tiny_llama, tiny_tokenizer
+from loraforge.training.components import make_selector
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import from_records
 from loraforge.training.loop import train
@@ -310,7 +311,7 @@ def test_resume_reattaches_the_chosen_structure_and_reaches_the_same_weights(tmp
     with pytest.raises(KeyboardInterrupt):
         run("killed", save_every=2)
     monkeypatch.setattr("loraforge.training.loop.lr_at", lr_at)
-    monkeypatch.setattr("loraforge.training.loop.search_data", lambda *a: pytest.fail("a resumed run must not search again"))
+    monkeypatch.setattr("loraforge.select.search_data", lambda *a: pytest.fail("a resumed run must not search again"))
     resumed = run("killed", save_every=2, resume=True)
     want = load_file(str(full.out / "adapter" / "adapter_model.safetensors"))
     got = load_file(str(resumed.out / "adapter" / "adapter_model.safetensors"))

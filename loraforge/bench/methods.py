@@ -141,11 +141,9 @@ def selection_summary(selection: dict[str, Any] | None) -> str | None:
 
 def rule_fields(rule: str) -> dict[str, str]:
     """The TrainConfig field a rule name sets: optimizer, regularizer or select."""
-    from loraforge.optim import rule_names
-    from loraforge.regularizers import regularizer_names
-    from loraforge.select import selector_names
+    from loraforge.core.plugins import OPTIMIZERS, REGULARIZERS, SELECTORS
 
-    for field_name, names in (("optimizer", rule_names()), ("regularizer", regularizer_names()), ("select", selector_names())):
+    for field_name, names in (("optimizer", OPTIMIZERS.names()), ("regularizer", REGULARIZERS.names()), ("select", SELECTORS.names())):
         if rule in names:
             return {field_name: rule}
     raise LoraforgeError(f"unknown rule {rule!r}: not an optimizer, regularizer or selector of loraforge")

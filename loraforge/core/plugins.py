@@ -1,16 +1,18 @@
-"""One registry for the plug-ins a run names by a string: optimisation rules (`--optimizer`),
-regularisers (`--regularizer`) and selectors (`--select`).
+"""One registry class for the plug-ins a run names by a string, and the registries themselves:
+optimisation rules (`--optimizer`), regularisers (`--regularizer`), selectors (`--select`),
+quantised bases (`--quant`), and the runtime and launcher of multi-process runs.
 
 Each plug-in is a builder function in its own module of one package, registered on import:
 
-    RULES = Plugins("optimizer", "loraforge.optim")
-    @RULES.register("lora-plus")
+    @OPTIMIZERS.register("lora-plus")
     def build(model, lr, weight_decay, loraplus_lr_ratio=16.0): ...
 
-A builder's keyword settings are named like the `TrainConfig` fields that carry them, so the trainer
-passes `{name: getattr(config, name) for name in RULES.settings(name)}` and knows no plug-in by name.
-(Adapter methods and initialisers carry more than a builder and keep registries of their own:
-`registry.py`, `init/__init__.py`.)
+The registries live here, at the bottom of the package, and import their plug-in package by name on
+first lookup: the trainer asks `OPTIMIZERS.get(name)` and imports no plug-in, so a new one is a new
+file and the plug-in packages sit above the trainer. A builder's keyword settings are named like the
+`TrainConfig` fields that carry them, so the trainer passes
+`{name: getattr(config, name) for name in OPTIMIZERS.settings(name)}` and knows no plug-in by name.
+(Adapter methods and initialisers carry more than a builder: `registry.py`.)
 """
 
 from __future__ import annotations
@@ -62,3 +64,13 @@ class Plugins(Generic[Builder]):
         package = importlib.import_module(self.package)
         for module in pkgutil.iter_modules(package.__path__):
             importlib.import_module(f"{self.package}.{module.name}")
+
+
+OPTIMIZERS = Plugins("optimizer", "loraforge.optim", fixed=("model", "lr", "weight_decay"),
+                     aliases={"loraplus": "lora-plus", "lora+": "lora-plus", "lorapro": "lora-pro"})
+REGULARIZERS = Plugins("regularizer", "loraforge.regularizers")
+SELECTORS = Plugins("selector", "loraforge.select")
+QUANTIZERS = Plugins("quantizer", "loraforge.quant", fixed=("model",))
+RUNTIMES = Plugins("runtime", "loraforge.distributed")
+LAUNCHERS = Plugins("launcher", "loraforge.distributed")
+

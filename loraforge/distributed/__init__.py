@@ -56,102 +56,20 @@ import torch
 from torch import nn
 
 from loraforge.core.errors import LoraforgeError
+from loraforge.core.plugins import LAUNCHERS, OPTIMIZERS, RUNTIMES
+from loraforge.training.runtime import load_torch_optimizer_state, torch_optimizer_state
 
 if TYPE_CHECKING:
     from loraforge.training.config import TrainConfig
     from loraforge.training.loop import TrainResult
-
-# Set in every worker by torchrun, `accelerate launch` and torch elastic (which `--num-processes` uses).
-LAUNCHER_ENV = "LOCAL_RANK"
 
 
 class WorkerFailed(LoraforgeError):
     """A worker of a multi-process run died or raised; the whole run was stopped."""
 
 
-def launched() -> bool:
-    """True inside a worker that a distributed launcher started (torchrun's world of one included)."""
-    return LAUNCHER_ENV in os.environ
-
-
-def must_launch(config: TrainConfig) -> bool:
-    """True when this process has to start the workers itself: --num-processes > 1, not launched."""
-    return config.num_processes > 1 and not launched()
-
 
 # ---- the runtimes the loop talks to ------------------------------------------------------------
-
-class LocalRuntime:
-    """One process, no launcher: every method is what the single-process loop always did."""
-
-    rank = 0
-    world_size = 1
-    is_main = True
-
-    @property
-    def device(self) -> torch.device:
-        from loraforge.core.models import default_device
-
-        return default_device()
-
-    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor], switches_trainable: bool = False
-                ) -> tuple[Callable[[dict[str, torch.Tensor]], torch.Tensor], torch.optim.Optimizer]:
-        return (lambda batch: loss_fn(model, batch)), optimizer
-
-    def seed_workers(self, seed: int) -> None:
-        """Nothing to do: the one process keeps the stream torch.manual_seed(seed) started."""
-
-    def accumulate(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def sum(self, values: list[float]) -> list[float]:
-        return values
-
-    def clip_grad_norm(self, params: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-    def rng_states(self) -> list[torch.Tensor]:
-        return [torch.get_rng_state()]
-
-    def run(self, model: nn.Module, fn: Callable[[nn.Module], Any]) -> Any:
-        return fn(model)
-
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-        return torch_optimizer_state(optimizer)
-
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                             groups: list[dict]) -> None:
-        load_torch_optimizer_state(optimizer, tensors, groups)
-
-    def finish(self) -> None:
-        """Nothing to tear down."""
-
-
-def torch_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """A torch optimizer's state dict as flat tensors ("state.{index}.{name}") and its param groups."""
-    state = optimizer.state_dict()
-    tensors = {f"state.{i}.{k}": v for i, s in state["state"].items()
-               for k, v in s.items() if isinstance(v, torch.Tensor)}
-    return tensors, state["param_groups"]
-
-
-def load_torch_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]
-                               ) -> None:
-    """Undo `torch_optimizer_state`; a moment is cut to this rank's shard as its parameter is (FSDP),
-    a step count is not."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]  # the indices of the state
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        if key.startswith("state."):
-            _, index, name = key.split(".", 2)
-            param = params[int(index)]
-            whole = tensor.shape == param.shape  # a moment; a step count is a scalar
-            state.setdefault(int(index), {})[name] = shard_like(param, tensor) if whole else tensor
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 class _Root(nn.Module):
@@ -173,6 +91,7 @@ class _Root(nn.Module):
         return fn(self.model, *args)
 
 
+@RUNTIMES.register("accelerate")
 class AccelerateRuntime:
     """A worker of a distributed run: accelerate's Accelerator does device placement, the process
     group, DDP or FSDP, and gradient sync across ranks (skipped on all but a window's last micro-batch)."""
@@ -340,7 +259,7 @@ class AccelerateRuntime:
                              groups: list[dict]) -> None:
         """Undo `optimizer_state`: every rank takes its part of the whole tensors it read."""
         if not self.zero_stage:
-            load_torch_optimizer_state(optimizer, tensors, groups)
+            load_torch_optimizer_state(optimizer, tensors, groups, shard_like)
             return
         from deepspeed.utils import safe_set_full_optimizer_state
 
@@ -359,6 +278,18 @@ class AccelerateRuntime:
             for name in ADAM_MOMENTS:
                 safe_set_full_optimizer_state(param, tensors[f"state.{index}.{name}"], name)
 
+    def full_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return full_tensors(tensors)
+
+    def assign_whole(self, target: torch.Tensor, tensor: torch.Tensor) -> None:
+        assign_whole(target, tensor)
+
+    def whole_adapter(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
+        return whole_adapter(model)
+
+    def bytes_held(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+        return bytes_held(model, optimizer)
+
     def finish(self) -> None:
         # DDP's Reducer holds the process group. Were it freed after the group is destroyed, it would
         # drop the group's last reference while holding the GIL, and the group's destructor joins
@@ -369,18 +300,6 @@ class AccelerateRuntime:
         self.accelerator.free_memory()
         gc.collect()
         self.accelerator.end_training()
-
-
-Runtime = LocalRuntime | AccelerateRuntime
-
-
-def runtime(config: TrainConfig) -> Runtime:
-    if launched():
-        return AccelerateRuntime(config)
-    if config.fsdp or config.zero_stage:
-        raise LoraforgeError(f"{'--fsdp' if config.fsdp else '--zero-stage'} shards the model over several processes: "
-                             f"add --num-processes N (N > 1) or start the run with `accelerate launch`")
-    return LocalRuntime()
 
 
 # ---- FSDP: which runs, and whole tensors from shards -------------------------------------------
@@ -414,9 +333,7 @@ def _check_optimizer(config: TrainConfig, engine: str, safe_optimizers: tuple[st
     """Refuse an optimizer whose update would compute something else on the engine's shards.
     (Selectors, LISA's switching of trained blocks, GLAD's second pass and a 4-bit base run under
     FSDP as they do under DDP: tests/test_distributed.py.)"""
-    from loraforge.optim import RULES
-
-    if RULES.aliases.get(config.optimizer, config.optimizer) not in safe_optimizers:
+    if OPTIMIZERS.aliases.get(config.optimizer, config.optimizer) not in safe_optimizers:
         raise LoraforgeError(f"{engine} does not support --optimizer {config.optimizer} (its update reads whole rows "
                              f"or matrices; {', '.join(safe_optimizers)} work on shards): leave it out, or train "
                              f"data parallel")
@@ -579,20 +496,10 @@ def bytes_held(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
                        if isinstance(v, torch.Tensor))
 
 
-def micro_batches(rows: list[int], grad_accum: int, rank: int, world_size: int) -> list[list[int]]:
-    """This rank's grad_accum micro-batches of one global batch: slice k x world_size + rank of
-    grad_accum x world_size near-equal contiguous slices (equal when the batch is full; contiguous
-    so that length-grouped batches stay grouped within each micro-batch)."""
-    slots = grad_accum * world_size
-    if len(rows) < slots:
-        raise LoraforgeError(f"a global batch of {len(rows)} rows cannot feed {grad_accum} micro-batches on each of "
-                             f"{world_size} processes: use more data or a smaller --grad-accum / --num-processes")
-    bounds = [len(rows) * j // slots for j in range(slots + 1)]
-    return [rows[bounds[j]:bounds[j + 1]] for j in (k * world_size + rank for k in range(grad_accum))]
-
 
 # ---- starting the workers ----------------------------------------------------------------------
 
+@LAUNCHERS.register("elastic")
 def launch(config: TrainConfig, worker: Callable[[], Any], model: nn.Module | None, tokenizer: Any) -> TrainResult:
     """Run `worker` (the training run itself) in config.num_processes forked processes, then hand
     back what an in-process run would: the trained model, its tokenizer and the logged metrics.

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraforge.core.errors import LoraforgeError
+from loraforge.core.plugins import QUANTIZERS
 from loraforge.methods.base import AdapterLayer
 
-QUANT_TYPES = ("nf4",)
 BLOCK_SIZE = 64
 
 
@@ -117,15 +117,14 @@ class _DequantizedLinear(torch.autograd.Function):
         return grad_x.to(ctx.x_dtype), None
 
 
-def quantize_base(model: nn.Module, quant: str = "nf4") -> int:
+@QUANTIZERS.register("nf4")
+def quantize_base(model: nn.Module) -> int:
     """Replace the frozen linear layers of `model` by 4-bit ones, in place; returns how many.
 
     Kept dense: the output head (tied to the embeddings in most small LMs), anything that trains
     (the adapters' own A/B, a classification head in modules_to_save). Attach the adapter first:
     attach() wraps nn.Linear layers, and its init reads the full-precision weights.
     """
-    if quant not in QUANT_TYPES:
-        raise LoraforgeError(f"--quant must be one of {', '.join(QUANT_TYPES)}, got {quant!r}")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = getattr(model, "loraforge_config", None)
     trained = list(config.modules_to_save or []) if config is not None else []

@@ -16,18 +16,11 @@ from typing import Callable, Protocol
 
 from torch import nn
 
-from loraforge.core.plugins import Plugins
+from loraforge.core.plugins import REGULARIZERS
 
 
 class Regularizer(Protocol):
     def steer(self, params: list[nn.Parameter], recompute: Callable[[], None]) -> dict[str, float]: ...
 
 
-REGULARIZERS: Plugins[Callable[..., Regularizer]] = Plugins("regularizer", __name__)
 register_regularizer = REGULARIZERS.register
-regularizer_names = REGULARIZERS.names
-regularizer_settings = REGULARIZERS.settings
-
-
-def make_regularizer(name: str, **settings: float) -> Regularizer:
-    return REGULARIZERS.get(name)(**settings)

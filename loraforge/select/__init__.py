@@ -19,6 +19,7 @@ layer's update (`gate_adapter`), and `SearchData` (training and validation batch
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -28,8 +29,10 @@ from torch import nn
 from loraforge.adapters.inject import attach, tensors_replaced
 from loraforge.core.config import AdapterConfig
 from loraforge.core.errors import LoraforgeError
-from loraforge.core.plugins import Plugins
+from loraforge.core.plugins import SELECTORS
 from loraforge.methods.base import adapter_layers
+from loraforge.training.data import BatchPlan, collate
+from loraforge.training.loss import mean_batch_loss
 
 Batch = dict[str, torch.Tensor]
 
@@ -49,18 +52,16 @@ class Selector:
     def attach(self, model: nn.Module, config: AdapterConfig, search: SearchData | None) -> None:
         attach(model, config)
 
+    def attach_for_run(self, model: nn.Module, config: AdapterConfig, train_data: Any, eval_data: Any, *,
+                       batch_size: int, pad_id: int, task: str, seed: int, steps: int) -> None:
+        """What the trainer calls: `attach` with the search batches of the run's data (`search_data`)."""
+        self.attach(model, config, search_data(train_data, eval_data, batch_size, pad_id, task, seed, steps))
+
     def before_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return {}
 
 
-SELECTORS: Plugins[Callable[..., Selector]] = Plugins("selector", __name__)
 register_selector = SELECTORS.register
-selector_names = SELECTORS.names
-selector_settings = SELECTORS.settings
-
-
-def make_selector(name: str, **settings: Any) -> Selector:
-    return SELECTORS.get(name)(**settings)
 
 
 def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
@@ -110,9 +111,6 @@ def search_data(train_data: Any, eval_data: Any, batch_size: int, pad_id: int, t
     """`steps` training batches and up to `steps` validation batches, seeded. Validation is
     `eval_data` when given, else every fifth training row (held out from the search's training
     batches only: the final training run sees all rows)."""
-    from loraforge.training.data import BatchPlan, collate, count_label_tokens
-    from loraforge.training.loss import batch_loss  # the trainer imports this package: import at call time
-
     rows = list(range(len(train_data)))
     if eval_data is None:
         val_source, val_rows = train_data, [i for i in rows if i % 5 == 4]
@@ -126,13 +124,9 @@ def search_data(train_data: Any, eval_data: Any, batch_size: int, pad_id: int, t
         plan = BatchPlan(len(picked), min(batch_size, len(picked)), seed=seed)
         return [collate([source[picked[i]] for i in plan.indices(k)], pad_id) for k in range(count)]
 
-    def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-        device = next(model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        return batch_loss(model, batch, task) / max(1, count_label_tokens(batch))
-
     n_val = min(steps, max(1, len(val_rows) // max(1, batch_size)))
-    return SearchData(batches(train_data, rows, steps), batches(val_source, val_rows, n_val), loss)
+    return SearchData(batches(train_data, rows, steps), batches(val_source, val_rows, n_val),
+                      functools.partial(mean_batch_loss, task=task))
 
 
 def gated_search(model: nn.Module, search: SearchData, gates: dict[str, Callable[[], torch.Tensor]],

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loraforge import distributed
 from loraforge.adapters.inject import adapter_state_dict
 from loraforge.core.errors import TrainingError
 from loraforge.core.files import atomic_dir
 from loraforge.training.config import TrainConfig
+from loraforge.training.runtime import LocalRuntime, Runtime
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -34,13 +34,13 @@ BATCH_SPLIT = {"batch_size", "grad_accum", "num_processes"}
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    config: TrainConfig, runtime: distributed.Runtime | None = None) -> None:
+                    config: TrainConfig, runtime: Runtime | None = None) -> None:
     """Every rank calls this (the RNG states are gathered, and FSDP's shards); rank 0 alone writes,
     atomically, whole tensors whatever the engine. The data position is the step: batch s of a plan
     over the global batch size is the same for any split."""
-    runtime = runtime or distributed.LocalRuntime()
+    runtime = runtime or LocalRuntime()
     rng = runtime.rng_states()
-    trainable = distributed.full_tensors(adapter_state_dict(model))  # DDP: every rank holds them whole
+    trainable = runtime.full_tensors(adapter_state_dict(model))  # DDP: every rank holds them whole
     tensors, param_groups = runtime.optimizer_state(optimizer)
     if not runtime.is_main:
         return
@@ -59,11 +59,11 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
-                    runtime: distributed.Runtime | None = None) -> int:
+                    runtime: Runtime | None = None) -> int:
     """Restore a checkpoint into every rank's prepared model and optimizer (each takes its shard
     under FSDP); the processes, batch size, accumulation and engine may differ from the run that
     wrote it when the global batch does not."""
-    runtime = runtime or distributed.LocalRuntime()
+    runtime = runtime or LocalRuntime()
     meta = json.loads((path / "trainer_state.json").read_text())
     saved = meta["config"]
     changed = sorted(k for k, v in dataclasses.asdict(config).items()
@@ -81,7 +81,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if set(trainable) != set(own):
         raise TrainingError(f"{path}: checkpoint tensors do not match this model's adapter")
     for key, tensor in trainable.items():
-        distributed.assign_whole(own[key], tensor)
+        runtime.assign_whole(own[key], tensor)
     tensors = load_file(str(path / "optimizer.safetensors"))
     runtime.load_optimizer_state(optimizer, tensors, meta["param_groups"])
     # A rank the writing run did not have keeps the stream runtime.seed_workers gave it.

@@ -8,6 +8,7 @@ from typing import Any
 
 from loraforge.core.config import AdapterConfig
 from loraforge.core.errors import LoraforgeError
+from loraforge.core.plugins import QUANTIZERS
 
 
 def opt(default: Any, help: str = "") -> Any:
@@ -99,8 +100,8 @@ class TrainConfig:
             raise LoraforgeError(f"--task must be causal-lm or classification, got {self.task!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise LoraforgeError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        if self.quant not in (None, "nf4"):
-            raise LoraforgeError(f"--quant must be nf4 (or not given), got {self.quant!r}")
+        if self.quant is not None and self.quant not in QUANTIZERS.names():
+            raise LoraforgeError(f"--quant must be one of {', '.join(QUANTIZERS.names())} (or not given), got {self.quant!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise LoraforgeError(f"--zero-stage must be 1, 2 or 3 (or 0 for none), got {self.zero_stage}")
         if self.zero_stage and self.fsdp:

@@ -27,22 +27,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from loraforge import distributed
 from loraforge.adapters.inject import attach, is_attached, trainable_parameters
 from loraforge.adapters.io import count_parameters, save_adapter
 from loraforge.core.config import AdapterConfig
 from loraforge.core.errors import LoraforgeError, TrainingError
 from loraforge.core.files import atomic_write_text
+from loraforge.core.plugins import OPTIMIZERS, REGULARIZERS, SELECTORS
 from loraforge.methods.init import needs_data
-from loraforge.optim import make_optimizer, rule_settings
-from loraforge.regularizers import make_regularizer, regularizer_settings
-from loraforge.select import Selector, make_selector, search_data, selector_settings
 from loraforge.training.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
+from loraforge.training.components import make_optimizer, make_regularizer, make_selector, quantize, settings_of
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import BatchPlan, TokenizedDataset, collate, count_label_tokens, load_dataset, read_rows
 from loraforge.training.initialize import initialize
 from loraforge.training.loss import auxiliary_loss, batch_loss
 from loraforge.training.metrics import MetricsLogger, plot_loss, read_metrics
+from loraforge.training.runtime import launch, micro_batches, must_launch, runtime_for
 
 
 @dataclass
@@ -89,9 +88,7 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> None:
     data-based start has read the full-precision weights: 4-bit base, activation checkpointing,
     torch.compile. None of them changes what a step computes beyond NF4's rounding of the base."""
     if config.quant:
-        from loraforge.quant.nf4 import quantize_base
-
-        quantize_base(model, config.quant)
+        quantize(model, config.quant)
     if config.grad_checkpoint:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise LoraforgeError(f"--grad-checkpoint: {type(model).__name__} does not support activation checkpointing")
@@ -111,10 +108,9 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
     With num_processes > 1 (and no launcher around), this process starts the workers and returns
     once they are done; inside a launched worker, `runtime` is that worker's share of the run."""
     config.validate()
-    if distributed.must_launch(config):
-        return distributed.launch(config, lambda: train(config, model, tokenizer, train_data, eval_data, progress),
-                                  model, tokenizer)
-    runtime = distributed.runtime(config)
+    if must_launch(config):
+        return launch(config, lambda: train(config, model, tokenizer, train_data, eval_data, progress), model, tokenizer)
+    runtime = runtime_for(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -144,8 +140,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
     setup_start = time.perf_counter()
     selector = None
     if config.select:
-        settings = {name: getattr(config, name) for name in selector_settings(config.select)}
-        selector = make_selector(config.select, **settings)
+        selector = make_selector(config.select, **settings_of(SELECTORS, config.select, config))
     if not is_attached(model) and selector is None:
         attach(model, config.adapter_config())
     elif not is_attached(model):
@@ -156,11 +151,10 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
     setup_seconds = time.perf_counter() - setup_start
     prepare_model(model, config)  # after the move: the 4-bit codes and their absmax tables are made on the device
     optimizer = make_optimizer(model, config.optimizer, config.lr, config.weight_decay,
-                               **{name: getattr(config, name) for name in rule_settings(config.optimizer)})
+                               **settings_of(OPTIMIZERS, config.optimizer, config))
     regularizer = None
     if config.regularizer:
-        settings = {name: getattr(config, name) for name in regularizer_settings(config.regularizer)}
-        regularizer = make_regularizer(config.regularizer, **settings)
+        regularizer = make_regularizer(config.regularizer, **settings_of(REGULARIZERS, config.regularizer, config))
     # Step s reads global batch s, whatever its split into micro-batches and processes.
     plan = BatchPlan(len(train_data), config.batch_size * config.grad_accum * runtime.world_size, seed=config.seed,
                      length_grouped=config.length_grouped, lengths=train_data.lengths)
@@ -192,7 +186,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
         selected = selector.before_step(step, model, optimizer) if selector is not None else {}
         rows = plan.indices(step)
         window = [collate([train_data[i] for i in part], pad_id)
-                  for part in distributed.micro_batches(rows, config.grad_accum, runtime.rank, runtime.world_size)]
+                  for part in micro_batches(rows, config.grad_accum, runtime.rank, runtime.world_size)]
         # The label tokens of the whole global batch (all ranks), known before the first backward.
         n_labels = max(1, int(runtime.sum([sum(count_label_tokens(b) for b in window)])[0]))
 
@@ -232,7 +226,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
         seconds = time.perf_counter() - t0  # rank 0's step, which waited for the slowest rank's gradients
         row = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm),
                "samples_per_s": len(rows) / seconds, "tokens_per_s": tokens / seconds,
-               "state_mb": distributed.bytes_held(model, optimizer) / 2**20}  # rank 0's weights + optimizer state
+               "state_mb": runtime.bytes_held(model, optimizer) / 2**20}  # rank 0's weights + optimizer state
         if aux_sum:
             row["aux_loss"] = aux_sum
         row.update(steered)
@@ -251,7 +245,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
         final_eval = runtime.run(model, lambda m: _eval_metrics(m, eval_data, config, pad_id))
         logger.log({"step": config.steps, **final_eval})
     save_checkpoint(out / CHECKPOINT_DIR, model, optimizer, config.steps, config, runtime)
-    with distributed.whole_adapter(model):  # FSDP: every rank gathers the adapter, rank 0 writes it
+    with runtime.whole_adapter(model):  # FSDP: every rank gathers the adapter, rank 0 writes it
         if runtime.is_main:
             save_adapter(model, out / "adapter")
     if runtime.is_main:
@@ -262,7 +256,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
     return TrainResult(model, tokenizer, out, logger.history, main_process=runtime.is_main, setup_seconds=setup_seconds)
 
 
-def attach_selected(model: nn.Module, selector: Selector, config: TrainConfig, train_data: TokenizedDataset,
+def attach_selected(model: nn.Module, selector: Any, config: TrainConfig, train_data: TokenizedDataset,
                     eval_data: TokenizedDataset | None, pad_id: int, out: Path) -> None:
     """Attach the adapter through the selector. A resumed run attaches the structure its first
     run chose (out/config.json) instead of searching again."""
@@ -270,8 +264,8 @@ def attach_selected(model: nn.Module, selector: Selector, config: TrainConfig, t
     if config.resume and (out / CHECKPOINT_DIR).is_dir() and saved.is_file():
         attach(model, AdapterConfig.from_dict(json.loads(saved.read_text())["adapter"]))
         return
-    search = search_data(train_data, eval_data, config.batch_size, pad_id, config.task, config.seed, config.select_steps)
-    selector.attach(model, config.adapter_config(), search)
+    selector.attach_for_run(model, config.adapter_config(), train_data, eval_data, batch_size=config.batch_size,
+                            pad_id=pad_id, task=config.task, seed=config.seed, steps=config.select_steps)
 
 
 def _eval_metrics(model: nn.Module, data: TokenizedDataset, config: TrainConfig, pad_id: int) -> dict[str, float]:
