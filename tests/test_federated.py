@@ -247,6 +247,41 @@ def test_cli_aggregates_and_merges_into_the_base(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+# ---- strategies are plug-ins -------------------------------------------------------------------------
+@pytest.fixture
+def first_client_strategy(monkeypatch):
+    """A strategy defined here, in no file of the package (the first client's adapter is the aggregate);
+    the registry forgets it after the test."""
+    from loraforge.federated.strategies import STRATEGIES, Strategy
+
+    STRATEGIES.names()  # the package's own strategies, registered before the copy is taken
+    monkeypatch.setattr(STRATEGIES, "_builders", dict(STRATEGIES._builders))
+
+    class FirstClient(Strategy, name="first-client"):
+        title = "First client"
+
+        def aggregate(self, clients, weights):
+            return clients[0]
+
+    return FirstClient
+
+
+def test_a_strategy_defined_anywhere_reaches_aggregate_the_cli_and_fed_run(tmp_path, first_client_strategy):
+    dirs = [save_client(tmp_path, k) for k in range(2)]
+    assert aggregate("first-client", dirs).name == dirs[0]
+    assert run_cli(["--strategy", "first-client", "--adapters", *dirs, "--out", str(tmp_path / "agg")]) == 0
+    assert read_client(tmp_path / "agg").tensors.keys() == read_client(dirs[0]).tensors.keys()
+    with pytest.raises(lf.AdapterError, match="--lam is for lora-fair; first-client takes none of these flags"):
+        run_cli(["--strategy", "first-client", "--lam", "0.1", "--adapters", *dirs, "--out", str(tmp_path / "x")])
+    pytest.importorskip("flwr")
+    from loraforge.federated.flower import FedRunConfig
+
+    cfg = FedRunConfig(model="m", data="d", strategy="first-client", ranks="2,4")
+    assert isinstance(cfg.rule(), first_client_strategy)
+    with pytest.raises(lf.LoraforgeError, match="heterogeneous ranks need --strategy flora"):
+        cfg.rank_list()  # its clients train the global adapter: one rank
+
+
 # ---- `fed run` on Flower ---------------------------------------------------------------------------
 @pytest.fixture
 def fed_setup(tmp_path):
@@ -345,7 +380,7 @@ def test_fed_rounds_drop_bad_clients_checkpoint_and_resume(fed_setup, flower_ide
 
 
 def test_flora_stacks_rounds_exactly():
-    from loraforge.federated.aggregate import stack_onto
+    from loraforge.federated.strategies.flora import stack_onto
 
     rounds = [aggregate("flora", [random_client(2 * t, 2), random_client(2 * t + 1, 3)], [0.4, 0.6]) for t in range(3)]
     glob = None

@@ -4,14 +4,15 @@ training on the pooled data, at the same total number of optimizer steps.
     minilm-l6 + SST-2          accuracy on a held-out split after every round
     smollm2-135m + advising    held-out loss after every round
 
-Each federated strategy is one `loraforge fed run` in Flower's simulation engine (flower.run): N
-clients, Dirichlet label skew, R rounds of S local steps. Centralised training is the trainer on
-the union of the clients' rows for R x N x S steps (what the clients did in all, sequentially),
-evaluated every N x S steps so that its points line up with the rounds. Communication is what
-`fed run` logs: bytes of adapter tensors sent down and up per round.
+Each registered federated strategy is one `loraforge fed run` in Flower's simulation engine
+(flower.run): N clients, Dirichlet label skew, R rounds of S local steps. Centralised training is the
+trainer on the union of the clients' rows for R x N x S steps (what the clients did in all,
+sequentially), evaluated every N x S steps so that its points line up with the rounds.
+Communication is what `fed run` logs: bytes of adapter tensors sent down and up per round.
 
 FLoRA (arXiv 2409.05976) reports FLoRA above FedIT; LoRA-FAIR (arXiv 2411.14961) reports LoRA-FAIR
-above both. The closing lines of the section say which orderings held here.
+above both (each strategy's `reported_above`). The closing lines of the section say which orderings
+held here.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from loraforge.bench import append_section, figure_name, save_figure
 from loraforge.bench.methods import BenchRun, load_rows
 from loraforge.core.errors import LoraforgeError
 from loraforge.core.files import atomic_write_text
+from loraforge.federated.strategies import STRATEGIES
 
 TASKS = {"minilm-l6": "sst2", "smollm2-135m": "advising"}
-STRATEGY_NAMES = ("fedavg", "flora", "lora-fair")
+CENTRALISED = "centralised"  # the baseline's curve, beside one per strategy
 
 
 @dataclass
@@ -42,8 +44,8 @@ class FedBench:
     local_steps: int = 5  # 20 steps on a Dirichlet-0.5 shard drift every strategy to its clients' labels (~0.55)
     batch_size: int = 16
     lr: float = 2e-3
-    rank: int = 8  # fedavg, lora-fair and centralised
-    flora_ranks: str = "4,8,16"  # cycled over the clients
+    rank: int = 8  # strategies whose clients train the global adapter (fedavg, lora-fair), and centralised
+    flora_ranks: str = "4,8,16"  # cycled over the clients of strategies whose clients start fresh (flora)
     rows: int = 2000  # SST-2 rows used (the last 10% held out); the advising set is used whole
     max_length: int = 64
     seed: int = 0
@@ -70,13 +72,19 @@ def write_data(bench: FedBench, model: str, folder: Path) -> tuple[Path, str]:
     return path, task
 
 
+def ranks(bench: FedBench, curve: str) -> str:
+    """A curve's --ranks: one per client where the strategy's clients start fresh, else one rank."""
+    fresh = curve != CENTRALISED and STRATEGIES.get(curve).fresh_clients
+    return bench.flora_ranks if fresh else str(bench.rank)
+
+
 def run_config(bench: FedBench, model: str, data: Path, task: str, strategy: str, out: Path):
     from loraforge.federated.flower import FedRunConfig
 
     return FedRunConfig(model=model, data=str(data), out=str(out), task=task, clients=bench.clients,
                         partition=bench.partition, rounds=bench.rounds, local_steps=bench.local_steps,
-                        strategy=strategy, ranks=bench.flora_ranks if strategy == "flora" else str(bench.rank),
-                        lr=bench.lr, batch_size=bench.batch_size, max_length=bench.max_length, seed=bench.seed)
+                        strategy=strategy, ranks=ranks(bench, strategy), lr=bench.lr, batch_size=bench.batch_size,
+                        max_length=bench.max_length, seed=bench.seed)
 
 
 def flower_simulation(cfg: Any, cpus: int) -> Path:
@@ -120,16 +128,17 @@ def bench_model(bench: FedBench, model: str, runner: Callable[[Any, int], Path] 
         return saved["result"]
     data, task = write_data(bench, model, root)
     curves = {}
-    for strategy in STRATEGY_NAMES:
+    for strategy in STRATEGIES.names():
         out = root / strategy
         if out.exists() and any(out.iterdir()):
             raise LoraforgeError(f"{out} is not empty: choose another --out for a new benchmark run")
         runner(run_config(bench, model, data, task, strategy, out), bench.cpus)
         curves[strategy] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    from loraforge.federated.flower import split_rows
+    from loraforge.federated.flower import FedRunConfig, split_rows
 
-    baseline = run_config(bench, model, data, task, "fedavg", root / "centralised")
-    curves["centralised"] = centralised(bench, baseline)
+    # centralised training uses no strategy: the default one's settings give it the data split and one rank
+    baseline = run_config(bench, model, data, task, FedRunConfig.strategy, root / CENTRALISED)
+    curves[CENTRALISED] = centralised(bench, baseline)
     result = {"model": model, "task": task, "curves": curves, "held_out": len(split_rows(baseline)[0])}
     atomic_write_text(kept, json.dumps({"settings": settings, "result": result}))
     return result
@@ -166,11 +175,11 @@ def orderings(result: dict[str, Any]) -> list[str]:
             return f"a tie ({final[a]:.3f} vs {final[b]:.3f}, {'within one standard error, ' if accuracy else 'within '}{noise:.3f})"
         return "held" if gain > 0 else "did not hold"
 
-    checks = [("FLoRA above FedAvg (FLoRA paper)", verdict("flora", "fedavg")),
-              ("LoRA-FAIR above FedAvg (LoRA-FAIR paper)", verdict("lora-fair", "fedavg")),
-              ("LoRA-FAIR above FLoRA (LoRA-FAIR paper)", verdict("lora-fair", "flora")),
-              ("centralised above every federated strategy (the usual upper bound)",
-               "held" if all(verdict("centralised", s) == "held" for s in STRATEGY_NAMES) else "did not hold")]
+    federated = [name for name in result["curves"] if name != CENTRALISED]
+    checks = [(f"{STRATEGIES.get(a).title} above {STRATEGIES.get(b).title} ({STRATEGIES.get(a).title} paper)",
+               verdict(a, b)) for a in federated for b in STRATEGIES.get(a).reported_above if b in federated]
+    checks.append(("centralised above every federated strategy (the usual upper bound)",
+                   "held" if all(verdict(CENTRALISED, s) == "held" for s in federated) else "did not hold"))
     return [f"{claim}: {outcome}." for claim, outcome in checks]
 
 
@@ -189,15 +198,14 @@ def write_section(bench: FedBench, results: list[dict[str, Any]], command: str, 
                  "| strategy | ranks | " + " | ".join(f"round {i + 1}" for i in range(bench.rounds)) +
                  " | MB down / round | MB up / round |", "|---|---|" + "---:|" * (bench.rounds + 2)]
         for name, rows in result["curves"].items():
-            ranks = bench.flora_ranks if name == "flora" else str(bench.rank)
             down = sum(r["bytes_down"] for r in rows) / len(rows) / 1e6
             up = sum(r["bytes_up"] for r in rows) / len(rows) / 1e6
-            lines.append(f"| {name} | {ranks} | " + " | ".join(f"{r[key]:.4f}" for r in rows) +
+            lines.append(f"| {name} | {ranks(bench, name)} | " + " | ".join(f"{r[key]:.4f}" for r in rows) +
                          f" | {down:.2f} | {up:.2f} |")
             ax.plot([r["round"] for r in rows], [r[key] for r in rows], "o-", label=name)
         ax.set(xlabel="round", ylabel=metric, title=result["model"])
         ax.legend()
-        tail = last_third(len(result["curves"]["fedavg"]))
+        tail = last_third(len(result["curves"][CENTRALISED]))
         lines += ["", f"Against the papers (mean of the last {tail} round{'s' if tail > 1 else ''}, "
                       f"{result['held_out']} held-out rows):", ""] + [f"- {line}" for line in orderings(result)]
         parts.append("\n".join(lines))
@@ -214,6 +222,7 @@ def bench_fed(bench: FedBench, command: str = "", runner: Callable[[Any, int], P
     results = [bench_model(bench, m.strip(), runner) for m in bench.models.split(",") if m.strip()]
     if write:
         body = write_section(bench, results, command)
-        append_section("bench fed: FedAvg vs FLoRA vs LoRA-FAIR vs centralised", command, body)
+        titles = [STRATEGIES.get(name).title for name in STRATEGIES.names()]
+        append_section(f"bench fed: {' vs '.join(titles)} vs centralised", command, body)
         print(body)
     return results

@@ -1,5 +1,6 @@
-"""Federated fine-tuning: aggregation of clients' adapters (aggregate.py, pure torch) and the
-`loraforge fed` command (cli.py). Flower is only ever imported by flower.py."""
+"""Federated fine-tuning: aggregation of clients' adapters (aggregate.py and one file per strategy in
+strategies/, pure torch) and the `loraforge fed` command (cli.py). Flower is only ever imported by
+flower.py and app.py."""
 
 from __future__ import annotations
 
@@ -11,21 +12,12 @@ from safetensors.torch import save_file
 
 from loraforge.adapters.io import PEFT_PREFIX, read_adapter
 from loraforge.core.config import CONFIG_NAME, LORAFORGE_CONFIG_NAME, WEIGHTS_NAME
-from loraforge.core.errors import AdapterError
 from loraforge.core.files import atomic_dir
-from loraforge.federated.aggregate import (
-    STRATEGIES,
-    Aggregate,
-    ClientAdapter,
-    check_clients,
-    fedavg,
-    flora,
-    lora_fair,
-    lora_modules,
-)
+from loraforge.federated.aggregate import Aggregate, ClientAdapter, check_clients, lora_modules
+from loraforge.federated.strategies import STRATEGIES, Strategy
 
-__all__ = ["STRATEGIES", "Aggregate", "ClientAdapter", "aggregate", "fedavg", "flora", "lora_fair", "lora_modules",
-           "read_client", "write_adapter"]
+__all__ = ["STRATEGIES", "Aggregate", "ClientAdapter", "Strategy", "aggregate", "lora_modules", "read_client",
+           "write_adapter"]
 
 
 def read_client(adapter_dir: str | Path) -> ClientAdapter:
@@ -46,15 +38,14 @@ def write_adapter(adapter: ClientAdapter, out: str | Path) -> Path:
 
 def aggregate(strategy: str, adapters: list[str | Path | ClientAdapter], weights: list[float] | None = None,
               out: str | Path | None = None, **options: Any) -> Aggregate:
-    """Aggregate adapter folders (or read ClientAdapters) with `strategy` ("fedavg", "flora",
-    "lora-fair"); weights default to equal. Options: pad= (fedavg, lora-fair), lam= (lora-fair).
-    Everything is checked before anything is written to `out`."""
-    if strategy not in STRATEGIES:
-        raise AdapterError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    """Aggregate adapter folders (or read ClientAdapters) with the registered `strategy` (`STRATEGIES.names()`);
+    weights default to equal. `options` are the strategy's settings (`STRATEGIES.settings(strategy)`, such
+    as pad= or lam=). Everything is checked before anything is written to `out`."""
+    rule = STRATEGIES.get(strategy)  # refuses an unknown name, listing the registered ones
     clients = [a if isinstance(a, ClientAdapter) else read_client(a) for a in adapters]
     weights = [1.0 / len(clients)] * len(clients) if weights is None else [float(w) for w in weights]
     check_clients(clients, weights)
-    result = STRATEGIES[strategy](clients, weights, **options)
+    result = rule(**options).aggregate(clients, weights)
     if out is not None:
         write_adapter(result, out)
     return result

@@ -1,6 +1,6 @@
 """The Flower app that `flwr run` deploys: a ServerApp with loraforge's strategies and a ClientApp that
-trains with loraforge's trainer (the functions of flower.py, so `loraforge fed run` and `flwr run`
-execute the same code).
+trains with loraforge's trainer (flower.py's, the one `loraforge fed run` simulates, so both execute
+the same code).
 
     flwr run . local --run-config "clients=10 rounds=5 strategy='flora' ranks='4,8,16'" \\
         --federation-config "num-supernodes=10"          # Flower's simulation engine, one machine
@@ -25,14 +25,14 @@ import dataclasses
 import typing
 
 from flwr.app import Context
-from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from loraforge.core.errors import LoraforgeError
-from loraforge.federated.flower import FedRunConfig, client_train, prepare, server_main
+from loraforge.federated.flower import FedRunConfig, client_app, prepare, server_main
 
-client_app = ClientApp()
-client_app.train()(client_train)
+# pyproject's two components; Flower reads this file for their names, and client_app lives in flower.py,
+# whose `run` simulates it
+__all__ = ["client_app", "config_from_run_config", "serve_rounds", "server_app"]
 
 server_app = ServerApp()
 

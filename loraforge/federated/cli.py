@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from loraforge.core.errors import AdapterError
+from loraforge.federated.strategies import STRATEGIES, taking, with_fresh_clients
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -16,14 +17,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     fed = subparsers.add_parser("fed", help="federated fine-tuning: aggregate clients' adapters, run on Flower")
     sub = fed.add_subparsers(required=True, metavar="aggregate | run")
     p = sub.add_parser("aggregate", help="aggregate adapter folders into one adapter (or a merged model)")
-    p.add_argument("--strategy", required=True, choices=["fedavg", "flora", "lora-fair"])
+    p.add_argument("--strategy", required=True, choices=STRATEGIES.names())
     p.add_argument("--adapters", required=True, nargs="+", help="the clients' adapter folders (PEFT format)")
     p.add_argument("--weights", help="comma-separated, one per adapter, non-negative, summing to 1 "
                                      "(e.g. n_k / sum n_j); default: equal")
     p.add_argument("--out", required=True, help="folder for the aggregate adapter (or the merged model)")
-    p.add_argument("--pad", action="store_true", help="fedavg / lora-fair: zero-pad clients to the largest rank")
+    p.add_argument("--pad", action="store_true",
+                   help=f"{' / '.join(taking('pad'))}: zero-pad clients to the largest rank")
     p.add_argument("--lam", type=float, default=None,
-                   help="lora-fair: ridge weight of the server residual (default 0.01)")
+                   help=f"{' / '.join(taking('lam'))}: ridge weight of the server residual (default 0.01)")
     p.add_argument("--merge-into", metavar="MODEL", help="fold the aggregate into this base model and write a "
                                                          "plain Hugging Face folder to --out")
     p.set_defaults(run=cmd_aggregate)
@@ -37,14 +39,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (label skew)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--local-steps", type=int, default=10)
-    p.add_argument("--strategy", choices=["fedavg", "flora", "lora-fair"], default="fedavg")
-    p.add_argument("--ranks", default="8", help="one rank, or one per client (cycled; flora only)")
+    p.add_argument("--strategy", choices=STRATEGIES.names(), default="fedavg")
+    p.add_argument("--ranks", default="8",
+                   help=f"one rank, or one per client (cycled; {' / '.join(with_fresh_clients())} only)")
     p.add_argument("--targets", default="all-linear")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--eval-fraction", type=float, default=0.1)
-    p.add_argument("--lam", type=float, default=1e-2, help="lora-fair: ridge weight of the server residual")
+    p.add_argument("--lam", type=float, default=1e-2,
+                   help=f"{' / '.join(taking('lam'))}: ridge weight of the server residual")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/fed")
     p.add_argument("--resume", action="store_true", help="continue after the last finished round in --out")
@@ -57,15 +61,13 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     from loraforge.federated import aggregate
 
     weights = parse_weights(args.weights) if args.weights else None
-    options = {}
-    if args.pad:
-        if args.strategy == "flora":
-            raise AdapterError("--pad is for fedavg and lora-fair: flora stacks clients of any rank as they are")
-        options["pad"] = True
-    if args.lam is not None:
-        if args.strategy != "lora-fair":
-            raise AdapterError("--lam is for --strategy lora-fair")
-        options["lam"] = args.lam
+    given = {"pad": args.pad or None, "lam": args.lam}  # the strategy's settings, where a flag was given
+    options = {name: value for name, value in given.items() if value is not None}
+    settings = STRATEGIES.settings(args.strategy)
+    for name in options:
+        if name not in settings:
+            raise AdapterError(f"--{name} is for {' and '.join(taking(name))}; {args.strategy} takes "
+                               f"{' '.join('--' + s for s in settings) or 'none of these flags'}")
     if not args.merge_into:
         result = aggregate(args.strategy, args.adapters, weights, out=args.out, **options)
         print(f"{args.strategy}: aggregate of {len(args.adapters)} adapters (rank {result.config.rank}) "

@@ -1,14 +1,13 @@
 """`loraforge fed run`: federated LoRA fine-tuning as a Flower ServerApp + ClientApp, run in
-Flower's simulation engine. The only file that imports flwr.
+Flower's simulation engine. With app.py, the only files that import flwr.
 
-Round t (every client takes part):
+Round t (every client takes part) of the strategy `--strategy` names (strategies/):
   server -> clients   the global adapter G_t (PEFT-format tensors + its AdapterConfig as JSON)
-  client k            fedavg / lora-fair: start from G_t and train it (rank r);
-                      flora: merge G_t into its base copy, attach a fresh rank-r_k LoRA, train it
+  client k            start from G_t and train it (rank r), or where the strategy's clients start
+                      fresh (flora): merge G_t into its base copy, attach a fresh rank-r_k LoRA, train it
   clients -> server   A_k, B_k (+ head), n_k and the client's AdapterConfig
-  server              G_{t+1} = fedavg / lora-fair aggregate (p_k = n_k / sum n_j), or for flora
-                      G_{t+1} = [G_t ; round aggregate] stacked (both have scale 1, so the global
-                      adapter is exactly the sum of all merged updates and PEFT loads it)
+  server              G_{t+1} = the strategy's combine of G_t and its aggregate (p_k = n_k / sum n_j):
+                      the aggregate itself (fedavg, lora-fair), or [G_t ; aggregate] stacked (flora)
 A reply with an error, non-finite tensors or tensors that do not fit is dropped with a logged reason.
 After each round: held-out loss/accuracy, bytes each way -> metrics.jsonl (+ accuracy.png at the
 end); G_{t+1} -> out/global; out/checkpoint holds adapter, metrics and round number, replaced in
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
@@ -37,7 +37,7 @@ from loraforge.core.config import AdapterConfig
 from loraforge.core.errors import AdapterError, LoraforgeError
 from loraforge.core.files import atomic_dir, atomic_write_text
 from loraforge.federated import STRATEGIES, ClientAdapter, check_clients, read_client, write_adapter
-from loraforge.federated.aggregate import stack_onto
+from loraforge.federated.strategies import Strategy, with_fresh_clients
 from loraforge.training.config import TrainConfig, parse_targets
 from loraforge.training.data import from_records, read_rows
 from loraforge.training.evaluate import evaluate_dataset
@@ -58,7 +58,7 @@ class FedRunConfig:
     rounds: int = 5
     local_steps: int = 10
     strategy: str = "fedavg"
-    ranks: str = "8"  # one rank, or one per client (cycled) for flora
+    ranks: str = "8"  # one rank, or one per client (cycled) where the strategy's clients start fresh
     targets: str = "all-linear"
     lr: float = 1e-3
     batch_size: int = 16
@@ -69,11 +69,17 @@ class FedRunConfig:
     resume: bool = False
     num_labels: int | None = None  # classification: read from the data by prepare()
 
+    def rule(self) -> Strategy:
+        """The strategy, with its settings (lam) from this config's fields of the same names."""
+        settings = {name: getattr(self, name) for name in STRATEGIES.settings(self.strategy) if hasattr(self, name)}
+        return STRATEGIES.get(self.strategy)(**settings)
+
     def rank_list(self) -> list[int]:
         ranks = [int(r) for r in self.ranks.split(",")]
-        if self.strategy != "flora" and len(set(ranks)) > 1:
-            raise LoraforgeError(f"--ranks {self.ranks}: {self.strategy} averages factors of one rank; "
-                                 "heterogeneous ranks need --strategy flora")
+        if not STRATEGIES.get(self.strategy).fresh_clients and len(set(ranks)) > 1:
+            raise LoraforgeError(f"--ranks {self.ranks}: the clients of {self.strategy} all train the global "
+                                 f"adapter, of one rank; heterogeneous ranks need --strategy "
+                                 f"{' or '.join(with_fresh_clients())}")
         return ranks
 
 
@@ -125,13 +131,14 @@ def base_model(cfg: FedRunConfig) -> tuple[torch.nn.Module, object]:
 
 
 def with_global(cfg: FedRunConfig, glob: ClientAdapter | None, trainable: bool) -> tuple[torch.nn.Module, object]:
-    """A fresh base model carrying the global adapter (flora: merged into the weights)."""
+    """A fresh base model carrying the global adapter (merged into the weights for a client that
+    starts fresh)."""
     model, tokenizer = base_model(cfg)
     if glob is not None:
         with tempfile.TemporaryDirectory() as tmp:
             write_adapter(glob, Path(tmp) / "g")
             load_adapter(model, Path(tmp) / "g", trainable=trainable)
-        if cfg.strategy == "flora" and trainable:
+        if trainable and STRATEGIES.get(cfg.strategy).fresh_clients:
             model = merge_and_unload(model)
     return model, tokenizer
 
@@ -163,7 +170,7 @@ def client_train(msg: Message, context: Context) -> Message:
     k, round_ = int(context.node_config["partition-id"]), int(msg.content["run"]["round"])
     glob = decode(msg.content, "global") if "arrays" in msg.content else None
     model, tokenizer = with_global(cfg, glob, trainable=True)
-    if cfg.strategy == "flora" or glob is None:  # a fresh rank-r_k LoRA, alpha = 2 r_k as in FLoRA
+    if STRATEGIES.get(cfg.strategy).fresh_clients or glob is None:  # a fresh rank-r_k LoRA, alpha = 2 r_k as in FLoRA
         rank = cfg.rank_list()[k % len(cfg.rank_list())]
         attach(model, AdapterConfig(rank=rank, alpha=2.0 * rank, target_modules=parse_targets(cfg.targets),
                                     seed=cfg.seed + 1000 * round_ + k, base_model_name_or_path=cfg.model))
@@ -179,6 +186,10 @@ def client_train(msg: Message, context: Context) -> Message:
     return Message(encode(adapter, num_examples=len(data), train_loss=sum(losses) / len(losses)), reply_to=msg)
 
 
+client_app = ClientApp()  # what `flwr run` deploys (app.py) and `run` simulates
+client_app.train()(client_train)
+
+
 def rows_dataset(rows: list[dict], tokenizer, cfg: FedRunConfig):
     records = [{k: v for k, v in r.items() if k != "line"} for r in rows]
     columns = {}
@@ -190,13 +201,14 @@ def rows_dataset(rows: list[dict], tokenizer, cfg: FedRunConfig):
 # ---- server ----------------------------------------------------------------------------------------
 def server_main(grid: Grid, context: Context, cfg: FedRunConfig) -> None:
     out = Path(cfg.out)
+    rule = cfg.rule()
     glob, start, history = None, 0, []
     if cfg.resume and (out / CHECKPOINT / "state.json").is_file():
         start = json.loads((out / CHECKPOINT / "state.json").read_text())["round"]
         glob = read_client(out / CHECKPOINT / "global")
         history = [json.loads(line) for line in (out / CHECKPOINT / "metrics.jsonl").read_text().splitlines()]
         print(f"resuming after round {start}", flush=True)
-    elif cfg.strategy != "flora":  # FedIT / LoRA-FAIR: every client starts from one global init
+    elif not rule.fresh_clients:  # every client starts from one global init
         model, _ = base_model(cfg)
         rank = cfg.rank_list()[0]
         attach(model, AdapterConfig(rank=rank, alpha=2.0 * rank, target_modules=parse_targets(cfg.targets),
@@ -223,7 +235,7 @@ def server_main(grid: Grid, context: Context, cfg: FedRunConfig) -> None:
                 reference = glob or (clients[0] if clients else client)
                 check_clients([reference, client], [0.5, 0.5])
                 wrong = [k for k, t in client.tensors.items() if t.shape != reference.tensors[k].shape]
-                if wrong and cfg.strategy != "flora":  # averaging needs the global's ranks
+                if wrong and not rule.fresh_clients:  # a client that trained the global keeps its ranks
                     raise AdapterError(f"{name}: key {wrong[0]!r} has shape {tuple(client.tensors[wrong[0]].shape)}, "
                                        f"the global adapter {tuple(reference.tensors[wrong[0]].shape)}")
             except LoraforgeError as exc:
@@ -237,9 +249,7 @@ def server_main(grid: Grid, context: Context, cfg: FedRunConfig) -> None:
         if not clients:
             raise LoraforgeError(f"round {round_}: every client failed: {dropped}")
         weights = [n / sum(counts) for n in counts]
-        options = {"lam": cfg.lam} if cfg.strategy == "lora-fair" else {}
-        agg = STRATEGIES[cfg.strategy](clients, weights, **options)
-        glob = stack_onto(glob, agg) if cfg.strategy == "flora" else agg
+        glob = rule.combine(glob, rule.aggregate(clients, weights))
         model, _ = with_global(cfg, glob, trainable=False)
         tokenizer = base_model(cfg)[1]
         metrics = evaluate_dataset(model, rows_dataset(held_out, tokenizer, cfg), batch_size=32,
@@ -282,8 +292,7 @@ def plot_rounds(history: list[dict], path: Path, cfg: FedRunConfig) -> None:
 
 def prepare(cfg: FedRunConfig) -> None:
     """Refuse bad settings before the simulation starts, and make the output folder."""
-    if cfg.strategy not in STRATEGIES:
-        raise LoraforgeError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {cfg.strategy!r}")
+    cfg.rule()  # refuses an unknown strategy or a bad setting of it
     cfg.rank_list()
     held_out, parts = split_rows(cfg)
     if cfg.task == "classification":
@@ -304,8 +313,6 @@ def prepare(cfg: FedRunConfig) -> None:
 
 def run(cfg: FedRunConfig, num_cpus: int = 2) -> Path:
     """Run `cfg` in Flower's simulation engine (Ray; one CPU per simulated client at a time)."""
-    from loraforge.federated.app import client_app  # the ClientApp `flwr run` deploys
-
     prepare(cfg)
     server = ServerApp()  # app.server_app reads its settings from Flower's run config; here they are in hand
     server.main()(lambda grid, context: server_main(grid, context, cfg))
