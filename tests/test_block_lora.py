@@ -12,7 +12,7 @@ from loraforge.testing import tiny_llama
 
 
 def block_config(n_blocks: int = 4, **kw) -> lf.AdapterConfig:
-    return lf.AdapterConfig(**{"method": "block-lora", "rank": 4, "alpha": 8, "extras": {"n_blocks": n_blocks}, **kw})
+    return lf.AdapterConfig(**{"method": "block-lora", "rank": 4, "alpha": 8, "options": {"n_blocks": n_blocks}, **kw})
 
 
 def random_layer(d_in: int = 16, d_out: int = 12, n_blocks: int = 4) -> BlockLoRALinear:
@@ -92,12 +92,12 @@ def test_gradient_matches_dense_autograd():
     torch.testing.assert_close(layer.lora_B.weight.grad, b.grad)
 
 
-@pytest.mark.parametrize("extras, message", [
+@pytest.mark.parametrize("options, message", [
     ({"n_blocks": 3}, "does not divide d_in"),
     ({"n_blocks": 0}, "positive integer"),
     ({"n_blocks": "8"}, "positive integer"),
-    ({"blocks": 8}, "unknown extras"),
+    ({"blocks": 8}, "unknown option"),
 ])
-def test_bad_extras(extras, message):
+def test_bad_options(options, message):
     with pytest.raises(lf.AdapterError, match=message):
-        lf.attach(tiny_llama(), lf.AdapterConfig(method="block-lora", rank=4, extras=extras))
+        lf.attach(tiny_llama(), lf.AdapterConfig(method="block-lora", rank=4, options=options))

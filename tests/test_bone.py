@@ -145,7 +145,7 @@ def test_peft_loads_saved_bone_and_bat_is_marked_loraforge_only(tmp_path):
     ("bone-bat", {"rank": 5}, "divisible by r = 5"),
     ("bone", {"init": "gaussian"}, "no gaussian init"),
     ("bone-bat", {"use_rslora": True}, "use_rslora"),
-    ("bone", {"extras": {"variant": "bat"}}, "takes no extras"),
+    ("bone", {"options": {"variant": "bat"}}, "takes no options"),
 ])
 def test_bad_config(method, kw, message):
     with pytest.raises(lf.AdapterError, match=message):

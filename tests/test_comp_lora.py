@@ -13,7 +13,7 @@ from loraforge.testing import tiny_llama
 
 
 def comp_config(k: int = 6, side: str = "both", **kw) -> lf.AdapterConfig:
-    return lf.AdapterConfig(**{"method": "comp-lora", "rank": 4, "alpha": 8, "extras": {"k": k, "side": side}, **kw})
+    return lf.AdapterConfig(**{"method": "comp-lora", "rank": 4, "alpha": 8, "options": {"k": k, "side": side}, **kw})
 
 
 def random_layer(k: int = 6, side: str = "both", cls=CompLoRALinear) -> nn.Module:
@@ -134,13 +134,13 @@ def test_default_k_is_capped_by_the_layer():
     assert ks["q_proj"] == 16 and ks["k_proj"] == 8  # min(4 r, min(d_out, d_in) // 2)
 
 
-@pytest.mark.parametrize("extras, message", [
+@pytest.mark.parametrize("options, message", [
     ({"k": 16}, r"in \[0, min\(d_out, d_in\) = 16\)"),
     ({"k": -1}, "must be an integer"),
     ({"k": 2.5}, "must be an integer"),
     ({"side": "left"}, "side"),
-    ({"rank_k": 3}, "unknown extras"),
+    ({"rank_k": 3}, "unknown option"),
 ])
-def test_bad_extras(extras, message):
+def test_bad_options(options, message):
     with pytest.raises(lf.AdapterError, match=message):
-        lf.attach(tiny_llama(), lf.AdapterConfig(method="comp-lora", rank=4, extras=extras))
+        lf.attach(tiny_llama(), lf.AdapterConfig(method="comp-lora", rank=4, options=options))

@@ -44,8 +44,8 @@ def table(spectrum: list[float], seed: int, d: int = 16) -> torch.Tensor:
     return torch.randn(128, d, generator=g) * scales @ basis.T
 
 
-def eva_toy(tables, rank: int, batches: int = 8, **extras):
-    model = lf.attach(Toy(tables), lf.AdapterConfig(init="eva", rank=rank, alpha=2.0 * rank, extras=extras))
+def eva_toy(tables, rank: int, batches: int = 8, **options):
+    model = lf.attach(Toy(tables), lf.AdapterConfig(init="eva", rank=rank, alpha=2.0 * rank, options=options))
     report = lf.initialize(model, text_data(), batches=batches, batch_size=8, progress=False)
     return model, report
 
@@ -104,7 +104,7 @@ def llama_batches(n_batches: int):
 
 def test_rho_one_keeps_every_rank_and_shared_inputs_share_components():
     data, _ = llama_batches(0)
-    model = lf.attach(tiny_llama(), lf.AdapterConfig(init="eva", rank=2, extras={"eva_rho": 1.0}))
+    model = lf.attach(tiny_llama(), lf.AdapterConfig(init="eva", rank=2, options={"eva_rho": 1.0}))
     before = model(input_ids=torch.tensor([[5, 6, 7]])).logits
     report = lf.initialize(model, data, batches=10, batch_size=8, progress=False)
     assert set(report.details["ranks"].values()) == {2} and not model.loraforge_config.rank_pattern

@@ -10,11 +10,11 @@ from loraforge.methods.init.residual import ResidualLoRALinear
 from loraforge.testing import tiny_llama
 
 
-def pissa_layer(weight: torch.Tensor, rank: int = 4, alpha: float = 8.0, **extras) -> ResidualLoRALinear:
+def pissa_layer(weight: torch.Tensor, rank: int = 4, alpha: float = 8.0, **options) -> ResidualLoRALinear:
     base = nn.Linear(weight.shape[1], weight.shape[0])
     with torch.no_grad():
         base.weight.copy_(weight)
-    model = lf.attach(nn.Sequential(base), lf.AdapterConfig(init="pissa", rank=rank, alpha=alpha, extras=extras))
+    model = lf.attach(nn.Sequential(base), lf.AdapterConfig(init="pissa", rank=rank, alpha=alpha, options=options))
     return model[0]
 
 

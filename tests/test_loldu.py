@@ -120,7 +120,7 @@ def test_base_weights_stay_pretrained_and_factors_travel(tmp_path):
     ({"rank": 40}, "exceeds min"),
     ({"init": "gaussian"}, "init must be 'default'"),
     ({"use_rslora": True}, "use_rslora"),
-    ({"extras": {"init_method": "lu"}}, "takes no extras"),
+    ({"options": {"init_method": "lu"}}, "takes no options"),
 ])
 def test_bad_config(kw, message):
     with pytest.raises(lf.AdapterError, match=message):

@@ -171,7 +171,7 @@ def test_loraforge_loads_peft_adapter(name, tmp_path):
 
 def test_config_round_trip_is_identical(tmp_path):
     cfg = lf.AdapterConfig(rank=4, alpha=16, dropout=0.1, target_modules=r".*\.(q|v)_proj", use_rslora=True,
-                           seed=3, rank_pattern={"q_proj": 8}, extras={"note": "kept"})
+                           seed=3, rank_pattern={"q_proj": 8}, provenance={"note": "kept"})
     model = lf.attach(tiny_llama(), cfg)
     lf.save_adapter(model, tmp_path / "a")
     loaded, targets, _ = read_adapter(tmp_path / "a")

@@ -39,7 +39,7 @@ def test_lora_xs_starts_from_the_svd_of_w0():
 def sb_setup(lr: float = 1e-3):
     tok = tiny_tokenizer()
     data = from_records([{"prompt": f"question {i}", "completion": f"answer {i % 5}"} for i in range(32)], tok)
-    model = lf.attach(tiny_llama(), lf.AdapterConfig(method="lora-sb", rank=4, alpha=8, extras={"svd_niter": None}))
+    model = lf.attach(tiny_llama(), lf.AdapterConfig(method="lora-sb", rank=4, alpha=8, options={"svd_niter": None}))
     report = lf.initialize(model, data, batches=2, batch_size=8, lr=lr, progress=False)
     return model, data, report
 

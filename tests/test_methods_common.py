@@ -5,6 +5,8 @@ Methods with their own `attach` hook (block-level, or sharing tensors across lay
 out of the table; their test files call the `check_*` functions below directly.
 """
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -116,6 +118,62 @@ def test_trainable_params_match_a_wrapped_linear(method):
 @pytest.mark.parametrize("method", PER_LAYER)
 def test_loss_decreases_on_a_fixed_batch(method, model):
     check_loss_decreases(config(method), MODELS[model])
+
+
+# ---- options and provenance, and the single `extras` dict of earlier files --------------------------
+
+def test_an_old_config_with_extras_loads_options_and_provenance_apart(tmp_path):
+    model = perturb(lf.attach(tiny_llama(), config("block-lora", options={"n_blocks": 4},
+                                                   provenance={"selection": {"method": "flexora", "layers": [0, 1]}})))
+    lf.save_adapter(model, tmp_path / "adapter")
+    path = tmp_path / "adapter" / "loraforge_config.json"
+    saved = json.loads(path.read_text())
+    old = {k: v for k, v in saved.items() if k not in ("options", "provenance")}
+    path.write_text(json.dumps(old | {"extras": {"n_blocks": 4, "selection": saved["provenance"]["selection"]}}))
+    reloaded = lf.load_adapter(tiny_llama(), tmp_path / "adapter")
+    assert reloaded.loraforge_config.options == {"n_blocks": 4}
+    assert reloaded.loraforge_config.provenance == {"selection": {"method": "flexora", "layers": [0, 1]}}
+    assert torch.equal(logits(reloaded), logits(model))
+
+
+def test_extras_keys_map_to_provenance_or_options():
+    old = {"method": "randlora", "rank": 4, "extras": {
+        "projection_prng_key": 3, "sparse": True, "selection": {"method": "diffora"},
+        "federated": {"strategy": "fedavg"}, "converted_from": {"method": "lora-xs"}}}
+    loaded = lf.AdapterConfig.from_dict(old)
+    assert loaded.options == {"projection_prng_key": 3, "sparse": True}
+    assert loaded.provenance == {"selection": {"method": "diffora"}, "federated": {"strategy": "fedavg"},
+                                 "converted_from": {"method": "lora-xs"}}
+    assert lf.AdapterConfig.from_dict(loaded.to_dict()) == loaded
+    assert lf.AdapterConfig.from_dict({"method": "lora", "extras": {}}) == lf.AdapterConfig()
+    with pytest.raises(lf.AdapterError, match="lora: unknown option 'n_blocks'; lora takes no options"):
+        lf.AdapterConfig.from_dict({"method": "lora", "extras": {"n_blocks": 4}})
+
+
+def test_provenance_is_a_free_record_no_method_reads():
+    for method in PER_LAYER:
+        assert lf.AdapterConfig(method=method, provenance={"anything": [1, {"at": "all"}]}).provenance
+
+
+@pytest.mark.parametrize("method, init, options, message", [
+    ("bone", "default", {"n_blocks": 4}, "bone: unknown option 'n_blocks'; bone takes no options"),
+    ("lora", "pissa", {"eva_rho": 2.0},
+     "lora with init 'pissa': unknown option 'eva_rho'; valid options: svd_niter (int | None, default None)"),
+    ("lora-sb", "default", {"svd_niter": 2.5}, "option 'svd_niter' must be an integer >= 0, or null, got 2.5"),
+    ("lora", "lora-ga", {"lora_ga_gamma": True}, "option 'lora_ga_gamma' must be a number > 0, got True"),
+    ("comp-lora", "default", {"k": 2, "sides": "in"}, "unknown option 'sides'; valid options: k (int | None, "
+                                                      "default None), side ('both' | 'in' | 'out', default 'both')"),
+])
+def test_an_option_the_method_or_its_init_does_not_take_is_refused_with_the_valid_ones(method, init, options, message):
+    with pytest.raises(lf.AdapterError) as error:
+        lf.AdapterConfig(method=method, init=init, options=options)
+    assert message in str(error.value)
+
+
+def test_an_adapter_takes_its_methods_options_and_its_inits():
+    config = lf.AdapterConfig(method="lora-xs", options={"svd_niter": 2})  # lora-xs starts from its own SVD
+    assert config.options == {"svd_niter": 2}
+    lf.AdapterConfig(init="eva", options={"eva_rho": 1, "eva_tau": 0.9})  # an int is a fine float
 
 
 def test_tensors_replaced_puts_parameters_and_buffers_back_whatever_happens():

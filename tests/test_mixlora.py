@@ -18,11 +18,11 @@ from loraforge.training.loop import train
 PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
-def make_block(d=8, d_ff=16, bias=False, init="random", rank=2, **extras) -> MixLoRAFFN:
+def make_block(d=8, d_ff=16, bias=False, init="random", rank=2, **options) -> MixLoRAFFN:
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=d, intermediate_size=d_ff, mlp_bias=bias, num_attention_heads=1)
     mlp = LlamaMLP(config).requires_grad_(False)
-    return MixLoRAFFN(mlp, lf.AdapterConfig(method="mixlora", rank=rank, alpha=2 * rank, init=init, extras=extras), "mlp")
+    return MixLoRAFFN(mlp, lf.AdapterConfig(method="mixlora", rank=rank, alpha=2 * rank, init=init, options=options), "mlp")
 
 
 def tokens(n=7, d=8, seed=1) -> torch.Tensor:
@@ -115,7 +115,7 @@ def test_aux_loss_matches_hand_computation():
 
 def test_aux_loss_pools_all_layers_and_leaves_padding_out():
     model = lf.attach(tiny_llama(), lf.AdapterConfig(method="mixlora", rank=4, seed=0, init="random",
-                                                     extras={"num_experts": 4, "aux_loss_coef": 1.0})).train()
+                                                     options={"num_experts": 4, "aux_loss_coef": 1.0})).train()
     logits = []
     for layer in model.model.layers:
         layer.mlp.router.register_forward_hook(lambda m, i, o: logits.append(o.detach()))
@@ -143,7 +143,7 @@ def test_aux_loss_pools_all_layers_and_leaves_padding_out():
 def test_trainable_parameters_match_the_spec_formula():
     block = make_block(d=64, d_ff=128, num_experts=4, rank=2)
     assert sum(p.numel() for p in block.parameters() if p.requires_grad) == 4 * 64 + 4 * 2 * 3 * (64 + 128) == 4864
-    config = lf.AdapterConfig(method="mixlora", rank=2, extras={"num_experts": 4})
+    config = lf.AdapterConfig(method="mixlora", rank=2, options={"num_experts": 4})
     assert lf.get_method("mixlora").trainable_params(64, 128, config) == 4 * 2 * (64 + 128)  # one projection's bank
     model = lf.attach(tiny_llama(), lf.AdapterConfig(method="mixlora", rank=4))  # d 32, d_ff 64, E 8, all-linear
     ffn, attention = 8 * 32 + 8 * 4 * 3 * (32 + 64), 4 * ((32 + 32) + 2 * (32 + 16) + (32 + 32))
@@ -154,7 +154,7 @@ def test_one_expert_top_1_is_lora_on_gate_up_down():
     ffn_only = ["gate_proj", "up_proj", "down_proj"]
     lora = lf.attach(tiny_llama(), lf.AdapterConfig(rank=4, alpha=8, init="random", seed=1, target_modules=ffn_only))
     mix = lf.attach(tiny_llama(), lf.AdapterConfig(method="mixlora", rank=4, alpha=8, target_modules=ffn_only,
-                                                   extras={"num_experts": 1, "top_k": 1}))
+                                                   options={"num_experts": 1, "top_k": 1}))
     with torch.no_grad():
         for i, layer in enumerate(mix.model.layers):
             for p in PROJ:
@@ -189,7 +189,7 @@ def test_gradients_equal_autograd_of_the_naive_form():
 
 def test_save_load_round_trip_on_a_fresh_model(tmp_path):
     config = lf.AdapterConfig(method="mixlora", rank=4, init="random", seed=2, target_modules=["q_proj", "v_proj"],
-                              extras={"num_experts": 4, "top_k": 1, "router_init_std": 0.5})
+                              options={"num_experts": 4, "top_k": 1, "router_init_std": 0.5})
     model = lf.attach(tiny_llama(), config)
     lf.save_adapter(model, tmp_path / "a")
     loaded = lf.load_adapter(tiny_llama(), tmp_path / "a")
@@ -231,7 +231,7 @@ def test_twenty_training_steps_lower_the_loss_and_log_aux_loss(tmp_path):
     assert sum(expert_load(result.model)["model.layers.0.mlp"]) > 0
 
 
-@pytest.mark.parametrize("make,extras,message", [
+@pytest.mark.parametrize("make,options,message", [
     (tiny_gpt2, {}, "model_type 'gpt2'"),
     (tiny_bert, {}, "model_type 'bert'"),
     (tiny_llama, {"top_k": 9}, "top_k"),
@@ -239,10 +239,10 @@ def test_twenty_training_steps_lower_the_loss_and_log_aux_loss(tmp_path):
     (tiny_llama, {"num_experts": "8"}, "num_experts"),
     (tiny_llama, {"aux_norm": "gshard"}, "aux_norm"),
     (tiny_llama, {"router_init_std": 0}, "router_init_std"),
-    (tiny_llama, {"experts": 4}, "unknown extras"),
+    (tiny_llama, {"experts": 4}, "unknown option"),
 ])
-def test_bad_input_is_refused_before_anything_is_wrapped(make, extras, message):
+def test_bad_input_is_refused_before_anything_is_wrapped(make, options, message):
     model = make()
     with pytest.raises(lf.AdapterError, match=message):
-        lf.attach(model, lf.AdapterConfig(method="mixlora", extras=extras))
+        lf.attach(model, lf.AdapterConfig(method="mixlora", options=options))
     assert not lf.adapter_layers(model)

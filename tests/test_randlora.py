@@ -22,7 +22,7 @@ import loraforge as lf
 from loraforge.methods.randlora import RandLoRALinear, RandomBases
 from loraforge.testing import assert_same_outputs, tiny_llama
 
-EXTRAS = [{}, {"sparse": True}, {"very_sparse": True, "projection_prng_key": 3}]
+OPTIONS = [{}, {"sparse": True}, {"very_sparse": True, "projection_prng_key": 3}]
 
 
 def rand_config(**kw) -> lf.AdapterConfig:
@@ -97,7 +97,7 @@ def test_update_is_full_rank_where_lora_of_the_same_budget_is_not():
 def test_bases_are_deterministic_per_key():
     first, again = RandomBases(rand_config(), 64, 32, "cpu"), RandomBases(rand_config(), 64, 32, "cpu")
     assert torch.equal(first.A, again.A) and torch.equal(first.B, again.B)
-    other = RandomBases(rand_config(extras={"projection_prng_key": 1}), 64, 32, "cpu")
+    other = RandomBases(rand_config(options={"projection_prng_key": 1}), 64, 32, "cpu")
     assert not torch.equal(first.A, other.A) and not torch.equal(first.B, other.B)
     assert first.A.std().item() == pytest.approx(1, abs=0.02) and first.B.std().item() == pytest.approx(1, abs=0.02)
 
@@ -114,12 +114,12 @@ def test_layers_share_slices_of_the_largest_bases():
     assert not any("bases" in key for key in lf.adapter_state_dict(model))  # rebuilt from the key on load
 
 
-@pytest.mark.parametrize("extras", EXTRAS)
+@pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("name", MODELS)
-def test_same_key_gives_peft_bases_and_outputs(name, extras):
-    ours = perturb(lf.attach(MODELS[name](), rand_config(extras=extras)))
+def test_same_key_gives_peft_bases_and_outputs(name, options):
+    ours = perturb(lf.attach(MODELS[name](), rand_config(options=options)))
     targets = sorted({t.rsplit(".", 1)[-1] for t in ours.loraforge_targets})
-    theirs = get_peft_model(MODELS[name](), RandLoraConfig(r=4, randlora_alpha=80, target_modules=targets, **extras))
+    theirs = get_peft_model(MODELS[name](), RandLoraConfig(r=4, randlora_alpha=80, target_modules=targets, **options))
     shared = next(iter(lf.adapter_layers(ours).values())).bases
     assert torch.equal(theirs.base_model.randlora_A["default"][:, 0], shared.A)
     assert torch.equal(theirs.base_model.randlora_B["default"], shared.B)
@@ -163,10 +163,10 @@ def test_saved_adapter_holds_only_the_scalings(tmp_path):
 
 
 @pytest.mark.parametrize("kw, message", [
-    ({"extras": {"key": 1}}, "unknown extras"),
-    ({"extras": {"projection_prng_key": -1}}, "integer >= 0"),
-    ({"extras": {"sparse": "yes"}}, "true or false"),
-    ({"extras": {"sparse": True, "very_sparse": True}}, "at most one"),
+    ({"options": {"key": 1}}, "unknown option"),
+    ({"options": {"projection_prng_key": -1}}, "integer >= 0"),
+    ({"options": {"sparse": "yes"}}, "true or false"),
+    ({"options": {"sparse": True, "very_sparse": True}}, "at most one"),
     ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
     ({"use_rslora": True}, "use_rslora"),
 ])

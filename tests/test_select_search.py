@@ -83,7 +83,7 @@ def test_flexora_keeps_the_layers_whose_gate_rose():
 def test_flexora_finds_the_blocks_that_need_to_change():
     model = Toy()
     make_selector("flexora", select_steps=60, select_lr=0.05, lr=1e-2).attach(model, toy_config(), toy_search([0, 2]))
-    selection = model.loraforge_config.extras["selection"]
+    selection = model.loraforge_config.provenance["selection"]
     assert selection["layers"] == [0, 2]
     assert sorted(lf.adapter_layers(model)) == ["layers.0.proj", "layers.2.proj"]
     per_layer = 2 * 2 * D  # A (2 x D) + B (D x 2)
@@ -141,14 +141,14 @@ def test_flexora_second_order_search_runs_and_selects():
     model = Toy()
     make_selector("flexora", select_steps=30, select_lr=0.05, lr=1e-2, select_order=2).attach(
         model, toy_config(), toy_search([0, 2]))
-    assert model.loraforge_config.extras["selection"]["layers"] == [0, 2]
+    assert model.loraforge_config.provenance["selection"]["layers"] == [0, 2]
 
 
 def test_diffora_keeps_ceil_rho_m_modules_the_ones_that_need_to_change():
     model = Toy()
     make_selector("diffora", diffora_ratio=0.5, select_steps=60, select_lr=0.05, lr=1e-2).attach(
         model, toy_config(), toy_search([1, 3]))
-    assert model.loraforge_config.extras["selection"]["modules"] == ["layers.1.proj", "layers.3.proj"]
+    assert model.loraforge_config.provenance["selection"]["modules"] == ["layers.1.proj", "layers.3.proj"]
     assert lf.trainable_parameters(model) == 2 * (2 * 2 * D)
 
 
@@ -209,7 +209,7 @@ def test_trained_adapter_reloads_with_its_selected_structure_in_loraforge_and_pe
     else:
         assert 0 < len(chosen) < 14  # tiny_llama has 2 x 7 linear layers
     saved = json.loads((result.out / "adapter" / "loraforge_config.json").read_text())
-    assert saved["extras"]["selection"]["method"] == select
+    assert saved["provenance"]["selection"]["method"] == select
     reloaded = lf.load_adapter(tiny_llama(), result.out / "adapter")
     assert sorted(lf.adapter_layers(reloaded)) == chosen
     ids = torch.randint(5, 100, (2, 10))
@@ -221,6 +221,41 @@ def test_trained_adapter_reloads_with_its_selected_structure_in_loraforge_and_pe
     assert_same_outputs(reloaded, result.model, logits)
     peft = pytest.importorskip("peft")
     assert_same_outputs(peft.PeftModel.from_pretrained(tiny_llama(), str(result.out / "adapter")), result.model, logits)
+
+
+# Methods that refuse what they do not know: a selector's record goes to provenance, not to their options.
+OPTIONS = {"bone": {}, "loldu": {}, "block-lora": {"n_blocks": 4}, "randlora": {"projection_prng_key": 3},
+           "comp-lora": {"k": 2, "side": "in"}}
+
+
+def short_selected_run(tmp_path, select: str, method: str):
+    tok = tiny_tokenizer()
+    data = from_records([{"prompt": f"Q{i}: {i}+{i}?", "completion": f" {2 * i}"} for i in range(12)], tok, max_length=32)
+    config = TrainConfig(out=str(tmp_path / "run"), method=method, options=OPTIONS[method], select=select,
+                         select_steps=2, colora_ig_steps=2, rank=4, alpha=8, steps=2, lr=1e-2, batch_size=4,
+                         precision="fp32")
+    return train(config, model=tiny_llama(), tokenizer=tok, train_data=data, progress=False)
+
+
+@pytest.mark.parametrize("select, method", [(s, m) for s in ("flexora", "diffora", "colora") for m in OPTIONS
+                                            if (s, m) != ("colora", "randlora")])
+def test_any_selector_composes_with_any_method_and_its_options(tmp_path, select, method):
+    result = short_selected_run(tmp_path, select, method)
+    saved = lf.AdapterConfig.from_dict(json.loads((result.out / "adapter" / "loraforge_config.json").read_text()))
+    assert saved.options == OPTIONS[method] and saved.provenance["selection"]["method"] == select
+    reloaded = lf.load_adapter(tiny_llama(), result.out / "adapter")
+    assert sorted(lf.adapter_layers(reloaded)) == sorted(lf.adapter_layers(result.model))
+    ids = torch.randint(5, 100, (2, 10))
+    result.model.eval()
+    assert_same_outputs(reloaded, result.model, lambda model: model(input_ids=ids).logits)
+
+
+def test_colora_refuses_a_method_with_one_rank_for_every_layer_before_its_search(tmp_path, monkeypatch):
+    import loraforge.select.colora as colora
+
+    monkeypatch.setattr(colora, "integrated_gradients", lambda *a: pytest.fail("searched before refusing"))
+    with pytest.raises(lf.LoraforgeError, match="colora gives each module its own rank, and randlora has one rank"):
+        short_selected_run(tmp_path, "colora", "randlora")
 
 
 def test_colora_integrated_gradients_are_complete():
@@ -269,7 +304,7 @@ def test_colora_faig_counts_filters_by_output_unit():
 def test_colora_gives_the_changed_block_the_largest_rank():
     model = Toy()
     make_selector("colora", select_steps=30, lr=1e-2, colora_ig_steps=8).attach(model, toy_config(rank=2), toy_search([1]))
-    selection = model.loraforge_config.extras["selection"]
+    selection = model.loraforge_config.provenance["selection"]
     ranks = {n: layer.rank for n, layer in lf.adapter_layers(model).items()}
     assert ranks == selection["ranks"] and sum(ranks.values()) == 2 * BLOCKS
     assert max(ranks, key=ranks.get) == "layers.1.proj" and ranks["layers.1.proj"] > 2

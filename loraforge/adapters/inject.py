@@ -17,7 +17,7 @@ from torch import nn
 
 from loraforge.core.config import TASK_TYPES, AdapterConfig
 from loraforge.core.errors import AdapterError
-from loraforge.core.modules import find_targets, parent_module, submodule
+from loraforge.core.modules import find_targets, replace_module, submodule
 from loraforge.core.registry import get_method, resolve_initializer
 from loraforge.methods.base import adapter_layers
 from loraforge.methods.init import start_at_attach
@@ -66,8 +66,7 @@ def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
         else:
             targets = find_targets(model, config)
             for name in targets:
-                parent, child = parent_module(model, name)
-                setattr(parent, child, layer_cls(getattr(parent, child), config, name))
+                replace_module(model, name, layer_cls(submodule(model, name), config, name))
         # Weight-based starts run now, in the seeded RNG; data-based ones wait for init.initialize().
         init_report = start_at_attach(model, config)
     if method.trains_base:
@@ -162,8 +161,7 @@ def _parameter_keys(model: nn.Module) -> list[str]:
 
 def _unwrap(model: nn.Module) -> nn.Module:
     for name, layer in adapter_layers(model).items():
-        parent, child = parent_module(model, name)
-        setattr(parent, child, layer.base_layer)
+        replace_module(model, name, layer.base_layer)
     model.loraforge_config = model.loraforge_targets = model.loraforge_adapter_keys = model.loraforge_init = None
     return model
 

@@ -80,7 +80,9 @@ def _plain_lora(model: nn.Module, config: AdapterConfig) -> tuple[AdapterConfig,
         config, method="lora", init="default", rank=rank, alpha=alpha,
         rank_pattern={n: k for n, (k, _) in shapes.items() if k != rank},
         alpha_pattern={n: a for n, (_, a) in shapes.items() if a != alpha},
-        extras={"converted_from": {"method": config.method, "init": config.init, "rank": config.rank, "alpha": config.alpha}})
+        options={}, provenance={**config.provenance, "converted_from": {
+            "method": config.method, "init": config.init, "rank": config.rank, "alpha": config.alpha,
+            "options": config.options}})
     return plain, state
 
 

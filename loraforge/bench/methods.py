@@ -121,7 +121,7 @@ def run_one(run: BenchRun) -> dict[str, Any]:
         "first_loss": rows[0]["loss"], "final_loss": statistics.mean(r["loss"] for r in rows[-10:]),
         "dev_loss": metrics["loss"], "dev_accuracy": metrics.get("accuracy"),
         "losses": [r["loss"] for r in rows],
-        "selection": selection_summary(model.loraforge_config.extras.get("selection")),
+        "selection": selection_summary(model.loraforge_config.provenance.get("selection")),
     }
 
 

@@ -2,9 +2,14 @@
 
 The config is saved twice over, next to the weights: `adapter_config.json` in PEFT's schema (so
 `peft.PeftModel.from_pretrained` reads it) and `loraforge_config.json`, the dataclass itself, which
-may hold what PEFT's schema cannot (method extras). Reading back prefers the latter, so a loraforge
-adapter comes back identically; an adapter written by PEFT is mapped field by field, missing keys
-taking PEFT's defaults.
+may hold what PEFT's schema cannot (a method's options, the provenance). Reading back prefers the
+latter, so a loraforge adapter comes back identically; an adapter written by PEFT is mapped field by
+field, missing keys taking PEFT's defaults.
+
+Two dicts hold what the fixed fields do not: `options`, the settings the method and its initialiser
+need to rebuild the adapter (declared and checked by them: `registry.check_options`), and
+`provenance`, a free record of what decided the structure (a selector's choice, a federated
+aggregation, a conversion to plain LoRA), which nothing rebuilding the adapter reads.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from loraforge.core.errors import AdapterError
-from loraforge.core.registry import initializer_names, resolve_initializer
+from loraforge.core.registry import check_options, get_method, initializer_names, resolve_initializer
 
 CONFIG_NAME = "adapter_config.json"
 LORAFORGE_CONFIG_NAME = "loraforge_config.json"
@@ -26,6 +31,9 @@ INITS = ("default", "gaussian", "random")  # the layers' own; loraforge/methods/
 # PEFT inits whose saved tensors are relative to a base weight the init overwrote (W0 minus the start).
 PEFT_RESIDUAL_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 TASK_TYPES = {"causal-lm": "CAUSAL_LM", "classification": "SEQ_CLS"}
+# Keys of the single `extras` dict of earlier loraforge_config.json files that were provenance; the
+# others were the method's options.
+PROVENANCE_KEYS = ("selection", "federated", "converted_from")
 
 
 @dataclass
@@ -49,7 +57,8 @@ class AdapterConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     task_type: str | None = None  # "CAUSAL_LM" or "SEQ_CLS", as in PEFT
     base_model_name_or_path: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)  # method-specific settings
+    options: dict[str, Any] = field(default_factory=dict)  # the method's and initialiser's (`loraforge methods`)
+    provenance: dict[str, Any] = field(default_factory=dict)  # e.g. {"selection": ...}: a record, never read back
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -61,6 +70,10 @@ class AdapterConfig:
         if self.init not in INITS + initializer_names():
             raise AdapterError(f"init must be one of {', '.join(INITS + initializer_names())}, got {self.init!r}")
         resolve_initializer(self)  # refuses an initialiser that cannot start this method
+        check_options(self)
+        if self.rank_pattern and get_method(self.method).uniform_rank:
+            raise AdapterError(f"{self.method} has one rank for every layer (its tensors are shared across layers): "
+                               f"rank_pattern must be empty, got {self.rank_pattern}")
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             try:
                 re.compile(self.target_modules)
@@ -83,6 +96,11 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        if "extras" in data:  # a file written before options and provenance were apart
+            extras = data["extras"] or {}
+            data = {k: v for k, v in data.items() if k != "extras"} | {
+                "options": {k: v for k, v in extras.items() if k not in PROVENANCE_KEYS},
+                "provenance": {k: v for k, v in extras.items() if k in PROVENANCE_KEYS}}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

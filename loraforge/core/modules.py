@@ -1,10 +1,11 @@
 """Module utilities every layer shares: which layers are adaptable, which ones a target spec picks,
-and the submodule at a dotted path (to read it or replace it)."""
+a linear layer's weight in one layout, and the submodule at a dotted path (to read it or replace it)."""
 
 from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -39,7 +40,6 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     return targets
 
 
-
 def _excluded_prefixes(model: nn.Module, config: AdapterConfig) -> list[str]:
     # Never adapt the output head (PEFT's all-linear rule) nor a module trained in full.
     excluded = list(config.modules_to_save or [])
@@ -49,7 +49,6 @@ def _excluded_prefixes(model: nn.Module, config: AdapterConfig) -> list[str]:
     return excluded
 
 
-
 def submodule(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
@@ -57,10 +56,18 @@ def submodule(model: nn.Module, name: str) -> nn.Module:
         raise AdapterError(f"module {name!r} not found in {type(model).__name__}") from exc
 
 
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put `module` at the dotted path `name` of `model`; returns the module that was there."""
+    parent_name, _, child = name.rpartition(".")
+    parent = submodule(model, parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, module)
+    return old
 
-def parent_module(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent, _, child = name.rpartition(".")
-    return (submodule(model, parent) if parent else model), child
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """A Linear's or Conv1D's weight as (d_out, d_in), a view: GPT-2's Conv1D stores (d_in, d_out)."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
 
 
 LINEAR_TYPES = (nn.Linear, Conv1D)

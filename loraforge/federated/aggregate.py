@@ -125,9 +125,9 @@ def assemble(clients: list[ClientAdapter], strategy: str, weights: list[float], 
         fields = dict(use_rslora=False, rank=rank, alpha=alpha,
                       rank_pattern={m: r for m, (r, _) in per_module.items() if r != rank},
                       alpha_pattern={m: a for m, (_, a) in per_module.items() if a != alpha})
-    extras = {**first.extras, "federated": {"strategy": strategy, "clients": [c.name for c in clients],
-                                            "weights": list(weights)}}
-    config = dataclasses.replace(first, init="default", seed=None, extras=extras, **fields)
+    provenance = {**first.provenance, "federated": {"strategy": strategy, "clients": [c.name for c in clients],
+                                                    "weights": list(weights)}}
+    config = dataclasses.replace(first, init="default", seed=None, provenance=provenance, **fields)
     return Aggregate(f"{strategy} of {len(clients)} adapters", config, clients[0].targets, tensors)
 
 

@@ -7,11 +7,15 @@ A subclass defines its tensors in `__init__`, `delta(x)` (never materialising d_
 low-rank path exists) and `delta_weight()` (the d_out x d_in update, float32, for merging).
 Every parameter and persistent buffer the layer creates (i.e. not under `base_layer.`) is adapter
 state: saved with the adapter; its parameters train.
+
+The idioms every method shares live here once: W0 in (d_out, d_in) layout (`_w0`, `_set_w0`), the
+LoRA scale (`rank_and_scale`) and dropout on the adapter branch (`branch_dropout`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator
 
 import torch
@@ -20,7 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from loraforge.core.config import AdapterConfig
 from loraforge.core.errors import AdapterError
-from loraforge.core.modules import LINEAR_TYPES
+from loraforge.core.modules import LINEAR_TYPES, linear_weight
 
 
 class AdapterLayer(nn.Module):
@@ -31,8 +35,7 @@ class AdapterLayer(nn.Module):
         self.base_layer = base_layer
         # GPT-2's Conv1D keeps its weight as (d_in, d_out): PEFT calls this fan_in_fan_out.
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        d0, d1 = base_layer.weight.shape
-        self.in_features, self.out_features = (d0, d1) if self.fan_in_fan_out else (d1, d0)
+        self.out_features, self.in_features = linear_weight(base_layer).shape
         self.merged = False
         self.disabled = False
 
@@ -63,11 +66,17 @@ class AdapterLayer(nn.Module):
     def _add_to_weight(self, sign: float) -> None:
         if hasattr(self.base_layer, "to_linear"):  # a 4-bit base (quant.py): merge into its dequantised weight
             self.base_layer = self.base_layer.to_linear()
-        weight = self.base_layer.weight
         update = wide(self.delta_weight())  # (d_out, d_in); float32 at least so merge/unmerge round-trips
-        if self.fan_in_fan_out:
-            update = update.T
-        weight.data = (wide(weight.data) + sign * update).to(weight.dtype)
+        self._set_w0(wide(self._w0().detach()) + sign * update)
+
+    def _w0(self) -> torch.Tensor:
+        """The frozen weight W0 as (d_out, d_in), a view of the base layer's."""
+        return linear_weight(self.base_layer)
+
+    def _set_w0(self, w0: torch.Tensor) -> None:
+        """Store a (d_out, d_in) matrix as the base layer's weight, in its layout and dtype."""
+        weight = self.base_layer.weight
+        weight.data = (w0.T if self.fan_in_fan_out else w0).to(weight.dtype).contiguous()
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, merged={self.merged}"
@@ -75,7 +84,6 @@ class AdapterLayer(nn.Module):
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
-
 
 
 @contextlib.contextmanager
@@ -98,3 +106,16 @@ def wide(tensor: torch.Tensor) -> torch.Tensor:
     and unmerge round-trip), and a float64 one stays float64 (the precision of parity tests)."""
     return tensor if tensor.dtype == torch.float64 else tensor.float()
 
+
+
+def rank_and_scale(config: AdapterConfig, name: str) -> tuple[int, float]:
+    """The layer's rank r and LoRA's scale s = alpha / r, or alpha / sqrt(r) with use_rslora
+    (rsLoRA, Kalajdzievski, arXiv 2312.03732: the update's size then stays stable as r grows)."""
+    rank, alpha = config.rank_for(name), config.alpha_for(name)
+    return rank, alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+
+
+def branch_dropout(p: float) -> nn.Module:
+    """Dropout on the adapter branch's input; none at all at p = 0, where a kernel would only cost a
+    copy of x per layer."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()

@@ -18,59 +18,50 @@ shared down-projection), not the alternative split along the rank. n = 1 is exac
 Init as LoRA (A_s Kaiming-uniform a = sqrt 5, B = 0, the same draw order: with n = 1 one seed
 gives LoRA's tensors), so the output equals the base at step 0.
 
-extras: n_blocks (int, default 8: the title's "eight arms"; unverified), which must divide every
-target's d_in.
+Options (`BlockLoRAOptions`, `--option n_blocks=N`): n_blocks (default 8: the title's "eight arms";
+unverified), which must divide every target's d_in.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from loraforge.core.config import AdapterConfig
 from loraforge.core.errors import AdapterError
-from loraforge.core.registry import register
-from loraforge.methods.base import AdapterLayer, wide
+from loraforge.core.registry import option, read_options, register
+from loraforge.methods.base import AdapterLayer, branch_dropout, rank_and_scale, wide
+from loraforge.methods.lora import lora_init_
 
 
-def n_blocks(config: AdapterConfig) -> int:
-    unknown = sorted(set(config.extras) - {"n_blocks"})
-    if unknown:
-        raise AdapterError(f"block-lora: unknown extras {unknown}; known: n_blocks")
-    n = config.extras.get("n_blocks", 8)
-    if type(n) is not int or n < 1:
-        raise AdapterError(f"block-lora: extras['n_blocks'] must be a positive integer, got {n!r}")
-    return n
+@dataclass(frozen=True)
+class BlockLoRAOptions:
+    n_blocks: int = option(8, "column blocks of W that share one down-projection A_s; must divide every target's "
+                              "d_in (8: the title's 'eight arms', unverified)", check=lambda n: n >= 1,
+                           want="a positive integer")
 
 
 @register(
     "block-lora",
     axis="rank",
     paper="One Head Eight Arms: Block Matrix based Low Rank Adaptation for CLIP-based Few-Shot Learning (arXiv 2501.16720)",
+    options=BlockLoRAOptions,
+    verified=False,
 )
 class BlockLoRALinear(AdapterLayer):
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, name: str):
         super().__init__(base_layer, config, name)
-        self.n_blocks = n_blocks(config)
+        self.n_blocks = read_options(BlockLoRAOptions, config).n_blocks
         if self.in_features % self.n_blocks:
             raise AdapterError(f"{name}: block-lora n_blocks = {self.n_blocks} does not divide d_in = {self.in_features}")
-        rank, alpha = config.rank_for(name), config.alpha_for(name)
-        self.rank = rank
-        self.scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.rank, self.scaling = rank_and_scale(config, name)
+        self.dropout = branch_dropout(config.dropout)
         device = base_layer.weight.device
-        self.lora_A = nn.Linear(self.in_features // self.n_blocks, rank, bias=False, device=device)  # A_s (r, d_in/n)
-        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device)  # (d_out, r)
-        if not self.lora_A.weight.is_meta:
-            with torch.no_grad():  # LoRA's init, in LoRA's order
-                if config.init == "gaussian":
-                    nn.init.normal_(self.lora_A.weight, std=1.0 / rank)
-                else:
-                    nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-                if config.init != "random":
-                    nn.init.zeros_(self.lora_B.weight)
+        self.lora_A = nn.Linear(self.in_features // self.n_blocks, self.rank, bias=False, device=device)  # A_s (r, d_in/n)
+        self.lora_B = nn.Linear(self.rank, self.out_features, bias=False, device=device)  # (d_out, r)
+        lora_init_(self.lora_A.weight, self.lora_B.weight, config.init)  # LoRA's init, in LoRA's order
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x.to(self.lora_A.weight.dtype))

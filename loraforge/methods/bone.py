@@ -36,7 +36,7 @@ from torch import nn
 from loraforge.core.config import AdapterConfig
 from loraforge.core.errors import AdapterError
 from loraforge.core.registry import register
-from loraforge.methods.base import AdapterLayer, wide
+from loraforge.methods.base import AdapterLayer, branch_dropout, wide
 
 PAPER = "Bone: Block Affine Transformation as Parameter Efficient Fine-tuning Methods for LLMs (arXiv 2409.15371)"
 
@@ -44,13 +44,11 @@ PAPER = "Bone: Block Affine Transformation as Parameter Efficient Fine-tuning Me
 class _BlockLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, name: str):
         super().__init__(base_layer, config, name)
-        if config.extras:
-            raise AdapterError(f"{config.method} takes no extras, got {sorted(config.extras)}")
         if config.init == "gaussian" or config.use_rslora:
             raise AdapterError(f"{config.method} has no gaussian init and no scale: init must be 'default' or "
                                f"'random', use_rslora False (got init={config.init!r}, use_rslora={config.use_rslora})")
         self.block = config.rank_for(name)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = branch_dropout(config.dropout)
         shape = self._block_shape(name)
         self.miss_block = nn.Parameter(torch.zeros(shape, device=base_layer.weight.device))
         if config.init == "random" and not self.miss_block.is_meta:
@@ -58,10 +56,6 @@ class _BlockLayer(AdapterLayer):
 
     def _block_shape(self, name: str) -> tuple[int, ...]:
         raise NotImplementedError
-
-    def _w0(self) -> torch.Tensor:
-        weight = self.base_layer.weight
-        return weight.T if self.fan_in_fan_out else weight  # (d_out, d_in)
 
 
 @register("bone", axis="rank", paper=PAPER, peft_type="MISS")
@@ -117,7 +111,5 @@ class BatLinear(_BlockLayer):
             inverse = torch.linalg.inv(eye + block)  # (d_out/r, r, r)
         except torch.linalg.LinAlgError as exc:
             raise AdapterError("bone-bat cannot unmerge: some I + B_i is singular") from exc
-        w0 = self._unblock((self._blocks(self._w0().double()) - block) @ inverse)
-        weight = self.base_layer.weight
-        weight.data = (w0.T if self.fan_in_fan_out else w0).to(weight.dtype).contiguous()
+        self._set_w0(self._unblock((self._blocks(self._w0().double()) - block) @ inverse))
 

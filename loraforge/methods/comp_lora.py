@@ -22,33 +22,51 @@ as the figure's basis form), side="both" by default, A and B zero/Kaiming as LoR
 minor singular vectors). U_k, V_k are saved with the adapter (buffers `comp_U`, `comp_V`), so a
 reload does not depend on how another SVD routine splits near-equal singular values.
 
-extras: k (int, 0 <= k < min(d_out, d_in); default min(4 r, min(d_out, d_in) // 2), the spec's
-"start with 4 r", capped so that half of the smaller space stays free), side ("both" | "in" | "out").
+Options (`CompLoRAOptions`): k (0 <= k < min(d_out, d_in); default min(4 r, min(d_out, d_in) // 2),
+the spec's "start with 4 r", capped so that half of the smaller space stays free), side ("both" |
+"in" | "out").
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 from loraforge.core.config import AdapterConfig
 from loraforge.core.errors import AdapterError
-from loraforge.core.registry import register
+from loraforge.core.registry import option, read_options, register
 from loraforge.methods.base import wide
 from loraforge.methods.lora import LoRALinear
 
-SIDES = ("both", "in", "out")
+
+@dataclass(frozen=True)
+class CompLoRAOptions:
+    k: int | None = option(None, "top singular directions of W0 the update stays out of, below min(d_out, d_in); "
+                                 "None: min(4 r, min(d_out, d_in) // 2)", check=lambda k: k >= 0,
+                           want="an integer >= 0, or null")
+    side: Literal["both", "in", "out"] = option("both", "where the projection acts: both (the paper's Fig. 1), in "
+                                                        "(A P_in) or out (P_out B)")
 
 
 @register(
     "comp-lora",
     axis="rank",
     paper="Complementary Subspace Low-Rank Adaptation of Vision-Language Models for Few-Shot Classification (arXiv 2501.15040)",
+    options=CompLoRAOptions,
+    verified=False,
 )
 class CompLoRALinear(LoRALinear):
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, name: str):
         super().__init__(base_layer, config, name)  # A, B, s and dropout exactly as LoRA draws them
-        self.k, self.side = _options(config, self.rank, min(self.in_features, self.out_features), name)
+        options, min_dim = read_options(CompLoRAOptions, config), min(self.in_features, self.out_features)
+        self.k = min(4 * self.rank, min_dim // 2) if options.k is None else options.k
+        if self.k >= min_dim:
+            raise AdapterError(f"{name}: comp-lora option 'k' must be an integer in [0, min(d_out, d_in) = {min_dim}), "
+                               f"got {self.k}")
+        self.side = options.side
         device = base_layer.weight.device
         use_out, use_in = self.k > 0 and self.side in ("both", "out"), self.k > 0 and self.side in ("both", "in")
         self.register_buffer("comp_U", torch.empty(self.out_features, self.k, device=device) if use_out else None)
@@ -58,8 +76,7 @@ class CompLoRALinear(LoRALinear):
 
     @torch.no_grad()
     def _fill_subspaces(self) -> None:
-        w0 = wide(self.base_layer.weight)
-        u, _, vh = torch.linalg.svd(w0.T if self.fan_in_fan_out else w0, full_matrices=False)
+        u, _, vh = torch.linalg.svd(wide(self._w0()), full_matrices=False)
         if self.comp_U is not None:
             self.comp_U.copy_(u[:, : self.k])  # (d_out, k)
         if self.comp_V is not None:
@@ -81,16 +98,3 @@ class CompLoRALinear(LoRALinear):
     def delta_weight(self) -> torch.Tensor:
         a, b = self._factors()
         return (wide(b) @ wide(a)) * self.scaling  # (d_out, d_in)
-
-
-def _options(config: AdapterConfig, rank: int, min_dim: int, name: str) -> tuple[int, str]:
-    unknown = sorted(set(config.extras) - {"k", "side"})
-    if unknown:
-        raise AdapterError(f"comp-lora: unknown extras {unknown}; known: k, side")
-    k = config.extras.get("k", min(4 * rank, min_dim // 2))
-    side = config.extras.get("side", "both")
-    if type(k) is not int or not 0 <= k < min_dim:
-        raise AdapterError(f"{name}: comp-lora extras['k'] must be an integer in [0, min(d_out, d_in) = {min_dim}), got {k!r}")
-    if side not in SIDES:
-        raise AdapterError(f"comp-lora: extras['side'] must be one of {', '.join(SIDES)}, got {side!r}")
-    return k, side

@@ -51,10 +51,6 @@ class DoRALinear(LoRALinear):
             with torch.no_grad():  # after A and B: a non-zero B (init="random") counts too
                 self.lora_magnitude_vector.copy_(self._row_norm())
 
-    def _w0(self) -> torch.Tensor:
-        weight = self.base_layer.weight
-        return weight.T if self.fan_in_fan_out else weight  # (d_out, d_in), a view
-
     @torch.no_grad()
     def _row_norm(self) -> torch.Tensor:
         w0, a, b = wide(self._w0()), wide(self.lora_A.weight), wide(self.lora_B.weight)
@@ -101,5 +97,4 @@ class DoRALinear(LoRALinear):
             ratio = self.merge_norm / wide(self.lora_magnitude_vector)  # (d_out,): n / m
             new = wide(self._w0()) * ratio[:, None] - super().delta_weight()
             self.merge_norm = None
-        weight = self.base_layer.weight
-        weight.data = (new.T if self.fan_in_fan_out else new).to(weight.dtype).contiguous()
+        self._set_w0(new)

@@ -36,7 +36,7 @@ from torch import nn
 from loraforge.core.config import AdapterConfig
 from loraforge.core.errors import AdapterError
 from loraforge.core.registry import register
-from loraforge.methods.base import AdapterLayer, wide
+from loraforge.methods.base import AdapterLayer, branch_dropout, rank_and_scale, wide
 
 
 def ldu(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -54,12 +54,10 @@ def ldu(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
 class LoLDULinear(AdapterLayer):
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, name: str):
         super().__init__(base_layer, config, name)
-        rank = config.rank_for(name)
+        rank, sigma0 = rank_and_scale(config, name)  # sigma0 = alpha / r: use_rslora is refused below
         if rank > min(self.in_features, self.out_features):
             raise AdapterError(f"{name}: loldu rank {rank} exceeds min(d_out, d_in) = "
                                f"{min(self.in_features, self.out_features)}")
-        if config.extras:
-            raise AdapterError(f"loldu takes no extras, got {sorted(config.extras)}")
         if config.init != "default" or config.use_rslora:
             raise AdapterError(f"loldu initialises from the LU factors of W0: init must be 'default' and "
                                f"use_rslora False (got init={config.init!r}, use_rslora={config.use_rslora})")
@@ -67,7 +65,7 @@ class LoLDULinear(AdapterLayer):
         if not weight.dtype.is_floating_point:
             raise AdapterError(f"{name}: loldu needs a floating-point weight (got {weight.dtype}); quantise after attaching")
         self.rank = rank
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = branch_dropout(config.dropout)
         device = weight.device
         self.loldu_z = nn.Parameter(torch.empty(rank, device=device))  # (r,)
         self.loldu_sigma = nn.Parameter(torch.empty((), device=device))  # scalar
@@ -75,12 +73,11 @@ class LoLDULinear(AdapterLayer):
         self.register_buffer("loldu_U", torch.empty(rank, self.in_features, device=device))  # U_r
         self.register_buffer("loldu_init", torch.empty(rank, device=device))  # sigma0 z0
         if not weight.is_meta:
-            self._init_from_weight(config.alpha_for(name) / rank, name)
+            self._init_from_weight(sigma0, name)
 
     @torch.no_grad()
     def _init_from_weight(self, sigma: float, name: str) -> None:
-        w0 = wide(self.base_layer.weight)
-        perm, lower, diag, upper = ldu(w0.T if self.fan_in_fan_out else w0)
+        perm, lower, diag, upper = ldu(wide(self._w0()))
         pivots = diag[: self.rank]
         if (pivots == 0).any():  # U = U' / D needs them; pivots beyond r are never used
             raise AdapterError(f"{name}: the LU factorisation of the weight has a zero pivot among the first {self.rank}")

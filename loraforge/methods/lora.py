@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 
 from loraforge.core.config import AdapterConfig
 from loraforge.core.registry import register
-from loraforge.methods.base import AdapterLayer, wide
+from loraforge.methods.base import AdapterLayer, branch_dropout, rank_and_scale, wide
 
 
 @register(
@@ -48,27 +48,13 @@ from loraforge.methods.base import AdapterLayer, wide
 class LoRALinear(AdapterLayer):
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, name: str):
         super().__init__(base_layer, config, name)
-        rank, alpha = config.rank_for(name), config.alpha_for(name)
-        self.rank = rank
-        self.scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
-        # No dropout kernel at all when p = 0: it would cost a copy of x per layer.
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.rank, self.scaling = rank_and_scale(config, name)
+        self.dropout = branch_dropout(config.dropout)
         self.fused = True  # False: the plain formulation, whose backward is differentiable (`plain_autograd`)
         device = base_layer.weight.device
-        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device)  # (r, d_in)
-        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device)  # (d_out, r)
-        self._init_tensors(config.init)
-
-    @torch.no_grad()
-    def _init_tensors(self, init: str) -> None:
-        if self.lora_A.weight.is_meta:
-            return
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1.0 / self.rank)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        if init != "random":  # "random" keeps nn.Linear's non-zero B: tests of merge and gradients
-            nn.init.zeros_(self.lora_B.weight)
+        self.lora_A = nn.Linear(self.in_features, self.rank, bias=False, device=device)  # (r, d_in)
+        self.lora_B = nn.Linear(self.rank, self.out_features, bias=False, device=device)  # (d_out, r)
+        lora_init_(self.lora_A.weight, self.lora_B.weight, config.init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled or not self._fusable(x):
@@ -91,6 +77,21 @@ class LoRALinear(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return (wide(self.lora_B.weight) @ wide(self.lora_A.weight)) * self.scaling  # (d_out, d_in)
+
+
+@torch.no_grad()
+def lora_init_(lora_A: torch.Tensor, lora_B: torch.Tensor, init: str) -> None:
+    """LoRA's start, in place: A (r, d_in) Kaiming-uniform (a = sqrt 5), or N(0, 1/r^2) with
+    init="gaussian"; B = 0, except that init="random" keeps B's own non-zero draw (tests of merge
+    and gradients)."""
+    if lora_A.is_meta:
+        return
+    if init == "gaussian":
+        nn.init.normal_(lora_A, std=1.0 / lora_A.shape[0])
+    else:
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+    if init != "random":
+        nn.init.zeros_(lora_B)
 
 
 @contextmanager

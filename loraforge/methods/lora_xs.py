@@ -28,8 +28,6 @@ to keep training R alone).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,7 +35,7 @@ from torch import nn
 from loraforge.core.config import AdapterConfig
 from loraforge.core.errors import AdapterError
 from loraforge.core.registry import register
-from loraforge.methods.base import AdapterLayer, wide
+from loraforge.methods.base import AdapterLayer, branch_dropout, rank_and_scale, wide
 
 XS_PAPER = "LoRA-XS: Low-Rank Adaptation with Extremely Small Number of Parameters (arXiv 2405.17604)"
 SB_PAPER = ("Initialization using Update Approximation is a Silver Bullet for Extremely Efficient Low-Rank "
@@ -49,15 +47,14 @@ SB_PAPER = ("Initialization using Update Approximation is a Silver Bullet for Ex
 class LoRAXSLinear(AdapterLayer):
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, name: str):
         super().__init__(base_layer, config, name)
-        rank, alpha = config.rank_for(name), config.alpha_for(name)
+        rank, self.scaling = rank_and_scale(config, name)
         if rank > min(self.in_features, self.out_features):
             raise AdapterError(f"{name}: {config.method} rank {rank} exceeds the layer's smaller side "
                                f"({self.out_features} x {self.in_features})")
         if config.init == "gaussian":
             raise AdapterError(f"{config.method} brings its own start: init must be 'default' (or 'random' in tests)")
         self.rank = rank
-        self.scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = branch_dropout(config.dropout)
         device = base_layer.weight.device
         self.register_buffer("lora_A", torch.zeros(rank, self.in_features, device=device))  # (r, d_in), frozen
         self.register_buffer("lora_B", torch.zeros(self.out_features, rank, device=device))  # (d_out, r), frozen

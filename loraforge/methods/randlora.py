@@ -26,24 +26,36 @@ only); lambda = 0, so the output equals the base exactly at step 0. The bases ar
 they are rebuilt from the key on load (PEFT's save_projection=False), which the CPU generator
 makes exact. One rank for all layers (rank_pattern is refused: the bases are shared); no rsLoRA.
 
-extras: projection_prng_key (int >= 0, default 0), sparse (bool, default False), very_sparse
-(bool, default False). PEFT's defaults are r = 32, alpha = 640 (alpha about 20 r).
+Options (`RandLoRAOptions`, PEFT's names): projection_prng_key (int >= 0, default 0), sparse (bool,
+default False), very_sparse (bool, default False). PEFT's defaults are r = 32, alpha = 640 (alpha
+about 20 r).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from loraforge.core.config import AdapterConfig
 from loraforge.core.errors import AdapterError
-from loraforge.core.registry import register
-from loraforge.methods.base import AdapterLayer, wide
+from loraforge.core.modules import find_targets, linear_weight, replace_module
+from loraforge.core.registry import option, read_options, register
+from loraforge.methods.base import AdapterLayer, branch_dropout, rank_and_scale, wide
 
-EXTRAS = {"projection_prng_key": 0, "sparse": False, "very_sparse": False}
+
+@dataclass(frozen=True)
+class RandLoRAOptions:
+    projection_prng_key: int = option(0, "seed of the CPU generator that draws the shared random bases",
+                                      check=lambda key: key >= 0, want="an integer >= 0")
+    sparse: bool = option(False, "ternary bases: entries in {-1, 0, +1}, P(+-1) = 1/6 each")
+    very_sparse: bool = option(False, "ternary bases with P(+-1) = 1 / (2 sqrt(m)) each")
+
+    def __post_init__(self) -> None:
+        if self.sparse and self.very_sparse:
+            raise ValueError("set at most one of the options 'sparse' and 'very_sparse'")
 
 
 class RandomBases(nn.Module):
@@ -56,9 +68,9 @@ class RandomBases(nn.Module):
         n = math.ceil(small / r)
         a, b = torch.empty(r, small, device=device), torch.empty(big, n, r, device=device)
         if a.device.type != "meta":
-            gen = torch.Generator("cpu").manual_seed(opts["projection_prng_key"])
-            if opts["sparse"] or opts["very_sparse"]:
-                sp = math.sqrt(small) if opts["very_sparse"] else 3
+            gen = torch.Generator("cpu").manual_seed(opts.projection_prng_key)
+            if opts.sparse or opts.very_sparse:
+                sp = math.sqrt(small) if opts.very_sparse else 3
                 a_draw = _ternary(torch.rand(r, small, generator=gen), sp)
                 b_draw = _ternary(torch.rand(big, n, r, generator=gen), sp)
             else:
@@ -78,37 +90,22 @@ def _ternary(u: torch.Tensor, sp: float) -> torch.Tensor:
     return (u > 1 - 1 / (2 * sp)).float() - (u < 1 / (2 * sp)).float()
 
 
-def _options(config: AdapterConfig) -> dict:
-    unknown = sorted(set(config.extras) - set(EXTRAS))
-    if unknown:
-        raise AdapterError(f"randlora: unknown extras {unknown}; known: {', '.join(EXTRAS)}")
-    opts = {**EXTRAS, **config.extras}
-    key = opts["projection_prng_key"]
-    if type(key) is not int or key < 0:
-        raise AdapterError(f"randlora: extras['projection_prng_key'] must be an integer >= 0, got {key!r}")
-    for flag in ("sparse", "very_sparse"):
-        if not isinstance(opts[flag], bool):
-            raise AdapterError(f"randlora: extras[{flag!r}] must be true or false, got {opts[flag]!r}")
-    if opts["sparse"] and opts["very_sparse"]:
-        raise AdapterError("randlora: set at most one of extras['sparse'] and extras['very_sparse']")
-    if config.rank_pattern or config.use_rslora or config.init == "gaussian":
-        raise AdapterError("randlora shares one set of bases across layers: no rank_pattern, no use_rslora, "
-                           "and init must be 'default' or 'random'")
-    return opts
+def _options(config: AdapterConfig) -> RandLoRAOptions:
+    if config.use_rslora or config.init == "gaussian":
+        raise AdapterError("randlora shares one set of bases across layers: no use_rslora, and init must be 'default' "
+                           "or 'random'")
+    return read_options(RandLoRAOptions, config)
 
 
 def attach_randlora(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Wrap every target around one `RandomBases` drawn for the largest target shape."""
-    from loraforge.core.modules import find_targets  # inject imports the layers package: no import at load time
-
     targets = find_targets(model, config)
     modules = {name: model.get_submodule(name) for name in targets}
-    shapes = [m.weight.shape if not isinstance(m, Conv1D) else m.weight.shape[::-1] for m in modules.values()]
+    shapes = [linear_weight(m).shape for m in modules.values()]
     device = next(iter(modules.values())).weight.device
     bases = RandomBases(config, max(s[0] for s in shapes), max(s[1] for s in shapes), device)
     for name, module in modules.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, RandLoRALinear(module, config, name, bases))
+        replace_module(model, name, RandLoRALinear(module, config, name, bases))
     return targets
 
 
@@ -117,16 +114,17 @@ def attach_randlora(model: nn.Module, config: AdapterConfig) -> list[str]:
     axis="rank",
     paper="RandLoRA: Full-rank parameter-efficient fine-tuning of large models (arXiv 2502.00987)",
     attach=attach_randlora,
+    options=RandLoRAOptions,
+    uniform_rank=True,
 )
 class RandLoRALinear(AdapterLayer):
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, name: str, bases: RandomBases | None = None):
         super().__init__(base_layer, config, name)
         _options(config)
-        r = config.rank
+        r, self.scaling = rank_and_scale(config, name)  # config.rank (uniform_rank) and alpha / r (`_options`)
         self.big, self.small = max(self.in_features, self.out_features), min(self.in_features, self.out_features)
         self.n_bases = math.ceil(self.small / r)
-        self.scaling = config.alpha_for(name) / r
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = branch_dropout(config.dropout)
         device = base_layer.weight.device
         # Alone (not through attach), a layer draws bases for its own shape.
         self.bases = bases if bases is not None else RandomBases(config, self.out_features, self.in_features, device)

@@ -6,7 +6,7 @@ A selector acts at two moments of a run, and each method overrides the one it ne
                                               a search method (Flexora, DiffoRA, CoLoRA) first runs its
                                               search on `search`'s batches, then attaches only what it
                                               chose and writes the decision into the adapter config
-                                              (explicit target paths, `rank_pattern`, `extras["selection"]`),
+                                              (explicit target paths, `rank_pattern`, `provenance["selection"]`),
                                               so a saved adapter reloads, in loraforge or PEFT, with the
                                               same structure.
     before_step(step, model, optimizer) -> {} called at the start of every optimizer step (LISA

@@ -18,7 +18,7 @@ Decisions (the paper's c_l -> delta_l formula, its alpha/beta constants and the 
 could not be read; no code is public): the proportional budget split and per-row filters above.
 PROD pre-training (the paper's other half) is a base-model recipe, not an adapter step: not here.
 The ranks go into the adapter config's `rank_pattern` (PEFT's semantics, so PEFT loads the adapter)
-and `extras["selection"]` keeps every module's contribution.
+and `provenance["selection"]` keeps every module's contribution.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from loraforge.adapters.inject import attach
 from loraforge.core.config import AdapterConfig
 from loraforge.core.errors import LoraforgeError
 from loraforge.core.modules import find_targets
+from loraforge.core.registry import get_method
 from loraforge.select import SearchData, Selector, register_selector
 
 
@@ -101,6 +102,9 @@ class CoLoRA(Selector):
     def attach(self, model: nn.Module, config: AdapterConfig, search: SearchData | None) -> None:
         if search is None:
             raise LoraforgeError("colora measures contributions on data: pass training data")
+        if get_method(config.method).uniform_rank:  # refused before the search, not after it
+            raise LoraforgeError(f"colora gives each module its own rank, and {config.method} has one rank for every "
+                                 "layer: choose another --method or --select")
         targets = find_targets(model, config)
         weights = {name: model.get_submodule(name).weight for name in targets}
         start = {name: w.detach().clone() for name, w in weights.items()}
@@ -128,7 +132,7 @@ class CoLoRA(Selector):
         ranks = allocate_ranks(scores, config.rank * len(targets), caps, config.rank)
         chosen = dataclasses.replace(
             config, target_modules=targets, rank_pattern={n: r for n, r in ranks.items() if r != config.rank},
-            extras={**config.extras, "selection": {"method": "colora", "ranks": ranks, "contribution": scores}})
+            provenance={**config.provenance, "selection": {"method": "colora", "ranks": ranks, "contribution": scores}})
         attach(model, chosen)
 
 

@@ -19,7 +19,7 @@ Decisions (no reference code is public; the paper's parametrisation and defaults
   - weight sharing copies A, B bitwise and drops the gate (gamma -> 1), so the kept update starts as
     the searched one scaled by 1/gamma_m.
 The decision goes into the adapter config: `target_modules` lists the kept paths and
-`extras["selection"]` the kept modules and every module's beta.
+`provenance["selection"]` the kept modules and every module's beta.
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ class DiffoRA(Selector):
         searched = {k: v.detach().clone() for k, v in adapter_state_dict(model).items()
                     if any(k.startswith(path + ".") for path in kept)}
         detach(model)
-        chosen = dataclasses.replace(config, target_modules=kept, extras={
-            **config.extras, "selection": {"method": "diffora", "modules": kept, "ratio": self.ratio, "logits": logits}})
+        chosen = dataclasses.replace(config, target_modules=kept, provenance={
+            **config.provenance, "selection": {"method": "diffora", "modules": kept, "ratio": self.ratio, "logits": logits}})
         attach(model, chosen)
         with torch.no_grad():  # weight sharing: start from the searched adapter
             own = adapter_state_dict(model)

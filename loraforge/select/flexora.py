@@ -24,7 +24,7 @@ Decisions, from the reference code (kithib/Flexora, `flora.py`), the paper's own
   - the gate multiplies all the layer's adapter modules; it is applied to the layer's output update
     (`gate_adapter`), which for LoRA equals the reference's scaling of the adapter's input.
 The decision goes into the adapter config: `target_modules` lists the kept modules' paths and
-`extras["selection"]` the kept layers and the final gate logits.
+`provenance["selection"]` the kept layers and the final gate logits.
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ class Flexora(Selector):
         detach(model)
         chosen = dataclasses.replace(
             config, target_modules=sorted(p for layer in kept for p in by_block[layer]),
-            extras={**config.extras, "selection": {"method": "flexora", "layers": kept,
-                                                   "gate_logits": dict(zip(map(str, layer_ids), final))}})
+            provenance={**config.provenance, "selection": {"method": "flexora", "layers": kept,
+                                                           "gate_logits": dict(zip(map(str, layer_ids), final))}})
         attach(model, chosen)
 
 

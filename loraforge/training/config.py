@@ -38,6 +38,8 @@ class TrainConfig:
     use_rslora: bool = opt(False, "rank-stabilised scale alpha / sqrt(r)")
     init: str = opt("default", "default | gaussian | pissa | lora-ga | eva (lora-xs and lora-sb bring their own)")
     init_batches: int = opt(8, "training batches a data-based start (lora-ga, eva, lora-sb) reads before step 1")
+    options: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "the method's and initialiser's options (`loraforge methods`), e.g. {n_blocks: 4}", "flag": "--option"})
     # optimisation
     steps: int = opt(100, "optimizer steps")
     lr: float = opt(2e-4, "peak learning rate (AdamW)")
@@ -88,7 +90,7 @@ class TrainConfig:
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(method=self.method, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                              target_modules=parse_targets(self.targets), use_rslora=self.use_rslora, init=self.init, seed=self.seed,
-                             base_model_name_or_path=self.model)
+                             base_model_name_or_path=self.model, options=dict(self.options))
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "max_length", "init_batches", "num_processes"):

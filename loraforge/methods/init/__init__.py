@@ -26,8 +26,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from loraforge.core.errors import AdapterError
-from loraforge.core.registry import Initializer, resolve_initializer
-from loraforge.methods.base import AdapterLayer
+from loraforge.core.modules import linear_weight
+from loraforge.core.registry import Initializer, option, read_options, resolve_initializer
+from loraforge.methods.base import AdapterLayer, adapter_layers
 
 if TYPE_CHECKING:
     from loraforge.core.config import AdapterConfig
@@ -111,11 +112,10 @@ def _device(model: nn.Module) -> torch.device:
 
 def base_weight(layer: AdapterLayer, name: str) -> torch.Tensor:
     """W0 as (d_out, d_in) float32, whatever the storage (GPT-2's Conv1D keeps (d_in, d_out))."""
-    weight = layer.base_layer.weight
+    weight = linear_weight(layer.base_layer)
     if not weight.dtype.is_floating_point:
         raise AdapterError(f"{name}: the base weight is {weight.dtype}; initialise from a float model, quantise after")
-    weight = weight.detach().float()
-    return weight.T if layer.fan_in_fan_out else weight
+    return weight.detach().float()
 
 
 def truncated_svd(matrix: torch.Tensor, rank: int, niter: int | None = None) -> tuple[torch.Tensor, ...]:
@@ -126,3 +126,21 @@ def truncated_svd(matrix: torch.Tensor, rank: int, niter: int | None = None) -> 
         return u[:, :rank], s[:rank], vh[:rank]
     u, s, v = torch.svd_lowrank(matrix, q=rank, niter=niter)
     return u, s, v.T
+
+
+@dataclass(frozen=True)
+class SVDOptions:
+    """The options of a start from an SVD (PiSSA, LoRA-XS; LoRA-SB with its own default)."""
+
+    svd_niter: int | None = option(None, "subspace iterations of a randomised SVD (torch.svd_lowrank); None: the "
+                                         "exact SVD", check=lambda n: n >= 0, want="an integer >= 0, or null")
+
+
+def start_from_weight_svds(model: nn.Module, ctx: InitContext, desc: str,
+                           start: Callable[[AdapterLayer, torch.Tensor, torch.Tensor, torch.Tensor], None]) -> dict[str, Any]:
+    """Call start(layer, U (d_out, r), S (r,), Vh (r, d_in)) with the top-r SVD of each adapter layer's
+    W0, exact or randomised as the `svd_niter` option says; returns the initialiser's report."""
+    niter = read_options(SVDOptions, ctx.config).svd_niter
+    for name, layer in tqdm(adapter_layers(model).items(), desc=desc, unit="layer", leave=False, disable=not ctx.progress):
+        start(layer, *truncated_svd(base_weight(layer, name), layer.rank, niter))
+    return {"svd": "exact" if niter is None else f"randomised, {niter} iterations"}

@@ -16,7 +16,7 @@ assigned have converged, and the whole pass stops when every layer has. Layers f
 tensor (q, k, v; gate, up) share one PCA. The ranks go to rank_pattern / alpha_pattern (full module
 paths, as PEFT writes them): the saved adapter is a plain LoRA PEFT loads.
 
-Settings: extras["eva_rho"] (ρ ≥ 1, default 2; 1 = no redistribution), extras["eva_tau"] (default 0.99).
+Options (`EVAOptions`): eva_rho (ρ ≥ 1, default 2; 1 = no redistribution), eva_tau (τ, default 0.99).
 Decision: PEFT cycles the data until every layer converges; loraforge stops after `batches`
 batches (`--init-batches`) at the latest, uses the components as they stand, and warns which
 layers had not converged. The redistribution, convergence rule and randomised SVD (seed 42) follow
@@ -28,16 +28,25 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from loraforge.core.errors import AdapterError
-from loraforge.core.registry import register_init
+from loraforge.core.modules import replace_module
+from loraforge.core.registry import option, read_options, register_init
 from loraforge.methods.base import adapter_disabled, adapter_layers
 from loraforge.methods.init import InitContext
 from loraforge.methods.init.pca import IncrementalPCA
+
+
+@dataclass(frozen=True)
+class EVAOptions:
+    eva_rho: float = option(2.0, "components collected per layer, round(rho r); 1: no rank redistribution",
+                            check=lambda rho: rho >= 1, want="a number at least 1")
+    eva_tau: float = option(0.99, "cosine with the previous estimate at which a component has converged")
 
 
 def redistribute(ratios: dict[str, torch.Tensor], budget: int) -> dict[str, int]:
@@ -55,12 +64,12 @@ def redistribute(ratios: dict[str, torch.Tensor], budget: int) -> dict[str, int]
     methods=("lora",),
     fills="sets LoRA's A (r_l x d_in) to principal directions of the layer's inputs, B = 0, and changes each "
           "layer's rank",
+    options=EVAOptions,
 )
 @torch.no_grad()
 def eva(model: nn.Module, ctx: InitContext) -> dict[str, Any]:
-    rho, tau = float(ctx.config.extras.get("eva_rho", 2.0)), float(ctx.config.extras.get("eva_tau", 0.99))
-    if rho < 1:
-        raise AdapterError(f"extras['eva_rho'] must be at least 1, got {rho}")
+    options = read_options(EVAOptions, ctx.config)
+    rho, tau = float(options.eva_rho), float(options.eva_tau)
     layers = adapter_layers(model)
     budget = sum(layer.rank for layer in layers.values())
     k = {name: round(layer.rank * rho) for name, layer in layers.items()}
@@ -151,15 +160,12 @@ def _apply(model: nn.Module, layers: dict[str, nn.Module], ranks: dict[str, int]
     config.alpha_pattern = {n: a for n, a in alphas.items() if ranks[n] and a != config.alpha}
     removed = [name for name in layers if ranks[name] == 0]
     for name, layer in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
         if ranks[name] == 0:
-            setattr(parent, child, layer.base_layer)
+            replace_module(model, name, layer.base_layer)
             continue
         if ranks[name] != layer.rank:
-            rebuilt = type(layer)(layer.base_layer, config, name).train(layer.training)
-            setattr(parent, child, rebuilt)
-            layer = rebuilt
+            layer = type(layer)(layer.base_layer, config, name).train(layer.training)
+            replace_module(model, name, layer)
         layer.lora_A.weight.copy_(components[name][:ranks[name]])
     model.loraforge_targets = [t for t in model.loraforge_targets if t not in removed]
     model.loraforge_adapter_keys = [key for key in model.loraforge_adapter_keys

@@ -6,7 +6,7 @@ Start LoRA so that its first step follows the best low-rank approximation of ful
     G    ≈ U S V^T                              randomised SVD, q = min(4r, d_out, d_in), 4 iterations
     A     = c · V[:, :r]^T                      (r, d_in)     right singular vectors 1..r
     B     = c · U[:, r:2r]                      (d_out, r)    left singular vectors r+1..2r   ("ArB2r")
-    c     = d_out^{1/4} / sqrt(γ),  γ = 16      ("stable" scale; extras["lora_ga_gamma"])
+    c     = d_out^{1/4} / sqrt(γ),  γ = 16      ("stable" scale; the option lora_ga_gamma)
     W_res = W0 − s·B A                          (ResidualLoRALinear: W0 kept, the start subtracted)
 
 Then one SGD step moves the weight by −η s² (G A^T A + B B^T G) = −η s² c² G_2r (G's best rank-2r
@@ -21,16 +21,23 @@ over the batch's label tokens), each of the N batches weighing the same.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from loraforge.core.errors import AdapterError
-from loraforge.core.registry import register_init
+from loraforge.core.registry import option, read_options, register_init
 from loraforge.methods.base import adapter_disabled, adapter_layers
 from loraforge.methods.init import InitContext
 from loraforge.methods.init.residual import ResidualLoRALinear
+
+
+@dataclass(frozen=True)
+class LoRAGAOptions:
+    lora_ga_gamma: float = option(16.0, "gamma of the 'stable' scale c = d_out^(1/4) / sqrt(gamma) of A and B",
+                                  check=lambda g: g > 0, want="a number > 0")
 
 
 def lora_ga_start(grad: torch.Tensor, rank: int, gamma: float = 16.0,
@@ -82,10 +89,11 @@ def estimate_gradients(model: nn.Module, ctx: InitContext, desc: str) -> dict[st
     fills="sets LoRA's A (r x d_in) and B (d_out x r) to singular vectors of the full-weight gradient and subtracts "
           "their product from the layer",
     layer=ResidualLoRALinear,
+    options=LoRAGAOptions,
 )
 @torch.no_grad()
 def lora_ga(model: nn.Module, ctx: InitContext) -> dict[str, Any]:
-    gamma = float(ctx.config.extras.get("lora_ga_gamma", 16.0))
+    gamma = float(read_options(LoRAGAOptions, ctx.config).lora_ga_gamma)
     grads = estimate_gradients(model, ctx, "lora-ga: gradient")
     for name, layer in adapter_layers(model).items():
         layer.start_at(*lora_ga_start(grads[name], layer.rank, gamma, name))

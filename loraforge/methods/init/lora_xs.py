@@ -1,7 +1,7 @@
 """LoRA-XS's start: Low-Rank Adaptation with Extremely Small Number of Parameters, Bałazy et al.
 (arXiv 2405.17604). The layer is layers/lora_xs.py (h = W0 x + s·B R A x, only R trains).
 
-    W0 ≈ U_r Σ_r V_r^T                    truncated SVD (exact; randomised with extras["svd_niter"] = n)
+    W0 ≈ U_r Σ_r V_r^T                    truncated SVD (exact; randomised with the option svd_niter = n)
     B = U_r   (d_out, r),  A = Σ_r V_r^T  (r, d_in),  R ~ N(0, σ²), σ = 1e-5   (r, r)
 
 The singular values sit on the input side as in the reference code (MohammadrezaBanaei/LoRA-XS);
@@ -15,11 +15,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from loraforge.core.registry import register_init
-from loraforge.methods.base import adapter_layers
-from loraforge.methods.init import InitContext, base_weight, truncated_svd
+from loraforge.methods.init import InitContext, SVDOptions, start_from_weight_svds
+from loraforge.methods.lora_xs import LoRAXSLinear
 
 R_STD = 1e-5
 
@@ -31,12 +30,11 @@ R_STD = 1e-5
     methods=("lora-xs",),
     fills="sets the frozen B, A and the trained r x r R of the LoRA-XS layer from the SVD of W0",
     default_for=("lora-xs",),
+    options=SVDOptions,
 )
 @torch.no_grad()
 def lora_xs(model: nn.Module, ctx: InitContext) -> dict[str, Any]:
-    niter = ctx.config.extras.get("svd_niter")
-    for name, layer in tqdm(adapter_layers(model).items(), desc="lora-xs: SVD", unit="layer", leave=False,
-                            disable=not ctx.progress):
-        u, s, vh = truncated_svd(base_weight(layer, name), layer.rank, niter)  # (d_out, r), (r,), (r, d_in)
+    def start(layer: LoRAXSLinear, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> None:
         layer.set_factors(u, torch.randn(layer.rank, layer.rank) * R_STD, s[:, None] * vh)
-    return {"svd": "exact" if niter is None else f"randomised, {niter} iterations"}
+
+    return start_from_weight_svds(model, ctx, "lora-xs: SVD", start)

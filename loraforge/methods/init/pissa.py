@@ -3,7 +3,7 @@ Meng et al. (arXiv 2404.02948, NeurIPS 2024).
 
 LoRA's architecture, started on the principal part of W0 instead of noise and zero:
 
-    W0 = U S V^T                              (exact SVD; or randomised with extras["svd_niter"] = n)
+    W0 = U S V^T                              (exact SVD; or randomised with the option svd_niter = n)
     A  = diag(sqrt(S_r / s)) V_r^T            (r, d_in)
     B  = U_r diag(sqrt(S_r / s))              (d_out, r)      so s·B A = U_r S_r V_r^T
     W_res = W0 − s·B A                        (= W0 minus its best rank-r approximation)
@@ -21,11 +21,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from loraforge.core.registry import register_init
-from loraforge.methods.base import adapter_layers
-from loraforge.methods.init import InitContext, base_weight, truncated_svd
+from loraforge.methods.init import InitContext, SVDOptions, start_from_weight_svds
 from loraforge.methods.init.residual import ResidualLoRALinear
 
 
@@ -37,13 +35,12 @@ from loraforge.methods.init.residual import ResidualLoRALinear
     fills="sets LoRA's A (r x d_in) and B (d_out x r) to the top-r singular components of W0 and subtracts "
           "their product from the layer",
     layer=ResidualLoRALinear,
+    options=SVDOptions,
 )
 @torch.no_grad()
 def pissa(model: nn.Module, ctx: InitContext) -> dict[str, Any]:
-    niter = ctx.config.extras.get("svd_niter")
-    for name, layer in tqdm(adapter_layers(model).items(), desc="pissa: SVD", unit="layer", leave=False,
-                            disable=not ctx.progress):
-        u, s, vh = truncated_svd(base_weight(layer, name), layer.rank, niter)  # (d_out, r), (r,), (r, d_in)
+    def start(layer: ResidualLoRALinear, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> None:
         root = (s / layer.scaling).sqrt()  # sqrt(S_r / s)
         layer.start_at(root[:, None] * vh, u * root)
-    return {"svd": "exact" if niter is None else f"randomised, {niter} iterations"}
+
+    return start_from_weight_svds(model, ctx, "pissa: SVD", start)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import weakref
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,41 +46,30 @@ from torch import nn
 
 from loraforge.core.config import AdapterConfig
 from loraforge.core.errors import AdapterError
-from loraforge.core.modules import find_targets
-from loraforge.core.registry import register
-from loraforge.methods.base import AdapterLayer
-from loraforge.methods.lora import LoRALinear
+from loraforge.core.modules import find_targets, replace_module
+from loraforge.core.registry import option, read_options, register
+from loraforge.methods.base import AdapterLayer, branch_dropout, rank_and_scale
+from loraforge.methods.lora import LoRALinear, lora_init_
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
 class MixLoRAOptions:
-    """`AdapterConfig.extras` of a MixLoRA adapter (defaults: the reference code's)."""
+    """`AdapterConfig.options` of a MixLoRA adapter (defaults: the reference code's)."""
 
-    num_experts: int = 8
-    top_k: int = 2
-    aux_loss_coef: float = 0.01
-    router_init_std: float = 0.02
-    aux_norm: str = "mixtral"  # "mixtral" (= k when balanced) | "switch" (= 1 when balanced)
+    num_experts: int = option(8, "LoRA experts E per FFN", check=lambda e: e >= 1, want="a positive integer")
+    top_k: int = option(2, "experts k each token goes through, at most num_experts", check=lambda k: k >= 1,
+                        want="a positive integer")
+    aux_loss_coef: float = option(0.01, "weight of the load-balance loss in the training loss",
+                                  check=lambda c: c >= 0, want="a number >= 0")
+    router_init_std: float = option(0.02, "std of the router's normal init", check=lambda s: s > 0, want="a number > 0")
+    aux_norm: Literal["mixtral", "switch"] = option("mixtral", "load-balance loss normalisation: mixtral (= k when "
+                                                               "balanced) or switch (= 1 when balanced)")
 
-    @classmethod
-    def of(cls, config: AdapterConfig) -> "MixLoRAOptions":
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(config.extras) - set(known))
-        if unknown:
-            raise AdapterError(f"mixlora: unknown extras {unknown}; known: {', '.join(known)}")
-        o = cls(**config.extras)
-        number = (int, float)
-        checks = [("num_experts", lambda v: type(v) is int and v >= 1, "a positive integer"),  # before top_k reads it
-                  ("top_k", lambda v: type(v) is int and 1 <= v <= o.num_experts, "an integer in [1, num_experts]"),
-                  ("aux_loss_coef", lambda v: isinstance(v, number) and v >= 0, "a number >= 0"),
-                  ("router_init_std", lambda v: isinstance(v, number) and v > 0, "a number > 0"),
-                  ("aux_norm", lambda v: v in ("mixtral", "switch"), "'mixtral' or 'switch'")]
-        for key, ok, want in checks:
-            if not ok(getattr(o, key)):
-                raise AdapterError(f"mixlora: extras[{key!r}] must be {want}, got {getattr(o, key)!r}")
-        return o
+    def __post_init__(self) -> None:
+        if self.top_k > self.num_experts:
+            raise ValueError(f"option 'top_k' must be an integer in [1, num_experts = {self.num_experts}], got {self.top_k}")
 
 
 class ExpertLoRA(nn.Module):
@@ -87,11 +77,10 @@ class ExpertLoRA(nn.Module):
 
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, name: str):
         super().__init__()
-        experts = MixLoRAOptions.of(config).num_experts
+        experts = read_options(MixLoRAOptions, config).num_experts
         d_out, d_in = base_layer.weight.shape
-        self.rank, alpha = config.rank_for(name), config.alpha_for(name)
-        self.scaling = alpha / math.sqrt(self.rank) if config.use_rslora else alpha / self.rank
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.rank, self.scaling = rank_and_scale(config, name)
+        self.dropout = branch_dropout(config.dropout)
         device = base_layer.weight.device
         self.lora_A = nn.Parameter(torch.empty(experts, self.rank, d_in, device=device))  # (E, r, d_in)
         self.lora_B = nn.Parameter(torch.zeros(experts, d_out, self.rank, device=device))  # (E, d_out, r)
@@ -102,10 +91,7 @@ class ExpertLoRA(nn.Module):
         if self.lora_A.is_meta:
             return
         for e in range(self.lora_A.shape[0]):  # expert by expert, so fan-in is d_in (r for B), as LoRALinear's
-            if init == "gaussian":
-                nn.init.normal_(self.lora_A[e], std=1.0 / self.rank)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A[e], a=math.sqrt(5))
+            lora_init_(self.lora_A[e], self.lora_B[e], init)
             if init == "random":  # tests only: experts that differ from the frozen FFN at step 0
                 nn.init.kaiming_uniform_(self.lora_B[e], a=math.sqrt(5))
 
@@ -178,7 +164,7 @@ class MixLoRAFFN(AdapterLayer):
         # An AdapterLayer by protocol (base_layer, merged / disabled: detach, adapter_disabled and
         # saving work unchanged), but its base is a whole FFN, so the Linear-only __init__ is skipped.
         nn.Module.__init__(self)
-        options = MixLoRAOptions.of(config)
+        options = read_options(MixLoRAOptions, config)
         self.base_layer, self.merged, self.disabled, self.fan_in_fan_out = mlp, False, False, False
         self.in_features = self.out_features = mlp.gate_proj.in_features
         self.num_experts, self.top_k = options.num_experts, options.top_k
@@ -241,7 +227,6 @@ def gated_ffns(model: nn.Module) -> dict[str, nn.Module]:
 
 def attach_mixlora(model: nn.Module, config: AdapterConfig) -> list[str]:
     """The registry's attach hook: plain LoRA outside the FFNs, a MixLoRAFFN in place of each FFN."""
-    MixLoRAOptions.of(config)
     ffns = gated_ffns(model)
     if not ffns:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -249,12 +234,12 @@ def attach_mixlora(model: nn.Module, config: AdapterConfig) -> list[str]:
                            f"act_fn); {type(model).__name__} (model_type {model_type!r}) has none")
     plain = _plain_lora_targets(model, config, list(ffns))
     for name in plain:
-        _replace(model, name, LoRALinear(model.get_submodule(name), config, name))
+        replace_module(model, name, LoRALinear(model.get_submodule(name), config, name))
     balance = None
     for name, mlp in ffns.items():
         block = MixLoRAFFN(mlp, config, name, balance)
         balance = block.balance  # one pool for the model; the first FFN carries aux_loss
-        _replace(model, name, block)
+        replace_module(model, name, block)
     getattr(model, "base_model", model).register_forward_pre_hook(balance.mask_hook(), with_kwargs=True)
     return plain + list(ffns)
 
@@ -280,11 +265,6 @@ def _plain_lora_targets(model: nn.Module, config: AdapterConfig, ffns: list[str]
     return [t for t in targets if not any(t.startswith(f + ".") for f in ffns)]
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-register("mixlora", axis="mixture", merges=False, peft_type=None, attach=attach_mixlora,
+register("mixlora", axis="mixture", merges=False, peft_type=None, attach=attach_mixlora, options=MixLoRAOptions,
          paper="MixLoRA: Enhancing Large Language Models Fine-Tuning with LoRA based Mixture of Experts (arXiv 2404.15159)",
          )(ExpertLoRA)
