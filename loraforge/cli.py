@@ -76,9 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the model it was trained with (as PEFT merges into a bitsandbytes base)")
     p.set_defaults(run=cmd_merge)
 
-    p = sub.add_parser("methods", help="list the registered methods")
+    p = sub.add_parser("methods", help="list the registered methods, initialisers and their options")
     p.add_argument("--shape", default="4096x4096", help="layer shape d_out x d_in for the parameter count")
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="print the methods and initialisers as JSON, with their options")
     p.set_defaults(run=cmd_methods)
 
     p = sub.add_parser("demo", help="the study-abroad advising demo on the embedded SmolLM2-135M")
@@ -103,11 +104,33 @@ def add_dataclass_flags(p: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = _base_type(hints[f.name])
+        if typing.get_origin(kind) is dict:  # a repeatable NAME=VALUE flag, named in the field's metadata
+            p.add_argument(f.metadata.get("flag", flag), dest=f.name, action=KeyValue, metavar="NAME=VALUE",
+                           help=f"{f.metadata.get('help', '')}; repeatable, VALUE read as YAML (4, 0.5, true, null)")
+            continue
         text = f"{f.metadata.get('help', '')} (default {f.default})".lstrip()
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         else:
             p.add_argument(flag, type=kind, help=text)
+
+
+class KeyValue(argparse.Action):
+    """`--option NAME=VALUE`, given any number of times: one dict, each VALUE a YAML scalar, so that
+    `n_blocks=4` is an int and `sparse=true` a bool, as the same key in a YAML config would be."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any,
+                 option_string: str | None = None) -> None:
+        import yaml
+
+        name, equals, text = value.partition("=")
+        if not equals or not name.strip():
+            parser.error(f"{option_string} takes NAME=VALUE, got {value!r}")
+        try:
+            parsed = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            parser.error(f"{option_string} {value!r}: the value is not YAML ({exc})")
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest, None) or {}), name.strip(): parsed})
 
 
 def _base_type(hint: Any) -> type:
@@ -133,12 +156,19 @@ def train_config_from_args(args: argparse.Namespace):
         if not isinstance(loaded, dict):
             raise LoraforgeError(f"{path}: expected a mapping of keys to values")
         values = {k.replace("-", "_"): v for k, v in loaded.items()}
-    values.update({k: v for k, v in vars(args).items() if k not in ("config", "run")})
+        if not isinstance(values.get("options", {}), dict):
+            raise LoraforgeError(f"{path}: options must be a mapping of option names to values")
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "run")}
+    if "options" in flags:  # --option adds to the file's options, and wins for a name both give
+        flags["options"] = {**values.get("options", {}), **flags["options"]}
+    values.update(flags)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise LoraforgeError(f"unknown training settings: {', '.join(unknown)}")
-    return TrainConfig(**values)
+    config = TrainConfig(**values)
+    config.adapter_config()  # refuses a bad method, init or option now, before any model or data loads
+    return config
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -207,19 +237,36 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     from loraforge.core.config import AdapterConfig
-    from loraforge.core.registry import methods
+    from loraforge.core.registry import describe_options, initializers, methods
 
+    own_init = {name: i for i in initializers() for name in i.default_for}  # a method's own start: its options apply
+    options = {m.name: describe_options(m.options) + describe_options(getattr(own_init.get(m.name), "options", None))
+               for m in methods()}
+    if args.json:
+        print(json.dumps({
+            "methods": [{"name": m.name, "axis": m.axis, "paper": m.paper, "merges": m.merges,
+                         "peft_loads": m.peft_type is not None, "verified": m.verified, "options": options[m.name]}
+                        for m in methods()],
+            "initializers": [{"name": i.name, "paper": i.paper, "methods": list(i.methods), "needs_data": i.needs_data,
+                              "options": describe_options(i.options)} for i in initializers()],
+        }, indent=2))
+        return 0
     try:
         d_out, d_in = (int(v) for v in args.shape.lower().split("x"))
     except ValueError:
         raise LoraforgeError(f"--shape must look like 4096x4096 (d_out x d_in), got {args.shape!r}") from None
     config = AdapterConfig(rank=args.rank)
     rows = [(m.name, m.axis, f"{m.trainable_params(d_in, d_out, config):,}", "yes" if m.merges else "no",
-             "yes" if m.peft_type else "no", m.paper) for m in methods()]
-    header = ("method", "axis", f"params {d_out}x{d_in} r={args.rank}", "merges", "PEFT loads", "paper")
+             "yes" if m.peft_type else "no", "yes" if m.verified else "interpretation", m.paper) for m in methods()]
+    header = ("method", "axis", f"params {d_out}x{d_in} r={args.rank}", "merges", "PEFT loads", "verified", "paper")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for row in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    print("\noptions (--option NAME=VALUE):")
+    chosen_inits = [(f"--init {i.name}", describe_options(i.options)) for i in initializers() if not i.default_for]
+    for owner, described in [*options.items(), *chosen_inits]:
+        for f in described:
+            print(f"  {owner}: {f['name']} ({f['type']}, default {f['default']!r}): {f['help']}")
     from loraforge.core.plugins import OPTIMIZERS, REGULARIZERS, SELECTORS
 
     print(f"\n--optimizer: {', '.join(OPTIMIZERS.names())}\n--regularizer: {', '.join(REGULARIZERS.names())}\n"

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import loraforge as lf
 from loraforge.cli import main
 from loraforge.testing import tiny_llama, tiny_tokenizer
 
@@ -68,6 +69,65 @@ def test_methods_lists_lora(capsys):
     assert main(["methods", "--shape", "64x64", "--rank", "4"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("lora "))
     assert "512" in line and "2106.09685" in line
+
+
+def test_methods_json_lists_each_method_its_options_and_whether_its_paper_was_read(capsys):
+    assert main(["methods", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    methods = {m["name"]: m for m in listed["methods"]}
+    assert set(methods) == {m.name for m in lf.methods()}
+    assert all(set(m) == {"name", "axis", "paper", "merges", "peft_loads", "verified", "options"} for m in methods.values())
+    assert methods["lora"]["peft_loads"] and methods["lora"]["merges"] and not methods["mixlora"]["merges"]
+    assert methods["lora"]["verified"] and not methods["block-lora"]["verified"] and not methods["comp-lora"]["verified"]
+    (n_blocks,) = methods["block-lora"]["options"]
+    assert {k: n_blocks[k] for k in ("name", "type", "default")} == {"name": "n_blocks", "type": "int", "default": 8}
+    assert n_blocks["help"]
+    assert [o["name"] for o in methods["randlora"]["options"]] == ["projection_prng_key", "sparse", "very_sparse"]
+    assert [(o["name"], o["default"]) for o in methods["lora-sb"]["options"]] == [("svd_niter", 10)]  # its own start's
+    assert methods["bone"]["options"] == []
+    inits = {i["name"]: i for i in listed["initializers"]}
+    assert [o["name"] for o in inits["eva"]["options"]] == ["eva_rho", "eva_tau"]
+    assert main(["methods", "--shape", "64x64"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert "interpretation" in next(l for l in table if l.startswith("block-lora "))
+    assert "interpretation" not in next(l for l in table if l.startswith("lora "))
+
+
+def test_option_flags_are_yaml_scalars_and_add_to_the_config_files_options(tmp_path):
+    from loraforge.cli import build_parser, train_config_from_args
+
+    args = build_parser().parse_args(["train", "--method", "randlora", "--option", "projection_prng_key=3",
+                                      "--option", "sparse=true"])
+    assert train_config_from_args(args).options == {"projection_prng_key": 3, "sparse": True}
+    config = tmp_path / "run.yaml"
+    config.write_text("method: block-lora\noptions:\n  n_blocks: 2\n")
+    args = build_parser().parse_args(["train", "--config", str(config), "--option", "n_blocks=4"])
+    trained = train_config_from_args(args)
+    assert trained.options == {"n_blocks": 4} and trained.adapter_config().options == {"n_blocks": 4}
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["train", "--option", "n_blocks"])
+    assert exit_.value.code == 2
+
+
+def test_options_reach_the_saved_adapter(workspace):
+    config = workspace / "options.yaml"
+    config.write_text(f"model: {workspace / 'model'}\ndata: {workspace / 'train.jsonl'}\nmethod: block-lora\nrank: 2\n"
+                      f"steps: 1\nbatch-size: 4\nout: {workspace / 'options-run'}\noptions:\n  n_blocks: 2\n")
+    assert main(["train", "--config", str(config), "--option", "n_blocks=4"]) == 0
+    saved = json.loads((workspace / "options-run" / "adapter" / "loraforge_config.json").read_text())
+    assert saved["options"] == {"n_blocks": 4} and saved["provenance"] == {}
+
+
+@pytest.mark.parametrize("option, message", [
+    ("blocks=4", "block-lora: unknown option 'blocks'; valid options: n_blocks (int, default 8)"),
+    ("n_blocks=0", "option 'n_blocks' must be a positive integer, got 0; valid options: n_blocks"),
+    ("n_blocks=four", "must be a positive integer, got 'four'"),
+])
+def test_bad_option_exits_2_naming_the_valid_ones(workspace, tmp_path, capsys, option, message):
+    assert main(["train", "--model", str(workspace / "model"), "--data", str(workspace / "train.jsonl"),
+                 "--method", "block-lora", "--option", option, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything ran
 
 
 @pytest.mark.parametrize("content, message", [
