@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from test_methods_common import MODELS, logits
+from test_methods_common import MODELS, check_gradient_matches_dense, check_layer_merge, logits
 from torch import nn
 
 import loraforge as lf
@@ -66,14 +66,7 @@ def test_one_block_is_lora():
 
 
 def test_merge_equals_unmerged_and_unmerge_restores():
-    layer = random_layer()
-    w0, x = layer.base_layer.weight.detach().clone(), torch.randn(4, 16)
-    with torch.no_grad():
-        unmerged = layer(x)
-        layer.merge()
-        torch.testing.assert_close(layer(x), unmerged, atol=1e-5, rtol=0)
-        layer.unmerge()
-    torch.testing.assert_close(layer.base_layer.weight, w0, atol=1e-6, rtol=0)
+    check_layer_merge(random_layer())
 
 
 def test_gradient_matches_dense_autograd():
@@ -84,12 +77,7 @@ def test_gradient_matches_dense_autograd():
         delta = layer.scaling * b @ torch.cat([a_s] * layer.n_blocks, dim=1)
         return F.linear(x, layer.base_layer.weight + delta, layer.base_layer.bias)
 
-    a_s, b = (p.detach().clone().requires_grad_() for p in (layer.lora_A.weight, layer.lora_B.weight))
-    assert torch.autograd.gradcheck(dense, (a_s, b))
-    layer(x).pow(2).sum().backward()
-    dense(a_s, b).pow(2).sum().backward()
-    torch.testing.assert_close(layer.lora_A.weight.grad, a_s.grad)
-    torch.testing.assert_close(layer.lora_B.weight.grad, b.grad)
+    check_gradient_matches_dense(layer, [layer.lora_A.weight, layer.lora_B.weight], dense, x)
 
 
 @pytest.mark.parametrize("options, message", [

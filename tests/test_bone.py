@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import MissConfig, PeftModel, get_peft_model
-from test_methods_common import MODELS, logits, perturb
+from test_methods_common import MODELS, check_gradient_matches_dense, check_layer_merge, copy_into_peft, logits, perturb
 from torch import nn
 
 import loraforge as lf
@@ -84,16 +84,11 @@ def test_bat_equals_blockwise_formula():
 @pytest.mark.parametrize("cls", [BoneLinear, BatLinear])
 def test_merge_then_unmerge_restores(cls):
     layer = random_layer(cls, 16)
-    with torch.no_grad():
-        if cls is BatLinear:  # spectral norm of every B_i <= 0.5
+    if cls is BatLinear:  # spectral norm of every B_i <= 0.5
+        with torch.no_grad():
             norms = torch.linalg.matrix_norm(layer.miss_block, ord=2)
             layer.miss_block.mul_((0.5 / norms).clamp(max=1)[:, None, None])
-        w0, x = layer.base_layer.weight.clone(), torch.randn(4, 16)
-        unmerged = layer(x)
-        layer.merge()
-        torch.testing.assert_close(layer(x), unmerged, atol=1e-5, rtol=0)
-        layer.unmerge()
-    torch.testing.assert_close(layer.base_layer.weight, w0, atol=1e-6, rtol=0)
+    check_layer_merge(layer)
 
 
 @pytest.mark.parametrize("cls", [BoneLinear, BatLinear])
@@ -107,11 +102,7 @@ def test_gradient_matches_dense_autograd(cls):
             return F.linear(x, w0 + block.T.repeat(1, 4), layer.base_layer.bias)
         return F.linear(x, explicit_bat_weight(w0, block), layer.base_layer.bias)
 
-    block = layer.miss_block.detach().clone().requires_grad_()
-    assert torch.autograd.gradcheck(dense, (block,))
-    layer(x).pow(2).sum().backward()
-    dense(block).pow(2).sum().backward()
-    torch.testing.assert_close(layer.miss_block.grad, block.grad)
+    check_gradient_matches_dense(layer, [layer.miss_block], dense, x)
 
 
 # ---- PEFT (MiSS; its layer takes nn.Linear only, hence tiny LLaMA) ------------------------------
@@ -120,11 +111,7 @@ def test_gradient_matches_dense_autograd(cls):
 def test_outputs_equal_peft_miss_on_the_same_weights(method):
     ours = perturb(lf.attach(tiny_llama(), bone_config(method)))
     theirs = get_peft_model(tiny_llama(), MissConfig(r=4, init_weights=VARIANTS[method], target_modules="all-linear"))
-    state = {k.replace(".default", "").removeprefix("base_model.model."): v
-             for k, v in theirs.named_parameters() if "miss_block" in k}
-    with torch.no_grad():
-        for key, value in lf.adapter_state_dict(ours).items():
-            state[key].copy_(value)
+    copy_into_peft(ours, theirs, "miss_block")
     assert_same_outputs(ours, theirs, logits)
 
 

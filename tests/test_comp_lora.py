@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from test_methods_common import MODELS, logits
+from test_methods_common import MODELS, check_gradient_matches_dense, check_layer_merge, logits
 from torch import nn
 
 import loraforge as lf
@@ -93,14 +93,7 @@ def test_k_zero_is_lora():
 
 
 def test_merge_equals_unmerged_and_unmerge_restores():
-    layer = random_layer()
-    w0, x = layer.base_layer.weight.detach().clone(), torch.randn(4, 20)
-    with torch.no_grad():
-        unmerged = layer(x)
-        layer.merge()
-        torch.testing.assert_close(layer(x), unmerged, atol=1e-5, rtol=0)
-        layer.unmerge()
-    torch.testing.assert_close(layer.base_layer.weight, w0, atol=1e-6, rtol=0)
+    check_layer_merge(random_layer())
 
 
 def test_forgetting_proxy_zero_for_comp_lora_not_for_lora():
@@ -120,12 +113,7 @@ def test_gradient_matches_dense_autograd():
     def dense(a, b):  # W0 + s P_out B A P_in, formed explicitly
         return F.linear(x, layer.base_layer.weight + layer.scaling * p_out @ b @ a @ p_in, layer.base_layer.bias)
 
-    a, b = (p.detach().clone().requires_grad_() for p in (layer.lora_A.weight, layer.lora_B.weight))
-    assert torch.autograd.gradcheck(dense, (a, b))
-    layer(x).pow(2).sum().backward()
-    dense(a, b).pow(2).sum().backward()
-    torch.testing.assert_close(layer.lora_A.weight.grad, a.grad)
-    torch.testing.assert_close(layer.lora_B.weight.grad, b.grad)
+    check_gradient_matches_dense(layer, [layer.lora_A.weight, layer.lora_B.weight], dense, x)
 
 
 def test_default_k_is_capped_by_the_layer():

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel
+from test_methods_common import logits, perturb
 from torch import nn
 
 import loraforge as lf
@@ -14,7 +15,7 @@ from loraforge.core.registry import initializers, resolve_initializer
 from loraforge.testing import TINY_MODELS, assert_same_outputs, tiny_llama, tiny_tokenizer
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import from_records
-from loraforge.training.loop import lr_at, train
+from loraforge.training.loop import train
 
 STARTS = [("lora", "pissa"), ("lora", "lora-ga"), ("lora", "eva"), ("lora-xs", "default"), ("lora-sb", "default")]
 OUTPUT_KEPT = {"pissa", "lora-ga", "eva"}  # the output equals the base model's at init (spec check 1)
@@ -28,30 +29,10 @@ def data_for(model_name: str, n: int = 24):
     return from_records([{"prompt": f"q {i} " * 2, "completion": f"a {i % 7}"} for i in range(n)], tok)
 
 
-def batch(seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 100, (2, 9), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def logits(model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch()).logits
-
-
 def started(model_name: str, method: str, init: str, **kw) -> nn.Module:
     cfg = lf.AdapterConfig(**{"method": method, "init": init, "rank": 4, "alpha": 8, "seed": 0, **kw})
     model = lf.attach(TINY_MODELS[model_name](), cfg)
     lf.initialize(model, data_for(model_name), batches=3, batch_size=8, lr=1e-3, progress=False)
-    return model
-
-
-def perturb(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
     return model
 
 
@@ -66,7 +47,7 @@ def test_started_adapter_round_trips_onto_a_fresh_base(method, init, model_name,
         assert p.requires_grad or torch.equal(p, fresh[name.replace(".base_layer", "")]), name
     if init in OUTPUT_KEPT:
         torch.testing.assert_close(logits(model), base_logits, atol=1e-5, rtol=0)
-    trained = logits(perturb(model))
+    trained = logits(perturb(model, seed=1))
     lf.save_adapter(model, tmp_path / "a")
     # A saved adapter is relative to the original base: loraforge and PEFT reload it on a fresh one.
     reloaded = lf.load_adapter(TINY_MODELS[model_name](), tmp_path / "a")
@@ -141,7 +122,7 @@ def test_trainer_runs_the_data_start_and_records_it(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:EVA")
 @pytest.mark.parametrize("init", ["lora-ga", "eva"])
-def test_resume_after_kill_reaches_the_same_weights(init, tmp_path, monkeypatch):
+def test_resume_after_kill_reaches_the_same_weights(init, tmp_path, kill_at_step):
     """The checkpoint holds the start (A0, B0) and EVA's ranks are rebuilt before it is read."""
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"q {i}", "completion": f"a {i % 3}"}) + "\n" for i in range(16)))
@@ -153,16 +134,8 @@ def test_resume_after_kill_reaches_the_same_weights(init, tmp_path, monkeypatch)
         return train(config, model=tiny_llama(), tokenizer=tiny_tokenizer(), progress=False)
 
     full = run("full")
-
-    def killed_in_step_3(step, config):
-        if step == 2:
-            raise KeyboardInterrupt
-        return lr_at(step, config)
-
-    monkeypatch.setattr("loraforge.training.loop.lr_at", killed_in_step_3)
-    with pytest.raises(KeyboardInterrupt):
+    with kill_at_step(2):
         run("killed")
-    monkeypatch.setattr("loraforge.training.loop.lr_at", lr_at)
     resumed = run("killed", resume=True)
     expected, got = lf.adapter_state_dict(full.model), lf.adapter_state_dict(resumed.model)
     assert sorted(got) == sorted(expected)

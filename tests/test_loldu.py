@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from test_methods_common import MODELS, logits, perturb
+from test_methods_common import MODELS, check_gradient_matches_dense, check_layer_merge, logits, perturb
 from torch import nn
 
 import loraforge as lf
@@ -83,23 +83,11 @@ def test_gradcheck_float64():
         w = layer.base_layer.weight + (layer.loldu_L * (sigma * z - layer.loldu_init)) @ layer.loldu_U
         return F.linear(x, w, layer.base_layer.bias)
 
-    z, sigma = (p.detach().clone().requires_grad_() for p in (layer.loldu_z, layer.loldu_sigma))
-    assert torch.autograd.gradcheck(dense, (z, sigma))
-    layer(x).pow(2).sum().backward()
-    dense(z, sigma).pow(2).sum().backward()
-    torch.testing.assert_close(layer.loldu_z.grad, z.grad)
-    torch.testing.assert_close(layer.loldu_sigma.grad, sigma.grad)
+    check_gradient_matches_dense(layer, [layer.loldu_z, layer.loldu_sigma], dense, x)
 
 
 def test_merge_equals_unmerged_and_unmerge_restores():
-    layer = moved_layer()
-    w0, x = layer.base_layer.weight.detach().clone(), torch.randn(4, 12)
-    with torch.no_grad():
-        unmerged = layer(x)
-        layer.merge()
-        torch.testing.assert_close(layer(x), unmerged, atol=1e-5, rtol=0)
-        layer.unmerge()
-    torch.testing.assert_close(layer.base_layer.weight, w0, atol=1e-6, rtol=0)
+    check_layer_merge(moved_layer())
 
 
 def test_base_weights_stay_pretrained_and_factors_travel(tmp_path):

@@ -33,9 +33,9 @@ def logits(model: nn.Module) -> torch.Tensor:
         return model(**batch()).logits
 
 
-def perturb(model: nn.Module, scale: float = 0.05) -> nn.Module:
+def perturb(model: nn.Module, scale: float = 0.05, seed: int = 0) -> nn.Module:
     """Move every trainable tensor off its init (fixed seed), so that the update is not trivial."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -69,6 +69,37 @@ def check_merge(cfg: lf.AdapterConfig, make) -> None:
     lf.detach(model)
     for (name, p), (_, p0) in zip(model.named_parameters(), make().named_parameters()):
         torch.testing.assert_close(p, p0, atol=1e-5, rtol=0, msg=name)
+
+
+def check_layer_merge(layer: nn.Module) -> None:
+    """One layer: merging keeps its output and unmerging gives W0 back."""
+    w0, x = layer.base_layer.weight.detach().clone(), torch.randn(4, layer.in_features)
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge()
+        torch.testing.assert_close(layer(x), unmerged, atol=1e-5, rtol=0)
+        layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, w0, atol=1e-6, rtol=0)
+
+
+def check_gradient_matches_dense(layer: nn.Module, params: list[nn.Parameter], dense, x: torch.Tensor) -> None:
+    """In float64: `dense(*params)`, the layer's output with its update formed explicitly, passes
+    gradcheck, and the layer's gradients of a loss equal those autograd takes through `dense`."""
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    assert torch.autograd.gradcheck(dense, tuple(copies))
+    layer(x).pow(2).sum().backward()
+    dense(*copies).pow(2).sum().backward()
+    for param, copy in zip(params, copies):
+        torch.testing.assert_close(param.grad, copy.grad)
+
+
+def copy_into_peft(ours: nn.Module, theirs: nn.Module, marker: str) -> None:
+    """Give PEFT's model (its tensors whose names hold `marker`) our adapter's values, key by key."""
+    state = {k.replace(".default", "").removeprefix("base_model.model."): v
+             for k, v in theirs.named_parameters() if marker in k}
+    with torch.no_grad():
+        for key, value in lf.adapter_state_dict(ours).items():
+            state[key].copy_(value)
 
 
 def check_param_count(cfg: lf.AdapterConfig) -> None:

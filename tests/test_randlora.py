@@ -9,10 +9,12 @@ from peft import RandLoraConfig, get_peft_model
 from test_methods_common import (
     MODELS,
     check_attach,
+    check_gradient_matches_dense,
     check_loss_decreases,
     check_merge,
     check_param_count,
     check_save_load,
+    copy_into_peft,
     logits,
     perturb,
 )
@@ -123,11 +125,7 @@ def test_same_key_gives_peft_bases_and_outputs(name, options):
     shared = next(iter(lf.adapter_layers(ours).values())).bases
     assert torch.equal(theirs.base_model.randlora_A["default"][:, 0], shared.A)
     assert torch.equal(theirs.base_model.randlora_B["default"], shared.B)
-    state = {k.replace(".default", "").removeprefix("base_model.model."): v
-             for k, v in theirs.named_parameters() if "randlora_" in k}
-    with torch.no_grad():
-        for key, value in lf.adapter_state_dict(ours).items():
-            state[key].copy_(value)
+    copy_into_peft(ours, theirs, "randlora_")
     assert_same_outputs(ours, theirs, logits)
 
 
@@ -147,12 +145,7 @@ def test_gradient_matches_dense_autograd():
         delta = sum(b_flat[:, i::layer.n_bases] @ torch.diag(lam[:, i]) @ a @ torch.diag(gamma[i]) for i in range(layer.n_bases))
         return F.linear(x, layer.base_layer.weight + layer.scaling * delta.T, layer.base_layer.bias)
 
-    lam, gamma = (p.detach().clone().requires_grad_() for p in (layer.randlora_lambda, layer.randlora_gamma))
-    assert torch.autograd.gradcheck(dense, (lam, gamma))
-    layer(x).pow(2).sum().backward()
-    dense(lam, gamma).pow(2).sum().backward()
-    torch.testing.assert_close(layer.randlora_lambda.grad, lam.grad)
-    torch.testing.assert_close(layer.randlora_gamma.grad, gamma.grad)
+    check_gradient_matches_dense(layer, [layer.randlora_lambda, layer.randlora_gamma], dense, x)
 
 
 def test_saved_adapter_holds_only_the_scalings(tmp_path):

@@ -322,10 +322,8 @@ def test_colora_without_fine_tuning_falls_back_to_uniform_ranks():
 
 
 @pytest.mark.parametrize("select", ["diffora", "colora"])
-def test_resume_reattaches_the_chosen_structure_and_reaches_the_same_weights(tmp_path, monkeypatch, select):
+def test_resume_reattaches_the_chosen_structure_and_reaches_the_same_weights(tmp_path, monkeypatch, kill_at_step, select):
     from safetensors.torch import load_file
-
-    from loraforge.training.loop import lr_at
 
     tok = tiny_tokenizer()
     data = from_records([{"prompt": f"Q{i}: {i}+{i}?", "completion": f" {2 * i}"} for i in range(30)], tok, max_length=32)
@@ -336,16 +334,8 @@ def test_resume_reattaches_the_chosen_structure_and_reaches_the_same_weights(tmp
         return train(config, model=tiny_llama(), tokenizer=tok, train_data=data, progress=False)
 
     full = run("full")
-
-    def killed_at_step_5(step, config):
-        if step == 4:
-            raise KeyboardInterrupt
-        return lr_at(step, config)
-
-    monkeypatch.setattr("loraforge.training.loop.lr_at", killed_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
+    with kill_at_step(4):
         run("killed", save_every=2)
-    monkeypatch.setattr("loraforge.training.loop.lr_at", lr_at)
     monkeypatch.setattr("loraforge.select.search_data", lambda *a: pytest.fail("a resumed run must not search again"))
     resumed = run("killed", save_every=2, resume=True)
     want = load_file(str(full.out / "adapter" / "adapter_model.safetensors"))
