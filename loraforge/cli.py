@@ -1,5 +1,6 @@
-"""`loraforge` on the command line. The flags of `train` are generated from `TrainConfig`'s fields,
-so the CLI, `--config run.yaml` and the Python API cannot drift apart.
+"""`loraforge` on the command line. The flags of `train` are `TrainConfig`'s fields, parsed by the one
+config mechanism of `loraforge.core.configs` (also behind `bench` and `fed run`), so the CLI,
+`--config run.yaml` and the Python API cannot drift apart.
 
 Errors a user can fix (bad data, a missing model, an adapter for another base) print one line
 and exit with status 2, never a traceback.
@@ -12,22 +13,25 @@ import dataclasses
 import importlib
 import json
 import sys
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 from loraforge.core.errors import LoraforgeError
 
+TRAIN_HELP = ("Train an adapter. Every flag is a TrainConfig field. --config FILE reads the same keys from YAML "
+              "(flags given with it win); --print-config writes the effective config as YAML and exits, and "
+              "--config reads that file back to the same run.")
 COMMANDS = "demo | train | eval | generate | merge | methods | analyze | fed | serve | bench"
 # Commands that live with their feature: each of these modules has add_parser(subparsers).
 FEATURE_COMMANDS = ("loraforge.analysis.cli", "loraforge.federated.cli", "loraforge.serve.cli", "loraforge.bench.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["train"]:  # its flags are TrainConfig's, parsed by core.configs
+            return cmd_train(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.run(args) or 0
     except LoraforgeError as exc:
         print(f"loraforge: error: {exc}", file=sys.stderr)
@@ -38,15 +42,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from loraforge.training.config import TrainConfig
-
     parser = argparse.ArgumentParser(prog="loraforge", description="Low-rank adaptation of pretrained models.")
     sub = parser.add_subparsers(required=True, metavar=COMMANDS)
 
-    p = sub.add_parser("train", help="train an adapter", argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", help="YAML file with the same keys as these flags (flags given here win)")
-    add_dataclass_flags(p, TrainConfig)
-    p.set_defaults(run=cmd_train)
+    sub.add_parser("train", help="train an adapter (loraforge train --help lists its flags)")
 
     p = sub.add_parser("eval", help="loss, perplexity, accuracy or exact match of a model (+ adapter) on data")
     add_model_flags(p)
@@ -99,82 +98,34 @@ def add_model_flags(p: argparse.ArgumentParser, adapter_required: bool = False) 
     p.add_argument("--num-labels", type=int, default=None)
 
 
-def add_dataclass_flags(p: argparse.ArgumentParser, cls: type) -> None:
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = _base_type(hints[f.name])
-        if typing.get_origin(kind) is dict:  # a repeatable NAME=VALUE flag, named in the field's metadata
-            p.add_argument(f.metadata.get("flag", flag), dest=f.name, action=KeyValue, metavar="NAME=VALUE",
-                           help=f"{f.metadata.get('help', '')}; repeatable, VALUE read as YAML (4, 0.5, true, null)")
-            continue
-        text = f"{f.metadata.get('help', '')} (default {f.default})".lstrip()
-        if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
-        else:
-            p.add_argument(flag, type=kind, help=text)
-
-
-class KeyValue(argparse.Action):
-    """`--option NAME=VALUE`, given any number of times: one dict, each VALUE a YAML scalar, so that
-    `n_blocks=4` is an int and `sparse=true` a bool, as the same key in a YAML config would be."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any,
-                 option_string: str | None = None) -> None:
-        import yaml
-
-        name, equals, text = value.partition("=")
-        if not equals or not name.strip():
-            parser.error(f"{option_string} takes NAME=VALUE, got {value!r}")
-        try:
-            parsed = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            parser.error(f"{option_string} {value!r}: the value is not YAML ({exc})")
-        setattr(namespace, self.dest, {**(getattr(namespace, self.dest, None) or {}), name.strip(): parsed})
-
-
-def _base_type(hint: Any) -> type:
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
-
-
-def train_config_from_args(args: argparse.Namespace):
+def train_config_from_argv(argv: list[str]):
+    """The run `loraforge train ARGS` describes: TrainConfig's fields as flags (core.configs), on top
+    of `--config FILE`'s keys; `--print-config` writes the effective config as YAML and exits."""
+    from loraforge.core.configs import parse_flags, read_yaml
     from loraforge.training.config import TrainConfig
 
-    values: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        import yaml
-
-        path = Path(args.config)
-        if not path.is_file():
-            raise LoraforgeError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise LoraforgeError(f"{path}: not valid YAML ({exc})") from exc
-        if not isinstance(loaded, dict):
-            raise LoraforgeError(f"{path}: expected a mapping of keys to values")
-        values = {k.replace("-", "_"): v for k, v in loaded.items()}
-        if not isinstance(values.get("options", {}), dict):
-            raise LoraforgeError(f"{path}: options must be a mapping of option names to values")
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "run")}
-    if "options" in flags:  # --option adds to the file's options, and wins for a name both give
-        flags["options"] = {**values.get("options", {}), **flags["options"]}
-    values.update(flags)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise LoraforgeError(f"unknown training settings: {', '.join(unknown)}")
-    config = TrainConfig(**values)
+    files = argparse.ArgumentParser(add_help=False)
+    files.add_argument("--config")
+    files.add_argument("--print-config", action="store_true")
+    given, rest = files.parse_known_args(argv)
+    defaults = read_yaml(given.config) if given.config else {}
+    if not isinstance(defaults.get("options", {}), dict):
+        raise LoraforgeError(f"{given.config}: options must be a mapping of option names to values")
+    config = TrainConfig(**parse_flags(TrainConfig, rest, prog="loraforge train", description=TRAIN_HELP,
+                                       defaults=defaults))
+    config.validate()
     config.adapter_config()  # refuses a bad method, init or option now, before any model or data loads
-    return config
+    return config, given.print_config
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(argv: list[str]) -> int:
+    from loraforge.core.configs import to_yaml
     from loraforge.training.loop import train
 
-    config = train_config_from_args(args)
+    config, print_config = train_config_from_argv(argv)
+    if print_config:
+        print(to_yaml(dataclasses.asdict(config)), end="")
+        return 0
     result = train(config)
     if result.main_process:  # under `accelerate launch` every worker runs this: one report, rank 0's
         last = next((r for r in reversed(result.history) if "loss" in r), {})

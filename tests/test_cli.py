@@ -94,19 +94,47 @@ def test_methods_json_lists_each_method_its_options_and_whether_its_paper_was_re
 
 
 def test_option_flags_are_yaml_scalars_and_add_to_the_config_files_options(tmp_path):
-    from loraforge.cli import build_parser, train_config_from_args
+    from loraforge.cli import train_config_from_argv
 
-    args = build_parser().parse_args(["train", "--method", "randlora", "--option", "projection_prng_key=3",
-                                      "--option", "sparse=true"])
-    assert train_config_from_args(args).options == {"projection_prng_key": 3, "sparse": True}
-    config = tmp_path / "run.yaml"
-    config.write_text("method: block-lora\noptions:\n  n_blocks: 2\n")
-    args = build_parser().parse_args(["train", "--config", str(config), "--option", "n_blocks=4"])
-    trained = train_config_from_args(args)
+    config, _ = train_config_from_argv(["--method", "randlora", "--option", "projection_prng_key=3",
+                                        "--option", "sparse=true"])
+    assert config.options == {"projection_prng_key": 3, "sparse": True}
+    path = tmp_path / "run.yaml"
+    path.write_text("method: block-lora\noptions:\n  n_blocks: 2\n")
+    trained, _ = train_config_from_argv(["--config", str(path), "--option", "n_blocks=4"])
     assert trained.options == {"n_blocks": 4} and trained.adapter_config().options == {"n_blocks": 4}
+    with pytest.raises(lf.LoraforgeError, match="--option takes KEY=VALUE, got 'n_blocks'"):
+        train_config_from_argv(["--option", "n_blocks"])
+
+
+def test_print_config_writes_yaml_that_config_reads_back_to_the_same_run(tmp_path, capsys):
+    from loraforge.cli import train_config_from_argv
+
+    argv = ["--method", "block-lora", "--option", "n_blocks=4", "--rank", "2", "--use-rslora", "--num-labels", "3",
+            "--targets", "q_proj,v_proj", "--lr", "1e-3", "--out", str(tmp_path / "run")]
+    assert main(["train", *argv, "--print-config"]) == 0
+    path = tmp_path / "effective.yaml"
+    path.write_text(capsys.readouterr().out)
+    assert train_config_from_argv(["--config", str(path)])[0] == train_config_from_argv(argv)[0]
+    assert not (tmp_path / "run").exists()  # printing ran nothing
+
+
+def test_train_help_lists_the_fields_with_their_help(capsys):
     with pytest.raises(SystemExit) as exit_:
-        build_parser().parse_args(["train", "--option", "n_blocks"])
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "--use-rslora" in text and "--batch-size" in text and "rows per micro-batch" in text
+
+
+def test_unknown_train_flag_and_config_key_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--bacth-size", "4"])
     assert exit_.value.code == 2
+    path = tmp_path / "bad.yaml"
+    path.write_text("bacth-size: 4\n")
+    assert main(["train", "--config", str(path)]) == 2
+    assert "unknown settings bacth_size" in capsys.readouterr().err
 
 
 def test_options_reach_the_saved_adapter(workspace):

@@ -10,7 +10,7 @@ from test_methods_common import logits, perturb
 from torch import nn
 
 import loraforge as lf
-from loraforge.cli import build_parser, train_config_from_args
+from loraforge.cli import train_config_from_argv
 from loraforge.core.registry import initializers, resolve_initializer
 from loraforge.testing import TINY_MODELS, assert_same_outputs, tiny_llama, tiny_tokenizer
 from loraforge.training.config import TrainConfig
@@ -107,10 +107,9 @@ def test_peft_adapter_relative_to_a_residual_base_is_refused():
 def test_trainer_runs_the_data_start_and_records_it(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"q {i}", "completion": f"a {i % 3}"}) + "\n" for i in range(16)))
-    args = build_parser().parse_args(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--init", "lora-ga",
-                                      "--init-batches", "2", "--rank", "2", "--steps", "2", "--batch-size", "4",
-                                      "--lr", "1e-2", "--precision", "fp32"])
-    config = train_config_from_args(args)
+    config, _ = train_config_from_argv(["--data", str(data), "--out", str(tmp_path / "run"), "--init", "lora-ga",
+                                        "--init-batches", "2", "--rank", "2", "--steps", "2", "--batch-size", "4",
+                                        "--lr", "1e-2", "--precision", "fp32"])
     assert (config.init, config.init_batches) == ("lora-ga", 2)
     result = train(config, model=tiny_llama(), tokenizer=tiny_tokenizer(), progress=False)
     recorded = json.loads((result.out / "config.json").read_text())["init"]

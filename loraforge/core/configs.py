@@ -1,0 +1,155 @@
+"""Dataclass configs from the outside world, one mechanism for every command.
+
+A config dataclass's fields are at once its command-line flags, the keys of its YAML file and the
+keys of a flat key=value map (Flower's run config):
+
+    --batch-size 8 --use-rslora / --no-use-rslora     flags: tyro, help from the field's "help" metadata
+    batch-size: 8   (or batch_size: 8)                 YAML: `--config run.yaml`, flags given with it win
+    {"batch-size": 8}                                  flat maps go through the same flag parser
+
+A dict field is a repeatable `--NAME KEY=VALUE` flag whose values are YAML scalars (`n_blocks=4` is
+an int, `sparse=true` a bool, as the same key in a YAML file). A nested dataclass field (a plug-in
+component) is written `--field.sub VALUE` on the command line and as a mapping in YAML. Unknown keys
+are refused, naming the known ones: a misspelt setting would otherwise keep its default silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Mapping, TypeVar
+
+import tyro
+import yaml
+
+from loraforge.core.errors import LoraforgeError
+
+Config = TypeVar("Config")
+
+
+def parse_flags(cls: type[Config], args: list[str], *, prog: str, description: str = "",
+                defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The field values that `args` give `cls`, on top of `defaults` (a YAML file's, say) and the
+    fields' own defaults. A parse error prints tyro's message and exits with status 2, as argparse does."""
+    defaults = dict(defaults or {})
+    unknown = sorted(set(defaults) - set(field_names(cls)))
+    if unknown:
+        raise LoraforgeError(f"unknown settings {', '.join(unknown)}; known: {', '.join(field_names(cls))}")
+    flags = tyro.cli(_flag_class(cls, defaults), args=args, prog=prog, description=description)
+    values = {name: getattr(flags, name) for name in field_names(cls)}
+    for name in _dict_fields(cls):
+        values[name] = _key_values(values[name], _flag_name(cls, name))
+    return values
+
+
+def parse_flat(cls: type[Config], values: Mapping[str, Any], *, prog: str) -> dict[str, Any]:
+    """The field values of a flat key=value map (hyphenated or not; scalars, or strings to parse)."""
+    names = set(field_names(cls))
+    unknown = sorted(k for k in values if _key(k) not in names)
+    if unknown:
+        raise LoraforgeError(f"unknown settings {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return parse_flags(cls, [arg for key, value in values.items() for arg in _as_flag(key, value)], prog=prog)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's top-level mapping, keys with underscores."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoraforgeError(f"{path}: config file not found")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise LoraforgeError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(loaded, dict):
+        raise LoraforgeError(f"{path}: expected a mapping of keys to values")
+    return {_key(k): v for k, v in loaded.items()}
+
+
+def to_yaml(values: Mapping[str, Any]) -> str:
+    """The YAML a config file holds (`read_yaml` reads it back to the same values)."""
+    return yaml.safe_dump(dict(values), sort_keys=False)
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def yaml_scalar(text: str) -> Any:
+    """`4` -> 4, `0.5` -> 0.5, `1e-3` -> 0.001, `true` -> True, `null` -> None, anything else a string."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string; a float is what anyone means
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+# ---- the tyro-facing class ----------------------------------------------------------------------
+
+def _flag_class(cls: type, defaults: Mapping[str, Any]) -> type:
+    """`cls` as tyro reads it: each field annotated with its help text, a dict field as a repeatable
+    `KEY=VALUE` list, defaults taken from `defaults` where given."""
+    hints = typing.get_type_hints(cls)
+    dict_fields = _dict_fields(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        default = defaults[f.name] if f.name in defaults else _default(f)
+        help_text = f.metadata.get("help", "")
+        if f.name in dict_fields:
+            kind: Any = Annotated[list[str], tyro.conf.UseAppendAction, tyro.conf.arg(
+                name=_flag_name(cls, f.name), metavar="KEY=VALUE",
+                help=f"{help_text}; repeatable, VALUE read as YAML (4, 0.5, true, null)")]
+            default = [f"{k}={v}" for k, v in (default or {}).items()]
+        else:
+            kind = Annotated[hints[f.name], tyro.conf.arg(help=help_text or None)]
+        required = default is dataclasses.MISSING
+        fields.append((f.name, kind, dataclasses.field() if required else dataclasses.field(default_factory=lambda d=default: d)))
+    return dataclasses.make_dataclass(cls.__name__, fields, kw_only=True)
+
+
+def _dict_fields(cls: type) -> set[str]:
+    return {name for name, hint in typing.get_type_hints(cls).items() if typing.get_origin(_strip_optional(hint)) is dict}
+
+
+def _flag_name(cls: type, name: str) -> str:
+    """A dict field's flag: its metadata's "flag" (`options` is given as `--option`), else its name."""
+    return next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("flag", name).lstrip("-")
+
+
+def _key_values(items: list[str], flag: str) -> dict[str, Any]:
+    pairs = {}
+    for item in items:
+        name, equals, text = item.partition("=")
+        if not equals or not name.strip():
+            raise LoraforgeError(f"--{flag} takes KEY=VALUE, got {item!r}")
+        pairs[name.strip()] = yaml_scalar(text)
+    return pairs
+
+
+def _strip_optional(hint: Any) -> Any:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if len(args) == 1 and type(None) in typing.get_args(hint) else hint
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _key(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def _as_flag(key: str, value: Any) -> list[str]:
+    flag = "--" + _key(key).replace("_", "-")
+    if isinstance(value, bool):
+        return [flag if value else "--no-" + flag[2:]]
+    return [flag, "None" if value is None else str(value)]
