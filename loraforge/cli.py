@@ -27,11 +27,13 @@ FEATURE_COMMANDS = ("loraforge.analysis.cli", "loraforge.federated.cli", "lorafo
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args, flags = parser.parse_known_args(argv)
     try:
-        if argv[:1] == ["train"]:  # its flags are TrainConfig's, parsed by core.configs
-            return cmd_train(argv[1:])
-        args = build_parser().parse_args(argv)
+        if getattr(args, "config_flags", False):  # a command whose flags are a config's fields (core.configs)
+            return args.run(flags) or 0
+        if flags:
+            parser.error(f"unrecognized arguments: {' '.join(flags)}")
         return args.run(args) or 0
     except LoraforgeError as exc:
         print(f"loraforge: error: {exc}", file=sys.stderr)
@@ -45,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraforge", description="Low-rank adaptation of pretrained models.")
     sub = parser.add_subparsers(required=True, metavar=COMMANDS)
 
-    sub.add_parser("train", help="train an adapter (loraforge train --help lists its flags)")
+    p = sub.add_parser("train", help="train an adapter (loraforge train --help lists its flags)", add_help=False)
+    p.set_defaults(run=cmd_train, config_flags=True)
 
     p = sub.add_parser("eval", help="loss, perplexity, accuracy or exact match of a model (+ adapter) on data")
     add_model_flags(p)

@@ -13,6 +13,7 @@ import torch
 from peft import PeftModel
 
 import loraforge as lf
+from loraforge.cli import main
 from loraforge.federated import ClientAdapter, aggregate, lora_modules, read_client
 from loraforge.federated.cli import add_parser
 from loraforge.testing import assert_same_outputs, tiny_bert, tiny_llama, tiny_tokenizer
@@ -394,12 +395,9 @@ def test_flora_stacks_rounds_exactly():
                     reason="starts a Ray cluster (35 s idle, minutes on a busy CPU): LORAFORGE_RAY_TESTS=1 runs it")
 def test_fed_run_in_flowers_simulation_engine(fed_setup):
     pytest.importorskip("flwr")
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    args = parser.parse_args(["fed", "run", "--model", str(fed_setup / "base"), "--data", str(fed_setup / "data.tsv"),
-                              "--clients", "2", "--rounds", "1", "--local-steps", "1", "--strategy", "flora",
-                              "--ranks", "2,4", "--batch-size", "4", "--out", str(fed_setup / "run")])
-    assert args.run(args) == 0
+    assert main(["fed", "run", "--model", str(fed_setup / "base"), "--data", str(fed_setup / "data.tsv"),
+                 "--clients", "2", "--rounds", "1", "--local-steps", "1", "--strategy", "flora",
+                 "--ranks", "2,4", "--batch-size", "4", "--out", str(fed_setup / "run")]) == 0
     assert json.loads((fed_setup / "run" / "metrics.jsonl").read_text())["clients"] == 2
     assert (fed_setup / "run" / "accuracy.png").is_file()
 
@@ -428,7 +426,7 @@ def test_pyproject_declares_a_valid_flower_app_whose_config_is_fed_runs():
 @pytest.mark.parametrize("run_config, message", [
     ({"model": "m", "data": "d", "local_step": 3}, "'local_step' is not a setting"),
     ({"model": "m", "data": "d", "rounds": "many"}, "'rounds' = 'many' is not a int"),
-    ({"model": "m"}, "lacks data"),
+    ({"model": "m"}, "the run config lacks data"),
 ])
 def test_run_config_errors_name_the_key(run_config, message):
     pytest.importorskip("flwr")

@@ -5,7 +5,7 @@ keys of a flat key=value map (Flower's run config):
 
     --batch-size 8 --use-rslora / --no-use-rslora     flags: tyro, help from the field's "help" metadata
     batch-size: 8   (or batch_size: 8)                 YAML: `--config run.yaml`, flags given with it win
-    {"batch-size": 8}                                  flat maps go through the same flag parser
+    {"batch-size": 8}                                  flat maps: the same fields, typed by their annotations
 
 A dict field is a repeatable `--NAME KEY=VALUE` flag whose values are YAML scalars (`n_blocks=4` is
 an int, `sparse=true` a bool, as the same key in a YAML file). A nested dataclass field (a plug-in
@@ -28,6 +28,11 @@ from loraforge.core.errors import LoraforgeError
 Config = TypeVar("Config")
 
 
+def opt(default: Any, help: str = "", **metadata: Any) -> Any:
+    """A config field whose help text becomes its flag's help (and `--help`'s line)."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
 def parse_flags(cls: type[Config], args: list[str], *, prog: str, description: str = "",
                 defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The field values that `args` give `cls`, on top of `defaults` (a YAML file's, say) and the
@@ -43,13 +48,23 @@ def parse_flags(cls: type[Config], args: list[str], *, prog: str, description: s
     return values
 
 
-def parse_flat(cls: type[Config], values: Mapping[str, Any], *, prog: str) -> dict[str, Any]:
-    """The field values of a flat key=value map (hyphenated or not; scalars, or strings to parse)."""
-    names = set(field_names(cls))
-    unknown = sorted(k for k in values if _key(k) not in names)
-    if unknown:
-        raise LoraforgeError(f"unknown settings {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    return parse_flags(cls, [arg for key, value in values.items() for arg in _as_flag(key, value)], prog=prog)
+def parse_flat(cls: type[Config], values: Mapping[str, Any], *, source: str) -> dict[str, Any]:
+    """The field values of a flat key=value map (keys hyphenated or not; typed scalars or their text,
+    as Flower's run config holds them). Unlike flags it raises, never exits: a server reads it."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    parsed = {}
+    for key, value in values.items():
+        name = _key(key)
+        if name not in fields:
+            raise LoraforgeError(f"{source} key {key!r} is not a setting; known: "
+                                 f"{', '.join(sorted(n.replace('_', '-') for n in fields))}")
+        parsed[name] = _coerce(value, _strip_optional(hints[name]), optional=hints[name] != _strip_optional(hints[name]),
+                               where=f"{source} {key!r}")
+    missing = [name for name, f in fields.items() if _default(f) is dataclasses.MISSING and name not in parsed]
+    if missing:
+        raise LoraforgeError(f"the {source} lacks {', '.join(missing)}")
+    return parsed
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -144,12 +159,21 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
+def _coerce(value: Any, kind: Any, optional: bool, where: str) -> Any:
+    """`value` as the field's scalar type (a str "8" or a TOML int for an int field, "true" for a bool)."""
+    if optional and (value is None or value in ("None", "null")):
+        return None
+    if kind not in (bool, int, float, str):
+        return value
+    if kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not (isinstance(value, bool) and kind is not bool):
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            pass
+    raise LoraforgeError(f"{where} = {value!r} is not a {kind.__name__}")
+
+
 def _key(key: str) -> str:
     return key.replace("-", "_")
-
-
-def _as_flag(key: str, value: Any) -> list[str]:
-    flag = "--" + _key(key).replace("_", "-")
-    if isinstance(value, bool):
-        return [flag if value else "--no-" + flag[2:]]
-    return [flag, "None" if value is None else str(value)]

@@ -21,13 +21,12 @@ file and keeps partition K of it (the run's iid or Dirichlet split), as in simul
 
 from __future__ import annotations
 
-import dataclasses
 import typing
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from loraforge.core.errors import LoraforgeError
+from loraforge.core.configs import parse_flat
 from loraforge.federated.flower import FedRunConfig, client_app, prepare, server_main
 
 # pyproject's two components; Flower reads this file for their names, and client_app lives in flower.py,
@@ -48,21 +47,4 @@ def serve_rounds(grid: Grid, context: Context) -> None:
 def config_from_run_config(run_config: dict[str, typing.Any]) -> FedRunConfig:
     """FedRunConfig from Flower's run config (hyphenated keys, TOML scalars); unknown keys are refused,
     since a misspelt setting would otherwise silently keep its default."""
-    hints = typing.get_type_hints(FedRunConfig)
-    names = {f.name for f in dataclasses.fields(FedRunConfig)}
-    values: dict[str, typing.Any] = {}
-    for key, value in run_config.items():
-        name = key.replace("-", "_")
-        if name not in names:
-            raise LoraforgeError(f"run config key {key!r} is not a setting of fed run; known: "
-                                 f"{', '.join(sorted(n.replace('_', '-') for n in names))}")
-        kind = next((a for a in typing.get_args(hints[name]) if a is not type(None)), hints[name])
-        try:
-            values[name] = kind(value)
-        except (TypeError, ValueError):
-            raise LoraforgeError(f"run config {key!r} = {value!r} is not a {kind.__name__}") from None
-    missing = [n for n in ("model", "data") if n not in values]
-    if missing:
-        raise LoraforgeError(f"the run config lacks {', '.join(missing)}: set them in [tool.flwr.app.config] or "
-                             "with --run-config")
-    return FedRunConfig(**values)
+    return FedRunConfig(**parse_flat(FedRunConfig, run_config, source="run config"))

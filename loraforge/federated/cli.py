@@ -9,7 +9,10 @@ import tempfile
 from pathlib import Path
 
 from loraforge.core.errors import AdapterError
-from loraforge.federated.strategies import STRATEGIES, taking, with_fresh_clients
+from loraforge.federated.strategies import STRATEGIES, taking
+
+RUN_HELP = ("Federated training in Flower's simulation engine: every flag is a FedRunConfig field; --cpus N "
+            "(default 2) is how many CPUs the simulation may use, one per client at a time.")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -30,30 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                                          "plain Hugging Face folder to --out")
     p.set_defaults(run=cmd_aggregate)
 
-    p = sub.add_parser("run", help="federated training in Flower's simulation engine (needs the [fed] extra)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, help="TSV/CSV (classification) or JSONL (causal-lm); the last "
-                                                 "--eval-fraction of rows is the held-out split")
-    p.add_argument("--task", choices=["classification", "causal-lm"], default="classification")
-    p.add_argument("--clients", type=int, default=10)
-    p.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (label skew)")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--local-steps", type=int, default=10)
-    p.add_argument("--strategy", choices=STRATEGIES.names(), default="fedavg")
-    p.add_argument("--ranks", default="8",
-                   help=f"one rank, or one per client (cycled; {' / '.join(with_fresh_clients())} only)")
-    p.add_argument("--targets", default="all-linear")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--eval-fraction", type=float, default=0.1)
-    p.add_argument("--lam", type=float, default=1e-2,
-                   help=f"{' / '.join(taking('lam'))}: ridge weight of the server residual")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/fed")
-    p.add_argument("--resume", action="store_true", help="continue after the last finished round in --out")
-    p.add_argument("--cpus", type=int, default=2, help="CPUs the simulation may use (one per client at a time)")
-    p.set_defaults(run=cmd_run)
+    p = sub.add_parser("run", help="federated training in Flower's simulation engine (needs the [fed] extra); "
+                                   "`loraforge fed run --help` lists its flags", add_help=False)
+    p.set_defaults(run=cmd_run, config_flags=True)
     return fed
 
 
@@ -86,13 +68,19 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(argv: list[str]) -> int:
+    """`loraforge fed run ARGS`: FedRunConfig's fields as flags (core.configs), plus --cpus."""
     try:
         from loraforge.federated.flower import FedRunConfig, run
     except ImportError as exc:
         raise AdapterError(f"fed run needs Flower: pip install 'loraforge[fed]' ({exc})") from exc
-    fields = {f: getattr(args, f) for f in FedRunConfig.__dataclass_fields__ if hasattr(args, f)}
-    out = run(FedRunConfig(**fields), num_cpus=args.cpus)
+    from loraforge.core.configs import parse_flags
+
+    simulation = argparse.ArgumentParser(add_help=False)
+    simulation.add_argument("--cpus", type=int, default=2)
+    given, rest = simulation.parse_known_args(argv)
+    config = FedRunConfig(**parse_flags(FedRunConfig, rest, prog="loraforge fed run", description=RUN_HELP))
+    out = run(config, num_cpus=given.cpus)
     print(f"global adapter, metrics.jsonl and accuracy.png in {out}")
     return 0
 

@@ -22,7 +22,7 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ from flwr.simulation import run_simulation
 from loraforge.adapters.inject import adapter_state_dict, attach, merge_and_unload
 from loraforge.adapters.io import load_adapter
 from loraforge.core.config import AdapterConfig
+from loraforge.core.configs import opt
 from loraforge.core.errors import AdapterError, LoraforgeError
 from loraforge.core.files import atomic_dir, atomic_write_text
 from loraforge.federated import STRATEGIES, ClientAdapter, check_clients, read_client, write_adapter
@@ -49,25 +50,28 @@ CHECKPOINT = "checkpoint"  # global adapter + metrics + round counter of the las
 
 @dataclass
 class FedRunConfig:
-    model: str
-    data: str  # TSV/CSV (classification) or JSONL (causal-lm); the last eval_fraction is held out
-    out: str = "runs/fed"
-    task: str = "classification"
-    clients: int = 10
-    partition: str = "iid"  # iid | dirichlet:ALPHA (label skew, smaller = more skewed)
-    rounds: int = 5
-    local_steps: int = 10
-    strategy: str = "fedavg"
-    ranks: str = "8"  # one rank, or one per client (cycled) where the strategy's clients start fresh
-    targets: str = "all-linear"
-    lr: float = 1e-3
-    batch_size: int = 16
-    max_length: int = 64
-    eval_fraction: float = 0.1
-    lam: float = 1e-2  # lora-fair's ridge weight
-    seed: int = 0
-    resume: bool = False
-    num_labels: int | None = None  # classification: read from the data by prepare()
+    """A federated run: `loraforge fed run`'s flags and the Flower app's run config are these fields."""
+
+    model: str = field(metadata={"help": "embedded name, local HF folder or .gguf file"})
+    data: str = field(metadata={"help": "TSV/CSV (classification) or JSONL (causal-lm); the last --eval-fraction "
+                                        "of rows is the held-out split"})
+    out: str = opt("runs/fed", "run folder: global adapter, metrics.jsonl, accuracy.png, checkpoint")
+    task: str = opt("classification", "classification | causal-lm")
+    clients: int = opt(10, "clients, each training on its partition of the data")
+    partition: str = opt("iid", "iid or dirichlet:ALPHA (label skew, smaller = more skewed)")
+    rounds: int = opt(5, "communication rounds")
+    local_steps: int = opt(10, "optimizer steps each client takes per round")
+    strategy: str = opt("fedavg", "aggregation strategy, a name from loraforge/federated/strategies/")
+    ranks: str = opt("8", "one rank, or one per client (cycled) where the strategy's clients start fresh")
+    targets: str = opt("all-linear", "all-linear, comma-separated names, or one regex")
+    lr: float = opt(1e-3, "clients' learning rate")
+    batch_size: int = opt(16, "rows per client batch")
+    max_length: int = opt(64, "tokens per row")
+    eval_fraction: float = opt(0.1, "share of the rows held out for the global evaluation")
+    lam: float = opt(1e-2, "lora-fair: ridge weight of the server residual")
+    seed: int = opt(0, "seeds the partition, the clients' adapters and data order")
+    resume: bool = opt(False, "continue after the last finished round in --out")
+    num_labels: int | None = opt(None, "classification: read from the data when not given")
 
     def rule(self) -> Strategy:
         """The strategy, with its settings (lam) from this config's fields of the same names."""

@@ -7,14 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loraforge.core.config import AdapterConfig
+from loraforge.core.configs import opt
 from loraforge.core.errors import LoraforgeError
 from loraforge.core.plugins import QUANTIZERS
-
-
-def opt(default: Any, help: str = "") -> Any:
-    """A TrainConfig field whose help text becomes the CLI flag's help."""
-    return field(default=default, metadata={"help": help})
-
 
 
 @dataclass
