@@ -90,6 +90,15 @@ def test_flora_is_exact_and_loads_in_loraforge_and_peft(tmp_path, case):
     assert_same_outputs(ours, PeftModel.from_pretrained(tiny_llama(), tmp_path / "agg").eval(), probe_logits)
 
 
+def test_aggregate_drops_the_clients_start_and_its_options():
+    clients = [random_client(seed, rank=2) for seed in (0, 1)]
+    for client in clients:  # clients that started with EVA, whose option is EVA's, not LoRA's
+        client.config = dataclasses.replace(client.config, init="eva", options={"eva_rho": 1.5})
+    config = aggregate("fedavg", clients).config
+    assert (config.init, config.options) == ("default", {})
+    assert lf.AdapterConfig.from_dict(config.to_dict()) == config  # a config that reloads
+
+
 def test_flora_one_client_is_that_client_and_order_does_not_matter():
     clients, weights = [random_client(k, r) for k, r in enumerate([3, 5, 2])], [0.5, 0.25, 0.25]
     alone = aggregate("flora", clients[:1], [1.0])

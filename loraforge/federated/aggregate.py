@@ -127,7 +127,9 @@ def assemble(clients: list[ClientAdapter], strategy: str, weights: list[float], 
                       alpha_pattern={m: a for m, (_, a) in per_module.items() if a != alpha})
     provenance = {**first.provenance, "federated": {"strategy": strategy, "clients": [c.name for c in clients],
                                                     "weights": list(weights)}}
-    config = dataclasses.replace(first, init="default", seed=None, provenance=provenance, **fields)
+    # The aggregate starts from nothing: the clients' start and its options (EVA's eva_rho) do not carry
+    # over, and plain LoRA, the one method aggregated (check_clients), has no options of its own.
+    config = dataclasses.replace(first, init="default", seed=None, options={}, provenance=provenance, **fields)
     return Aggregate(f"{strategy} of {len(clients)} adapters", config, clients[0].targets, tensors)
 
 
