@@ -8,9 +8,12 @@ keys of a flat key=value map (Flower's run config):
     {"batch-size": 8}                                  flat maps: the same fields, typed by their annotations
 
 A dict field is a repeatable `--NAME KEY=VALUE` flag whose values are YAML scalars (`n_blocks=4` is
-an int, `sparse=true` a bool, as the same key in a YAML file). A nested dataclass field (a plug-in
-component) is written `--field.sub VALUE` on the command line and as a mapping in YAML. Unknown keys
-are refused, naming the known ones: a misspelt setting would otherwise keep its default silently.
+an int, `sparse=true` a bool, as the same key in a YAML file). A plug-in field (`component(...)`: the
+optimizer, the selector) is picked by name (`--optimizer lora-plus`, or `optimizer: lora-plus`), and
+every setting of its registry's builders is a flag of its own (`--loraplus-lr-ratio 8`) that lands in
+its settings; a YAML file may also nest them (`optimizer: {name: lora-plus, settings: {...}}`), which
+is how `--print-config` writes them. Unknown keys are refused, naming the known ones: a misspelt
+setting would otherwise keep its default silently.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import tyro
 import yaml
 
 from loraforge.core.errors import LoraforgeError
+from loraforge.core.plugins import Component, Plugins
 
 Config = TypeVar("Config")
 
@@ -33,11 +37,37 @@ def opt(default: Any, help: str = "", **metadata: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
+def component(default: str | None, help: str, registry: Plugins) -> Any:
+    """A plug-in field: a `Component` of `registry`, by default the plug-in named `default` (None: none)."""
+    return dataclasses.field(default_factory=lambda: Component.of(default),
+                             metadata={"help": help, "registry": registry})
+
+
+def nest_settings(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """`values` with each plug-in field a `Component`, and flat setting keys (`loraplus_lr_ratio: 8`,
+    the form of the flags and of older config files) moved into the settings of the plug-in field
+    whose registry takes them."""
+    values = dict(values)
+    for f in dataclasses.fields(cls):
+        registry = f.metadata.get("registry")
+        if registry is None:
+            continue
+        given = {setting: values.pop(setting) for setting in registry.all_settings() if setting in values}
+        if f.name not in values and not given:
+            continue
+        chosen = Component.of(values[f.name]) if f.name in values else _default(f)
+        if given and chosen is None:
+            raise LoraforgeError(f"{', '.join('--' + s.replace('_', '-') for s in given)}: settings of a "
+                                 f"{registry.kind}, but no --{f.name.replace('_', '-')} is chosen")
+        values[f.name] = Component(chosen.name, {**chosen.settings, **given}) if given else chosen
+    return values
+
+
 def parse_flags(cls: type[Config], args: list[str], *, prog: str, description: str = "",
                 defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The field values that `args` give `cls`, on top of `defaults` (a YAML file's, say) and the
     fields' own defaults. A parse error prints tyro's message and exits with status 2, as argparse does."""
-    defaults = dict(defaults or {})
+    defaults = nest_settings(cls, defaults or {})
     unknown = sorted(set(defaults) - set(field_names(cls)))
     if unknown:
         raise LoraforgeError(f"unknown settings {', '.join(unknown)}; known: {', '.join(field_names(cls))}")
@@ -45,7 +75,13 @@ def parse_flags(cls: type[Config], args: list[str], *, prog: str, description: s
     values = {name: getattr(flags, name) for name in field_names(cls)}
     for name in _dict_fields(cls):
         values[name] = _key_values(values[name], _flag_name(cls, name))
-    return values
+    for f, registry in _component_fields(cls):
+        # The file's settings go with the plug-in it chose, unless the flags choose another one.
+        before = Component.of(defaults[f.name]) if f.name in defaults else _default(f)
+        keep = before is not None and values[f.name] == before.name
+        values[f.name] = Component(values[f.name], dict(before.settings) if keep else {}) if values[f.name] else None
+        values.update({s: getattr(flags, s) for s in registry.all_settings() if getattr(flags, s) is not None})
+    return nest_settings(cls, values)
 
 
 def parse_flat(cls: type[Config], values: Mapping[str, Any], *, source: str) -> dict[str, Any]:
@@ -108,23 +144,37 @@ def yaml_scalar(text: str) -> Any:
 
 def _flag_class(cls: type, defaults: Mapping[str, Any]) -> type:
     """`cls` as tyro reads it: each field annotated with its help text, a dict field as a repeatable
-    `KEY=VALUE` list, defaults taken from `defaults` where given."""
+    `KEY=VALUE` list, a plug-in field as its name plus one flag per setting of its registry's
+    builders; defaults taken from `defaults` where given."""
     hints = typing.get_type_hints(cls)
     dict_fields = _dict_fields(cls)
     fields = []
     for f in dataclasses.fields(cls):
         default = defaults[f.name] if f.name in defaults else _default(f)
         help_text = f.metadata.get("help", "")
+        registry = f.metadata.get("registry")
         if f.name in dict_fields:
             kind: Any = Annotated[list[str], tyro.conf.UseAppendAction, tyro.conf.arg(
                 name=_flag_name(cls, f.name), metavar="KEY=VALUE",
                 help=f"{help_text}; repeatable, VALUE read as YAML (4, 0.5, true, null)")]
             default = [f"{k}={v}" for k, v in (default or {}).items()]
+        elif registry is not None:
+            kind = Annotated[str | None, tyro.conf.arg(help=f"{help_text}: {' | '.join(registry.names())}")]
+            default = None if Component.of(default) is None else Component.of(default).name
         else:
             kind = Annotated[hints[f.name], tyro.conf.arg(help=help_text or None)]
         required = default is dataclasses.MISSING
         fields.append((f.name, kind, dataclasses.field() if required else dataclasses.field(default_factory=lambda d=default: d)))
+    for _, registry in _component_fields(cls):
+        for setting, (kind, owners) in registry.all_settings().items():
+            said = ", ".join(f"{owner}'s default {registry.defaults(owner)[setting]!r}" for owner in owners)
+            fields.append((setting, Annotated[kind | None, tyro.conf.arg(help=f"{registry.kind} setting; {said}")],
+                           dataclasses.field(default=None)))
     return dataclasses.make_dataclass(cls.__name__, fields, kw_only=True)
+
+
+def _component_fields(cls: type) -> list[tuple[dataclasses.Field, Plugins]]:
+    return [(f, f.metadata["registry"]) for f in dataclasses.fields(cls) if "registry" in f.metadata]
 
 
 def _dict_fields(cls: type) -> set[str]:

@@ -17,23 +17,48 @@ file and the plug-in packages sit above the trainer. A builder's keyword setting
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import pkgutil
-from typing import Callable, Generic, TypeVar
+import typing
+from typing import Any, Callable, Generic, TypeVar
 
 from loraforge.core.errors import LoraforgeError
 
 Builder = TypeVar("Builder", bound=Callable)
 
 
+@dataclasses.dataclass
+class Component:
+    """A plug-in chosen by name, with the settings its builder takes. The builder's signature is the
+    one place its settings and their defaults are written: `Plugins.check` refuses any other."""
+
+    name: str
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, value: "Component | str | dict[str, Any] | None") -> "Component | None":
+        """A component from its name, its `{name, settings}` mapping (a YAML file's), or itself."""
+        if value is None or isinstance(value, Component):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        if isinstance(value, dict) and set(value) <= {"name", "settings"} and "name" in value:
+            return cls(value["name"], dict(value.get("settings") or {}))
+        raise LoraforgeError(f"a plug-in is a name or a mapping {{name, settings}}, got {value!r}")
+
+
 class Plugins(Generic[Builder]):
     def __init__(self, kind: str, package: str, aliases: dict[str, str] | None = None,
-                 fixed: tuple[str, ...] = ()):
+                 fixed: tuple[str, ...] = (), context: tuple[str, ...] = ()):
         self.kind = kind  # what the error messages call one: "optimizer", "regularizer", "selector"
         self.package = package  # every module in it is imported before the first lookup
         self.aliases = aliases or {}
         self.fixed = fixed  # arguments every builder takes from the caller, not from the run's settings
+        # Arguments a builder may take from the run rather than from its settings (a selector's `lr`
+        # and `seed` are the run's): the caller passes them to `build`, each builder takes what it names.
+        self.context = context
         self._builders: dict[str, Builder] = {}
 
     def register(self, name: str) -> Callable[[Builder], Builder]:
@@ -57,8 +82,45 @@ class Plugins(Generic[Builder]):
         return self._builders[name]
 
     def settings(self, name: str) -> list[str]:
-        """The keyword settings builder `name` reads, beyond the fixed arguments."""
-        return [p for p in inspect.signature(self.get(name)).parameters if p not in self.fixed]
+        """The keyword settings builder `name` reads, beyond the fixed and context arguments."""
+        return list(self.defaults(name))
+
+    def defaults(self, name: str) -> dict[str, Any]:
+        """Builder `name`'s settings and their defaults, from its signature."""
+        return {p.name: p.default for p in inspect.signature(self.get(name)).parameters.values()
+                if p.name not in self.fixed + self.context}
+
+    def setting_types(self, name: str) -> dict[str, Any]:
+        hints = typing.get_type_hints(self.get(name))
+        return {setting: hints.get(setting, Any) for setting in self.settings(name)}
+
+    def all_settings(self) -> dict[str, tuple[Any, list[str]]]:
+        """Every setting of every builder: its type, and the plug-ins that take it."""
+        found: dict[str, tuple[Any, list[str]]] = {}
+        for name in self.names():
+            for setting, kind in self.setting_types(name).items():
+                found.setdefault(setting, (kind, []))[1].append(name)
+        return found
+
+    def check(self, component: Component) -> None:
+        """Refuse a setting the builder does not take, or a value of another type, naming what it takes."""
+        types = self.setting_types(component.name)
+        takes = ", ".join(f"{s} ({_type_name(types[s])}, default {d!r})" for s, d in self.defaults(component.name).items())
+        for setting, value in component.settings.items():
+            if setting not in types:
+                raise LoraforgeError(f"{self.kind} {component.name!r} takes no setting {setting!r}; "
+                                     f"it takes: {takes or 'none'}")
+            if not _fits(value, types[setting]):
+                raise LoraforgeError(f"{self.kind} {component.name!r}: setting {setting!r} must be a "
+                                     f"{_type_name(types[setting])}, got {value!r}; it takes: {takes}")
+
+    def build(self, component: Component, *args: Any, **context: Any) -> Any:
+        """The plug-in: its builder called with `args` (the fixed arguments), the context arguments it
+        names, and the component's settings (the rest keep their defaults)."""
+        self.check(component)
+        build = self.get(component.name)
+        named = inspect.signature(build).parameters
+        return build(*args, **{k: v for k, v in context.items() if k in named}, **component.settings)
 
     def _load(self) -> None:
         package = importlib.import_module(self.package)
@@ -69,8 +131,22 @@ class Plugins(Generic[Builder]):
 OPTIMIZERS = Plugins("optimizer", "loraforge.optim", fixed=("model", "lr", "weight_decay"),
                      aliases={"loraplus": "lora-plus", "lora+": "lora-plus", "lorapro": "lora-pro"})
 REGULARIZERS = Plugins("regularizer", "loraforge.regularizers")
-SELECTORS = Plugins("selector", "loraforge.select")
+SELECTORS = Plugins("selector", "loraforge.select", context=("lr", "seed"))
 QUANTIZERS = Plugins("quantizer", "loraforge.quant", fixed=("model",))
 RUNTIMES = Plugins("runtime", "loraforge.distributed")
 LAUNCHERS = Plugins("launcher", "loraforge.distributed")
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    if kind is Any:
+        return True
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind) if isinstance(kind, type) else True
+
+
+def _type_name(kind: Any) -> str:
+    return kind.__name__ if isinstance(kind, type) else str(kind)
 
