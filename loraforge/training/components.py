@@ -5,6 +5,7 @@ setting needs only its file and a config field."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -16,8 +17,9 @@ from loraforge.training.config import TrainConfig
 
 
 def settings_of(registry: Plugins, name: str, config: TrainConfig) -> dict[str, Any]:
-    """The settings plug-in `name` reads, taken from the run's config."""
-    return {setting: getattr(config, setting) for setting in registry.settings(name)}
+    """The settings plug-in `name` reads, and the run's context arguments it takes, from the run's config."""
+    takes = registry.settings(name) + [c for c in registry.context if c in inspect.signature(registry.get(name)).parameters]
+    return {setting: getattr(config, setting) for setting in takes}
 
 
 def make_optimizer(model: nn.Module, name: str = "adamw", lr: float = 2e-4, weight_decay: float = 0.0,
