@@ -101,3 +101,13 @@ def test_forget_data_without_questions_is_refused(workspace, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
     with pytest.raises(lf.LoraforgeError, match="'question' and 'answer'"):
         reproduce(bench(workspace, forget_data=str(tmp_path / "bad.jsonl")), str(workspace / "model"))
+
+
+def test_the_default_forget_data_is_read_from_LORAFORGE_DATA(workspace, monkeypatch):
+    for name in ("LORAFORGE_DATA", "LORAFORGE_SHARED_DATA"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(lf.LoraforgeError, match="pass --forget-data PATH or set LORAFORGE_DATA"):
+        reproduce(bench(workspace, forget_data="gsm8k"), str(workspace / "model"))
+    monkeypatch.setenv("LORAFORGE_DATA", str(workspace))  # no gsm8k/test.jsonl there
+    with pytest.raises(lf.LoraforgeError, match="--forget-data: .*gsm8k/test.jsonl is not a file"):
+        reproduce(bench(workspace, forget_data="gsm8k"), str(workspace / "model"))

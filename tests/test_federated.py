@@ -471,7 +471,7 @@ def test_bench_fed_runs_every_strategy_and_the_centralised_baseline(fed_setup, f
 
     bench = FedBench(models=str(fed_setup / "base"), data=str(fed_setup / "data.tsv"), clients=3, rounds=2,
                      local_steps=1, batch_size=4, rank=2, flora_ranks="2,4", out=str(fed_setup / "bench"))
-    (result,) = bench_fed(bench, runner=in_process, write=False)
+    (result,) = bench_fed(bench, runner=in_process)
     curves = result["curves"]
     assert list(curves) == ["fedavg", "flora", "lora-fair", "centralised"]
     assert all([r["round"] for r in rows] == [1, 2] and 0 <= rows[-1]["eval_accuracy"] <= 1 for rows in curves.values())
@@ -498,9 +498,9 @@ def test_bench_fed_runs_every_strategy_and_the_centralised_baseline(fed_setup, f
     body = write_section(bench, [result], "cmd", plot_dir=fed_setup)
     assert "| centralised |" in body and list(fed_setup.glob("bench-fed-*.png"))
     # kept: the same command re-renders from results.json without training; other settings are refused
-    assert bench_fed(bench, runner=lambda cfg, cpus: pytest.fail("trained again"), write=False) == [result]
+    assert bench_fed(bench, runner=lambda cfg, cpus: pytest.fail("trained again")) == [result]
     with pytest.raises(lf.LoraforgeError, match="other settings"):
-        bench_fed(dataclasses.replace(bench, rounds=3), runner=in_process, write=False)
+        bench_fed(dataclasses.replace(bench, rounds=3), runner=in_process)
     (fed_setup / "bench" / "base" / "results.json").unlink()  # a run that was stopped part-way
     with pytest.raises(lf.LoraforgeError, match="not empty"):
-        bench_fed(bench, runner=in_process, write=False)
+        bench_fed(bench, runner=in_process)

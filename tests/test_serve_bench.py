@@ -53,7 +53,7 @@ def test_workload_is_seeded_bounded_and_skewed_under_the_power_law(model_dir):
 
 
 def test_every_system_runs_the_same_requests_and_the_json_has_the_issues_keys(model_dir, tmp_path):
-    report = bench_serve(settings(model_dir, json=str(tmp_path / "serve.json")), write=False)
+    report = bench_serve(settings(model_dir, json=str(tmp_path / "serve.json")))
     saved = json.loads((tmp_path / "serve.json").read_text())
     assert saved == json.loads(json.dumps(report)) and saved["machine"]
     assert [(r["adapters"], r["distribution"]) for r in saved["runs"]] == [
@@ -73,7 +73,7 @@ def test_targets_compare_against_the_baselines():
 def test_load_test_passes_with_zero_errors_and_an_idle_engine_after(model_dir):
     torch.manual_seed(0)
     result = bench_serve(settings(model_dir, load=True, load_requests=24, load_concurrency=4, load_adapters=3,
-                                  load_max_tokens=4), write=False)
+                                  load_max_tokens=4))
     assert result["passed"] and result["errors"] == 0 and result["engine_idle_after"]
     assert result["requests"] == 24 and result["p50_ms"] <= result["p99_ms"]
 
@@ -85,4 +85,4 @@ def test_load_test_passes_with_zero_errors_and_an_idle_engine_after(model_dir):
 ])
 def test_bad_settings_are_refused(model_dir, change, message):
     with pytest.raises(lf.LoraforgeError, match=message):
-        bench_serve(settings(model_dir, **change), write=False)
+        bench_serve(settings(model_dir, **change))

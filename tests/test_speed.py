@@ -1,4 +1,4 @@
-"""`loraforge bench speed` end to end on a tiny model: the JSON keys, the table, the docs section,
+"""`loraforge bench speed` end to end on a tiny model: the JSON keys, the table, the report's section,
 and gradient checkpointing / compile options of the trainer."""
 
 import json
@@ -10,8 +10,8 @@ import loraforge as lf
 from loraforge.bench.speed import JSON_KEYS, SpeedRun, available_precisions, bench_speed
 from loraforge.testing import tiny_llama, tiny_tokenizer
 from loraforge.training.config import TrainConfig
-from loraforge.training.loop import prepare_model
 from loraforge.training.loss import batch_loss
+from loraforge.training.setup import prepare_model
 
 pytest.importorskip("peft")
 
@@ -23,10 +23,10 @@ def tiny_folder(tmp_path):
     return str(folder)
 
 
-def test_bench_speed_writes_the_issue_json_and_a_docs_section(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # docs/benchmarks.md of this test, not the project's
+def test_bench_speed_writes_the_issue_json_and_a_report_section(tmp_path):
     run = SpeedRun(model=tiny_folder(tmp_path), batch_size=2, seq_len=16, rank=4, steps=1, warmup=1, precisions="fp32")
-    report = bench_speed(run, str(tmp_path / "out.json"), command="loraforge bench speed ...", progress=False)
+    report = bench_speed(run, str(tmp_path / "out.json"), command="loraforge bench speed ...", progress=False,
+                         report=tmp_path / "docs" / "benchmarks.md")
     saved = json.loads((tmp_path / "out.json").read_text())
     assert saved == report and isinstance(saved["machine"], str)
     assert set(saved) == {"machine", "fp32"} and tuple(saved["fp32"]) == JSON_KEYS
@@ -35,12 +35,11 @@ def test_bench_speed_writes_the_issue_json_and_a_docs_section(tmp_path, monkeypa
     assert "bench speed" in doc and "frozen step (limit)" in doc and "PEFT" in doc and "Machine:" in doc
 
 
-def test_bench_speed_scaling_runs_the_trainer_on_1_and_2_processes_per_engine(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_bench_speed_scaling_runs_the_trainer_on_1_and_2_processes_per_engine(tmp_path):
     run = SpeedRun(model=tiny_folder(tmp_path), batch_size=4, seq_len=96, rank=4, steps=2, warmup=1, num_processes="1,2",
                    engines="ddp,zero3")
     report = bench_speed(run, str(tmp_path / "scaling.json"), command="loraforge bench speed --num-processes 1,2",
-                         progress=False)
+                         progress=False, report=tmp_path / "docs" / "benchmarks.md")
     rows = report["scaling"]
     assert set(rows) == {"1", "2 ddp", "2 zero3"}
     assert all(row["samples_per_s"] > 0 and row["tokens_per_s"] > row["samples_per_s"] for row in rows.values())
@@ -57,11 +56,11 @@ def test_bench_speed_scaling_runs_the_trainer_on_1_and_2_processes_per_engine(tm
                     progress=False)
 
 
-def test_bench_speed_profile_lists_the_ops_behind_the_difference(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_bench_speed_profile_lists_the_ops_behind_the_difference(tmp_path):
     run = SpeedRun(model=tiny_folder(tmp_path), batch_size=2, seq_len=16, rank=4, warmup=1, precisions="fp32",
                    profile=True)
-    rows = bench_speed(run, None, command="loraforge bench speed --profile", progress=False)["profile"]["fp32"]
+    rows = bench_speed(run, None, command="loraforge bench speed --profile", progress=False,
+                       report=tmp_path / "docs" / "benchmarks.md")["profile"]["fp32"]
     assert "total" in rows and len(rows) > 2
     # the LoRA node runs only in the loraforge step: it is among the ops that make the difference
     assert any("LoRA" in op and row["frozen_ms"] == 0 < row["loraforge_ms"] for op, row in rows.items())
@@ -77,6 +76,7 @@ def test_bench_speed_runs_every_precision_this_machine_has(tmp_path, monkeypatch
     run = SpeedRun(model=tiny_folder(tmp_path), batch_size=2, seq_len=16, rank=4, steps=1, warmup=1,
                    precisions=",".join(others))
     report = bench_speed(run, None, command="loraforge bench speed ...", progress=False)
+    assert not (tmp_path / "docs").exists()  # no --report: the table is printed, no file written
     assert set(report) == {"machine", *others}
     assert all(tuple(report[p]) == JSON_KEYS for p in others)
 

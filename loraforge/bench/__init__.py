@@ -1,4 +1,5 @@
-"""Benchmarks: reproducible commands whose tables go to docs/benchmarks.md, with the machine named."""
+"""Benchmarks: reproducible commands that print their tables; with `--report PATH` each also appends
+a dated section (machine, command, table) to that Markdown file and writes its figure beside it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS_MD = Path("docs/benchmarks.md")
+from loraforge.core.errors import LoraforgeError
+
+DATA_ENV = ("LORAFORGE_DATA", "LORAFORGE_SHARED_DATA")  # the second: the old name, still set by older scripts
+NAMED_DATA = {"sst2": "sst2/train.tsv", "gsm8k": "gsm8k/test.jsonl"}  # name -> its file under $LORAFORGE_DATA
 
 
 def machine() -> str:
@@ -57,12 +61,41 @@ def map_large_blocks() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)
 
 
-def figure_name(stem: str, folder: Path = BENCHMARKS_MD.parent) -> str:
-    """`stem-YYYYmmddTHHMMSS.png`: each section of docs/benchmarks.md keeps its own picture when the
+def data_path(data: str, flag: str = "--data") -> Path:
+    """A benchmark's data file: `data` itself, or for a name of NAMED_DATA its file under the folder
+    in $LORAFORGE_DATA (no data is looked for anywhere else, so a run reads only what it was told)."""
+    if data not in NAMED_DATA:
+        path = Path(data)
+    else:
+        root = next((os.environ[name] for name in DATA_ENV if os.environ.get(name)), None)
+        if root is None:
+            raise LoraforgeError(f"the data set {data!r} is read from $LORAFORGE_DATA/{NAMED_DATA[data]}: pass "
+                                 f"{flag} PATH or set LORAFORGE_DATA to the folder holding {NAMED_DATA[data]}")
+        path = Path(root) / NAMED_DATA[data]
+    if not path.is_file():
+        raise LoraforgeError(f"{flag}: {path} is not a file")
+    return path
+
+
+def figure_name(stem: str, folder: Path) -> str:
+    """`stem-YYYYmmddTHHMMSS.png`: each section of a report keeps its own picture when the
     benchmark runs again (a second run in the same second gets `-2`, ...)."""
     name = f"{stem}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}"
     taken = [p.name for p in folder.glob(f"{name}*.png")]
     return f"{name}-{len(taken) + 1}.png" if taken else f"{name}.png"
+
+
+def figure_line(fig, stem: str, caption: str, folder: Path | None, dpi: int = 120) -> str:
+    """Write the figure into `folder` (the report's) and return the line of the section that shows
+    it; with no folder (no report), close it and return "": a printed table shows no picture."""
+    if folder is None:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        return ""
+    path = folder / figure_name(stem, folder)
+    save_figure(fig, path, dpi)
+    return f"\n\n{caption}: ![]({path.name})\n"
 
 
 def save_figure(fig, path: Path, dpi: int = 120) -> None:
@@ -75,8 +108,8 @@ def save_figure(fig, path: Path, dpi: int = 120) -> None:
     plt.close(fig)
 
 
-def append_section(title: str, command: str, body: str, path: Path = BENCHMARKS_MD) -> None:
-    """Append a dated section (title, machine, command, table) to docs/benchmarks.md."""
+def append_section(path: Path, title: str, command: str, body: str) -> None:
+    """Append a dated section (title, machine, command, table) to the report at `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         path.write_text("# Benchmarks\n\nEvery table below comes from the command shown above it, run on the machine named.\n")

@@ -6,12 +6,16 @@ import argparse
 import dataclasses
 import shlex
 import sys
+from pathlib import Path
+
+PROJECT_REPORT = Path("docs/benchmarks.md")  # `--report` alone: the benchmarks page of the project run from
 
 
 def add_parser(subparsers) -> None:
     from loraforge.bench.methods import BenchRun
 
-    bench = subparsers.add_parser("bench", help="benchmarks; tables go to docs/benchmarks.md")
+    bench = subparsers.add_parser("bench", help="benchmarks: each prints its table; --report PATH also appends it "
+                                                "to that Markdown file")
     kinds = bench.add_subparsers(required=True, metavar="methods | parity | intruders | fed | serve | speed")
     p = kinds.add_parser("methods", help="train every registered method with one budget and compare")
     for f in dataclasses.fields(BenchRun):
@@ -64,6 +68,11 @@ def add_parser(subparsers) -> None:
     _dataclass_flags(p, ServeBench)
     p.set_defaults(run=run_serve)
 
+    for p in kinds.choices.values():
+        p.add_argument("--report", type=Path, nargs="?", const=PROJECT_REPORT, default=None, metavar="PATH",
+                       help=f"append a dated section (machine, command, table) to this Markdown file, its figure "
+                            f"beside it; --report alone: {PROJECT_REPORT}. Default: print the table only")
+
 
 def run_methods(args: argparse.Namespace) -> int:
     from loraforge.bench.methods import BenchRun, bench_methods
@@ -82,10 +91,10 @@ def run_methods(args: argparse.Namespace) -> int:
         from loraforge.bench.sweep import bench_sweep
 
         bench_sweep(base, methods, rules, [float(x) for x in args.lrs.split(",")], command=_command(), inits=inits,
-                    jobs=args.jobs, pairs=pairs)
+                    jobs=args.jobs, pairs=pairs, report=args.report)
     else:
         bench_methods(base, methods, command=_command(), rules=rules, inits=inits,
-                      method_lrs=_method_lrs(args.method_lrs), jobs=args.jobs, pairs=pairs)
+                      method_lrs=_method_lrs(args.method_lrs), jobs=args.jobs, pairs=pairs, report=args.report)
     return 0
 
 
@@ -115,28 +124,28 @@ def _method_lrs(text: str) -> dict[str, float]:
 def run_parity(args: argparse.Namespace) -> int:
     from loraforge.bench.parity import bench_parity
 
-    bench_parity(args.model, args.rank, command=_command())
+    bench_parity(args.model, args.rank, command=_command(), report=args.report)
     return 0
 
 
 def run_intruders(args: argparse.Namespace) -> int:
     from loraforge.bench.intruders import IntruderBench, bench_intruders
 
-    bench_intruders(_from_args(IntruderBench, args), command=_command())
+    bench_intruders(_from_args(IntruderBench, args), command=_command(), report=args.report)
     return 0
 
 
 def run_fed(args: argparse.Namespace) -> int:
     from loraforge.bench.fed import FedBench, bench_fed
 
-    bench_fed(_from_args(FedBench, args), command=_command())
+    bench_fed(_from_args(FedBench, args), command=_command(), report=args.report)
     return 0
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from loraforge.bench.serve import ServeBench, bench_serve
 
-    bench_serve(_from_args(ServeBench, args), command=_command())
+    bench_serve(_from_args(ServeBench, args), command=_command(), report=args.report)
     return 0
 
 
@@ -160,7 +169,8 @@ def run_speed(args: argparse.Namespace) -> int:
     from loraforge.bench.speed import SpeedRun, bench_speed
 
     fields = {f.name for f in dataclasses.fields(SpeedRun)}
-    bench_speed(SpeedRun(**{k: v for k, v in vars(args).items() if k in fields}), args.json, command=_command())
+    bench_speed(SpeedRun(**{k: v for k, v in vars(args).items() if k in fields}), args.json, command=_command(),
+                report=args.report)
     return 0
 
 

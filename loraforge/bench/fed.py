@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from loraforge.bench import append_section, figure_name, save_figure
+from loraforge.bench import append_section, data_path, figure_line
 from loraforge.bench.methods import BenchRun, load_rows
 from loraforge.core.errors import LoraforgeError
 from loraforge.core.files import atomic_write_text
@@ -56,7 +56,7 @@ class FedBench:
 def write_data(bench: FedBench, model: str, folder: Path) -> tuple[Path, str]:
     """The benchmark's data file (what every client reads) and its task."""
     if bench.data:
-        return Path(bench.data), "classification" if bench.data.endswith((".tsv", ".csv")) else "causal-lm"
+        return data_path(bench.data), "classification" if bench.data.endswith((".tsv", ".csv")) else "causal-lm"
     if model not in TASKS:
         raise LoraforgeError(f"bench fed knows {', '.join(TASKS)}; got {model!r} (give --data for another model)")
     task, train_rows, dev_rows = load_rows(BenchRun(model=model, data=TASKS[model], dev_size=0, seed=bench.seed))
@@ -183,7 +183,7 @@ def orderings(result: dict[str, Any]) -> list[str]:
     return [f"{claim}: {outcome}." for claim, outcome in checks]
 
 
-def write_section(bench: FedBench, results: list[dict[str, Any]], command: str, plot_dir: Path = Path("docs")) -> str:
+def write_section(bench: FedBench, results: list[dict[str, Any]], command: str, plot_dir: Path | None = None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,20 +209,18 @@ def write_section(bench: FedBench, results: list[dict[str, Any]], command: str, 
         lines += ["", f"Against the papers (mean of the last {tail} round{'s' if tail > 1 else ''}, "
                       f"{result['held_out']} held-out rows):", ""] + [f"- {line}" for line in orderings(result)]
         parts.append("\n".join(lines))
-    plot = plot_dir / figure_name("bench-fed", plot_dir)
-    save_figure(fig, plot, dpi=110)
     return (f"{bench.clients} clients, {bench.partition}, {bench.rounds} rounds of {bench.local_steps} local steps "
             f"(batch {bench.batch_size}, lr {bench.lr}); centralised: {bench.rounds * bench.clients * bench.local_steps}"
             f" steps on the pooled rows. Flower's simulation engine.\n\n" + "\n\n".join(parts) +
-            f"\n\nScore per round: ![]({plot.name})\n")
+            figure_line(fig, "bench-fed", "Score per round", plot_dir, dpi=110))
 
 
 def bench_fed(bench: FedBench, command: str = "", runner: Callable[[Any, int], Path] = flower_simulation,
-              write: bool = True) -> list[dict[str, Any]]:
+              report: Path | None = None) -> list[dict[str, Any]]:
     results = [bench_model(bench, m.strip(), runner) for m in bench.models.split(",") if m.strip()]
-    if write:
-        body = write_section(bench, results, command)
+    body = write_section(bench, results, command, report.parent if report else None)
+    if report:
         titles = [STRATEGIES.get(name).title for name in STRATEGIES.names()]
-        append_section(f"bench fed: {' vs '.join(titles)} vs centralised", command, body)
-        print(body)
+        append_section(report, f"bench fed: {' vs '.join(titles)} vs centralised", command, body)
+    print(body)
     return results

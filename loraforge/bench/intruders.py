@@ -9,7 +9,8 @@ For each (model, task) pair, the same trainer, data and steps train
 and each trained model is measured for
     task score   dev accuracy (MiniLM + SST-2) or held-out loss (SmolLM2 + advising)
     intruders    k = 10, epsilon swept over 0.05 .. 0.95 (analysis.analyze against a fresh base)
-    forgetting   on text the fine-tuning never saw, GSM8K test questions:
+    forgetting   on text the fine-tuning never saw, GSM8K test questions ($LORAFORGE_DATA/gsm8k/test.jsonl,
+                 or --forget-data PATH):
                    causal LM: held-out loss change on GSM8K question + answer (tuned - base)
                    encoder:   mean |cos_tuned(a, b) - cos_base(a, b)| over pairs of questions,
                               mean-pooled sentence embeddings (how far the embedding geometry moved)
@@ -17,7 +18,8 @@ and each trained model is measured for
                  to rank r: its task score and forgetting again.
 
 The closing paragraph of the section is computed from the table: which of the paper's findings
-held at this scale and which did not.
+held at this scale and which did not. The section is printed; `--report PATH` appends it, with
+its figure, to that Markdown file.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraforge.bench import append_section, figure_name, save_figure
-from loraforge.bench.methods import BenchRun, load_rows, shared_data
+from loraforge.bench import append_section, data_path, figure_line
+from loraforge.bench.methods import BenchRun, load_rows
 from loraforge.core.errors import LoraforgeError
 
 TASKS = {"minilm-l6": "sst2", "smollm2-135m": "advising"}  # the issue's pairs; other models name --data
@@ -52,7 +54,7 @@ class IntruderBench:
     max_length: int = 64
     dev_size: int = 200
     forget_rows: int = 64  # GSM8K test rows (or rows of --forget-data) used to measure forgetting
-    forget_data: str | None = None  # JSONL with question/answer rows; default ../shared/data/gsm8k/test.jsonl
+    forget_data: str = "gsm8k"  # JSONL with question/answer rows, or gsm8k: $LORAFORGE_DATA/gsm8k/test.jsonl
     lam: float = 0.75  # mitigation: intruder singular values scaled by this
     k: int = 10
     epsilon: float = 0.5
@@ -154,7 +156,7 @@ def reproduce(bench: IntruderBench, model_name: str) -> dict[str, Any]:
         raise LoraforgeError(f"no task for {model_name!r}: give --data (known pairs: {TASKS})")
     task, train_rows, dev_rows = load_rows(BenchRun(model=model_name, data=data, dev_size=bench.dev_size,
                                                     seed=bench.seed))
-    forget_path = Path(bench.forget_data) if bench.forget_data else shared_data("gsm8k/test.jsonl")
+    forget_path = data_path(bench.forget_data, "--forget-data")
     forget_rows = [json.loads(line) for line in forget_path.read_text().splitlines()[:bench.forget_rows]]
     if len(forget_rows) < 2 or not all({"question", "answer"} <= set(r) for r in forget_rows):
         raise LoraforgeError(f"{forget_path}: need at least 2 JSON rows with 'question' and 'answer'")
@@ -241,7 +243,8 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def write_section(bench: IntruderBench, results: list[dict[str, Any]], command: str,
-                  plot_dir: Path = Path("docs")) -> str:
+                  plot_dir: Path | None = None) -> str:
+    """The section's text, and its figure in `plot_dir` when given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -268,17 +271,15 @@ def write_section(bench: IntruderBench, results: list[dict[str, Any]], command: 
         ax.legend(fontsize=7)
         lines += ["", "Against the paper:", ""] + [f"- {f}" for f in findings(result)]
         parts.append("\n".join(lines))
-    plot = plot_dir / figure_name("bench-intruders", plot_dir)
-    save_figure(fig, plot, dpi=110)
-    body = (f"{bench.steps} steps of {bench.batch_size} rows each, LoRA lr {bench.lr}, full FT lr {bench.full_lr}, "
-            f"alpha = 2r, all-linear.\n\n" + "\n\n".join(parts) + f"\n\nIntruders vs epsilon: ![]({plot.name})\n")
-    return body
+    return (f"{bench.steps} steps of {bench.batch_size} rows each, LoRA lr {bench.lr}, full FT lr {bench.full_lr}, "
+            f"alpha = 2r, all-linear.\n\n" + "\n\n".join(parts)
+            + figure_line(fig, "bench-intruders", "Intruders vs epsilon", plot_dir, dpi=110))
 
 
-def bench_intruders(bench: IntruderBench, command: str = "", write: bool = True) -> list[dict[str, Any]]:
+def bench_intruders(bench: IntruderBench, command: str = "", report: Path | None = None) -> list[dict[str, Any]]:
     results = [reproduce(bench, name.strip()) for name in bench.models.split(",") if name.strip()]
-    if write:
-        body = write_section(bench, results, command)
-        append_section("bench intruders: LoRA vs full fine-tuning, intruder dimensions and forgetting", command, body)
-        print(body)
+    body = write_section(bench, results, command, report.parent if report else None)
+    if report:
+        append_section(report, "bench intruders: LoRA vs full fine-tuning, intruder dimensions and forgetting", command, body)
+    print(body)
     return results

@@ -54,10 +54,11 @@ def parity(model_name: str = "smollm2-135m", rank: int = 8, seed: int = 0) -> di
     return results
 
 
-def bench_parity(model_name: str, rank: int, command: str) -> dict[str, float]:
+def bench_parity(model_name: str, rank: int, command: str, report: Path | None = None) -> dict[str, float]:
     results = parity(model_name, rank)
     body = "| direction | max abs logit difference (float32) |\n|---|---|\n" + "".join(
         f"| {k} | {v:.2e} |\n" for k, v in results.items())
-    append_section(f"bench parity: {model_name}, LoRA r={rank}, all-linear", command, body)
+    if report:
+        append_section(report, f"bench parity: {model_name}, LoRA r={rank}, all-linear", command, body)
     print(body)
     return results

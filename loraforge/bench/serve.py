@@ -20,7 +20,8 @@ the level before the system ran. `--load` is the load test instead: the HTTP ser
 `load_requests` requests at `load_concurrency` over `load_adapters` adapters through
 /v1/completions, after one unmeasured pass of the same requests (warm-up); it passes with zero
 errors, the engine back to idle (no request running, every KV block and adapter slot free) and
-resident memory back within 5% of its level after the warm-up.
+resident memory back within 5% of its level after the warm-up. The table is printed; `--report
+PATH` appends it, with its figure, to that Markdown file.
 """
 
 from __future__ import annotations
@@ -38,15 +39,7 @@ from typing import Any, Callable
 
 import torch
 
-from loraforge.bench import (
-    append_section,
-    figure_name,
-    machine,
-    map_large_blocks,
-    release_freed_memory,
-    save_figure,
-    status_mb,
-)
+from loraforge.bench import append_section, figure_line, machine, map_large_blocks, release_freed_memory, status_mb
 from loraforge.core.errors import LoraforgeError
 
 B_SCALE = 0.05  # random B (nn.Linear's init) times this: an update of a few percent, like a trained adapter
@@ -329,7 +322,7 @@ def targets(row: dict[str, Any]) -> list[str]:
     return out
 
 
-def write_section(bench: ServeBench, rows: list[dict[str, Any]], command: str, plot_dir: Path = Path("docs")) -> str:
+def write_section(bench: ServeBench, rows: list[dict[str, Any]], command: str, plot_dir: Path | None = None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -352,8 +345,6 @@ def write_section(bench: ServeBench, rows: list[dict[str, Any]], command: str, p
                         color=f"C{n}", label=f"{system} ({distribution})")
     ax.set(xscale="log", xlabel="adapters", ylabel="generated tokens/s", title=f"{bench.model}, {bench.requests} requests")
     ax.legend(fontsize=7)
-    plot = plot_dir / figure_name("bench-serve", plot_dir)
-    save_figure(fig, plot, dpi=110)
     reference = max(rows, key=lambda r: (r["adapters"] == 32, r["adapters"]))
     checks = [f"- {t}" for t in targets(reference)]
     return (f"{bench.requests} requests, prompts {bench.prompt_min}-{bench.prompt_max} tokens, "
@@ -362,7 +353,7 @@ def write_section(bench: ServeBench, rows: list[dict[str, Any]], command: str, p
             "Peak MB: resident memory above the level before that system ran; loraforge's KV cache and adapter "
             f"slots are allocated before it ({rows[-1]['loraforge_reserved_mb']:.0f} MB at the last row).\n\n" + "\n".join(lines) +
             f"\n\nTargets, at {reference['adapters']} adapters ({reference['distribution']}):\n\n" + "\n".join(checks) +
-            f"\n\nThroughput vs adapters: ![]({plot.name})\n")
+            figure_line(fig, "bench-serve", "Throughput vs adapters", plot_dir, dpi=110))
 
 
 # ---- the load test ------------------------------------------------------------------------------
@@ -445,7 +436,7 @@ def load_test(bench: ServeBench, base: Any, tokenizer: Any, folder: Path) -> dic
     return result
 
 
-def bench_serve(bench: ServeBench, command: str = "", write: bool = True) -> dict[str, Any]:
+def bench_serve(bench: ServeBench, command: str = "", report: Path | None = None) -> dict[str, Any]:
     from loraforge.core.models import load_model
 
     bench.check()
@@ -453,7 +444,7 @@ def bench_serve(bench: ServeBench, command: str = "", write: bool = True) -> dic
     folder = Path(bench.out) / f"adapters-{Path(bench.model).name}"
     if bench.load:
         result = load_test(bench, base, tokenizer, folder)
-        if write:
+        if report:
             body = ("| requests | concurrency | adapters | errors | req/s | tok/s | p50 ms | p99 ms | RSS idle -> after (MB) "
                     "| engine idle after |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n"
                     f"| {result['requests']} | {result['concurrency']} | {result['adapters']} | {result['errors']} | "
@@ -461,7 +452,7 @@ def bench_serve(bench: ServeBench, command: str = "", write: bool = True) -> dic
                     f"{result['idle_rss_mb']} -> {result['after_rss_mb']} | {result['engine_idle_after']} |\n\n"
                     f"Load test {'passed' if result['passed'] else 'FAILED'}: {bench.load_max_tokens // 4 or 1}-"
                     f"{bench.load_max_tokens} new tokens per request over /v1/completions on loopback.")
-            append_section(f"bench serve --load: {bench.model}", command, body)
+            append_section(report, f"bench serve --load: {bench.model}", command, body)
         if not result["passed"]:
             raise LoraforgeError(f"load test failed: {result['errors']} errors, engine idle after: "
                                  f"{result['engine_idle_after']}, memory back to idle (within "
@@ -469,11 +460,11 @@ def bench_serve(bench: ServeBench, command: str = "", write: bool = True) -> dic
         return result
     make_adapters(bench.model, max(bench.counts()), [int(r) for r in bench.ranks.split(",")], folder, bench.seed)
     rows = [row for count in bench.counts() for row in run_count(bench, count, folder, base, tokenizer)]
-    report = {"machine": machine(), "runs": rows}
+    result = {"machine": machine(), "runs": rows}
     if bench.json:
-        Path(bench.json).write_text(json.dumps(report, indent=2) + "\n")
-    if write:
-        body = write_section(bench, rows, command)
-        append_section(f"bench serve: {bench.model}, multi-adapter throughput", command, body)
-        print(body)
-    return report
+        Path(bench.json).write_text(json.dumps(result, indent=2) + "\n")
+    body = write_section(bench, rows, command, report.parent if report else None)
+    if report:
+        append_section(report, f"bench serve: {bench.model}, multi-adapter throughput", command, body)
+    print(body)
+    return result

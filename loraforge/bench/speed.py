@@ -380,22 +380,24 @@ def scaling_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bench_speed(run: SpeedRun, json_path: str | None, command: str, progress: bool = True) -> dict[str, Any]:
-    """One of the three benchmarks (scaling, profile, or the step comparison): its section goes to
-    docs/benchmarks.md and its figures, with the machine, to `json_path` when given."""
+def bench_speed(run: SpeedRun, json_path: str | None, command: str, progress: bool = True,
+                report: Path | None = None) -> dict[str, Any]:
+    """One of the three benchmarks (scaling, profile, or the step comparison): its table is printed
+    and appended as a section to `report`, its measurements with the machine written to `json_path`,
+    each when given."""
     if run.num_processes:
         rates = scaling(run, progress)
         body = scaling_table(rates)
         title = (f"bench speed --num-processes: {run.model}, global batch {run.batch_size} x {run.seq_len} "
                  f"tokens, LoRA r={run.rank} {run.targets}, median of {run.steps} steps after {run.warmup}")
-        report = {"machine": machine(), "scaling": rates}
+        measured = {"machine": machine(), "scaling": rates}
         notes = ""
     elif run.profile:
         found = where_time_goes(run)
         body = profile_table(found)
         title = (f"bench speed --profile: {run.model}, batch {run.batch_size} x {run.seq_len} tokens, LoRA r={run.rank} "
                  f"{run.targets}, self CPU time of one step by op")
-        report = {"machine": machine(), "profile": found}
+        measured = {"machine": machine(), "profile": found}
         notes = ("\nThe ops with the largest difference between one loraforge step and one frozen step "
                  "(torch.profiler; profiling adds its own overhead, so totals exceed the timed medians).\n")
     else:
@@ -403,12 +405,13 @@ def bench_speed(run: SpeedRun, json_path: str | None, command: str, progress: bo
         body = table(results)
         title = (f"bench speed: {run.model}, batch {run.batch_size} x {run.seq_len} tokens, LoRA r={run.rank} "
                  f"{run.targets}, median of {run.steps} interleaved steps after {run.warmup} warm-up")
-        report = to_json(results)
+        measured = to_json(results)
         notes = ("\nRatios: loraforge step / frozen step and loraforge step / PEFT step (targets on CPU fp32: "
                  "<= 1.05 and <= 0.92). The frozen step keeps the model's own full-logits loss; the loraforge row "
                  "uses the chunked label-only head, the plain-head row does not. nf4 computes in fp32.\n")
-    append_section(title, command, body + notes)
+    if report:
+        append_section(report, title, command, body + notes)
     print(body)
     if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
-    return report
+        Path(json_path).write_text(json.dumps(measured, indent=2) + "\n")
+    return measured

@@ -6,7 +6,8 @@ sweep with the same budget (`bench methods`' runner, one process per run), and t
 per (method, rule): the best held-out score, the rate that reached it, and the width of the rate
 range within one point of the best (accuracy: 0.01; loss: 0.01 nats), in decades of the sweep's
 rates (log10 of the largest over the smallest rate inside that range; 0 when only one rate is),
-plus a plot of the score against the rate, one line per (method, rule).
+plus a plot of the score against the rate, one line per (method, rule), in the section `--report`
+appends.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from loraforge.bench import append_section, figure_name, save_figure
-from loraforge.bench.methods import BenchRun, all_runs, run_all
+from loraforge.bench import append_section, figure_line
+from loraforge.bench.methods import BenchRun, all_runs, check_data, run_all
 
 ONE_POINT = 0.01
 
@@ -49,14 +50,17 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def bench_sweep(base: BenchRun, methods: list[str] | None, rules: list[str] | None, lrs: list[float],
                 command: str = "", inits: list[str] | None = None, jobs: int = 1,
-                pairs: list[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
-    results = run_all(all_runs(base, methods, rules, lrs, inits=inits, pairs=pairs), jobs, desc="lr sweep")
-    summary = summarise(results)
-    write_sweep_report(base, summary, lrs, command)
+                pairs: list[tuple[str, str]] | None = None, report: Path | None = None) -> list[dict[str, Any]]:
+    runs = all_runs(base, methods, rules, lrs, inits=inits, pairs=pairs)
+    check_data(base)
+    summary = summarise(run_all(runs, jobs, desc="lr sweep"))
+    write_sweep_report(base, summary, lrs, command, report)
     return summary
 
 
-def write_sweep_report(base: BenchRun, summary: list[dict[str, Any]], lrs: list[float], command: str) -> None:
+def write_sweep_report(base: BenchRun, summary: list[dict[str, Any]], lrs: list[float], command: str,
+                       report: Path | None = None) -> None:
+    """Print the table; with a report, append it there with the plot beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,7 +68,6 @@ def write_sweep_report(base: BenchRun, summary: list[dict[str, Any]], lrs: list[
 
     lines = ["| method | rule | best | at lr | lr range within 1 point (decades) | step (s) | peak RSS (MB) | "
              + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(lrs)]
-    plot = Path("docs") / figure_name(f"bench-lr-sweep-{base.model}-{Path(base.data).stem}")
     fig, ax = plt.subplots(figsize=(8, 4.5))
     colours, styles = plt.get_cmap("tab20").colors, ("-", "--", ":")
     metric = "score"
@@ -84,7 +87,8 @@ def write_sweep_report(base: BenchRun, summary: list[dict[str, Any]], lrs: list[
     ax.set_ylabel(metric)
     ax.set_title(f"{base.model} on {Path(base.data).stem}, {base.steps} steps of {base.batch_size}")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    save_figure(fig, plot)
-    body = "\n".join(lines) + f"\n\n{metric} against the learning rate: ![]({plot.name})\n"
-    append_section(f"bench methods lr sweep: {base.model} on {Path(base.data).stem}", command, body)
     print("\n".join(lines))
+    body = "\n".join(lines) + figure_line(fig, f"bench-lr-sweep-{base.model}-{Path(base.data).stem}",
+                                          f"{metric} against the learning rate", report.parent if report else None)
+    if report:
+        append_section(report, f"bench methods lr sweep: {base.model} on {Path(base.data).stem}", command, body)
