@@ -1,6 +1,7 @@
 """Trainer: outputs, exact resume, accumulation equivalence, NaN stop, the loss's head shortcut."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -42,7 +43,7 @@ def test_run_writes_everything_and_lowers_the_loss(tmp_path):
     for name in ("config.json", "metrics.jsonl", "loss.png", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors", "checkpoint/trainer_state.json"):
         assert (out / name).is_file(), name
-    assert any((out / "tensorboard").iterdir())
+    assert not (out / "tensorboard").exists()  # an optional sink: --log tensorboard
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 21))
     assert {"step", "loss", "lr", "samples_per_s"} <= set(rows[0])
@@ -132,3 +133,25 @@ def test_bad_settings_are_refused(tmp_path):
         run(tmp_path, steps=0)
     with pytest.raises(lf.LoraforgeError, match="--precision"):
         run(tmp_path, precision="fp8")
+
+
+def test_log_sinks(tmp_path):
+    both = run(tmp_path, "both", steps=2, log="tensorboard,jsonl").out
+    assert any((both / "tensorboard").iterdir())
+    assert len((both / "metrics.jsonl").read_text().splitlines()) == 2 and (both / "loss.png").is_file()
+    only_tensorboard = run(tmp_path, "tb", steps=2, log="tensorboard").out
+    assert any((only_tensorboard / "tensorboard").iterdir()) and not (only_tensorboard / "metrics.jsonl").exists()
+
+
+def test_log_flag_and_unknown_sinks(tmp_path):
+    from loraforge.cli import train_config_from_argv
+
+    assert train_config_from_argv(["--log", "tensorboard,jsonl"])[0].log == "tensorboard,jsonl"
+    with pytest.raises(lf.LoraforgeError, match="unknown metric sink 'wandb'; registered: jsonl, tensorboard"):
+        TrainConfig(log="jsonl,wandb").validate()
+
+
+def test_tensorboard_sink_without_tensorboard_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    with pytest.raises(lf.LoraforgeError, match=r"pip install 'loraforge\[tensorboard\]'"):
+        run(tmp_path, steps=1, log="tensorboard")

@@ -1,6 +1,6 @@
 """One registry class for the plug-ins a run names by a string, and the registries themselves:
 optimisation rules (`--optimizer`), regularisers (`--regularizer`), selectors (`--select`),
-quantised bases (`--quant`), and the runtime and launcher of multi-process runs.
+quantised bases (`--quant`), the runtime and launcher of multi-process runs, and metric sinks (`--log`).
 
 Each plug-in is a builder function in its own module of one package, registered on import:
 
@@ -135,6 +135,7 @@ SELECTORS = Plugins("selector", "loraforge.select", context=("lr", "seed"))
 QUANTIZERS = Plugins("quantizer", "loraforge.quant", fixed=("model",))
 RUNTIMES = Plugins("runtime", "loraforge.distributed")
 LAUNCHERS = Plugins("launcher", "loraforge.distributed")
+SINKS = Plugins("metric sink", "loraforge.training.sinks", fixed=("out", "history"))
 
 
 def _fits(value: Any, kind: Any) -> bool:

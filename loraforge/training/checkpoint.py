@@ -22,8 +22,8 @@ CHECKPOINT_DIR = "checkpoint"
 
 
 # Settings a resumed run may change without changing the result it converges to.
-RESUME_MAY_CHANGE = {"resume", "save_every", "log_every", "eval_every", "out", "grad_checkpoint", "compile", "fsdp",
-                     "zero_stage"}
+RESUME_MAY_CHANGE = {"resume", "save_every", "log_every", "log", "eval_every", "out", "grad_checkpoint", "compile",
+                     "fsdp", "zero_stage"}
 
 
 

@@ -10,6 +10,7 @@ from loraforge.core.config import AdapterConfig
 from loraforge.core.configs import opt
 from loraforge.core.errors import LoraforgeError
 from loraforge.core.plugins import QUANTIZERS
+from loraforge.training.metrics import sink_names
 
 
 @dataclass
@@ -78,6 +79,8 @@ class TrainConfig:
                              "(0: off); same adapter, same files")
     # bookkeeping
     log_every: int = opt(1, "steps between metrics.jsonl rows")
+    log: str = opt("jsonl", "where metrics go, comma-separated: jsonl (metrics.jsonl, what --resume reads), "
+                            "tensorboard (out/tensorboard; pip install 'loraforge[tensorboard]')")
     save_every: int = opt(0, "0: a checkpoint only at the end")
     eval_every: int = opt(0, "0: evaluate only at the end (when eval_data is given)")
     resume: bool = opt(False, "continue from --out's checkpoint")
@@ -105,6 +108,7 @@ class TrainConfig:
             raise LoraforgeError("--fsdp and --zero-stage are two sharding engines: choose one")
         if not 0 <= self.warmup < 1:
             raise LoraforgeError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        sink_names(self.log)  # refuses an unknown sink, naming the registered ones
 
 
 

@@ -5,7 +5,7 @@
             loss = sum of token losses / label tokens in the whole window
             loss.backward()
         clip, AdamW step, lr from warm-up + cosine
-        log (progress bar, metrics.jsonl, TensorBoard); checkpoint every save_every steps
+        log (progress bar, the --log sinks: metrics.jsonl, TensorBoard); checkpoint every save_every steps
 
 Normalising by the label tokens of the whole window (not averaging per micro-batch) makes
 batch 8 and batch 2 x grad-accum 4 the same optimisation. A checkpoint holds the trainable
@@ -176,7 +176,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
             {"train": dataclasses.asdict(config), "adapter": model.loraforge_config.to_dict(),
              "init": dataclasses.asdict(model.loraforge_init) if model.loraforge_init else None}, indent=2) + "\n")
     history = read_metrics(out, upto=start)
-    logger = MetricsLogger(out, history, write=runtime.is_main)
+    logger = MetricsLogger(out, history, log=config.log, write=runtime.is_main)
 
     model.train()
     bar = tqdm(total=config.steps, initial=start, disable=not progress or not runtime.is_main, unit="step",

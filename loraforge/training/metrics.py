@@ -1,55 +1,60 @@
-"""A run's metrics: metrics.jsonl (one JSON object per logged step), TensorBoard events, the loss plot."""
+"""A run's metrics: the rows it logs, handed to the sinks `--log` names (metrics.jsonl by default,
+TensorBoard on request; plug-ins of `core.plugins.SINKS` in `training/sinks/`), and the loss plot."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from loraforge.core.files import atomic_write_text
+from loraforge.core.plugins import SINKS
+
+METRICS_FILE = "metrics.jsonl"  # one JSON object per logged step: what a resumed run reads its history from
+
+
+class MetricSink(Protocol):
+    """Where logged rows go. A sink is built as `SINKS.get(name)(out, history)`, `history` being
+    the rows a resumed run keeps (those up to its checkpoint)."""
+
+    def log(self, row: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+def sink_names(log: str) -> list[str]:
+    """The sinks of a `--log` value (comma-separated names); an unknown name is refused, naming the
+    registered ones."""
+    names = [name.strip() for name in log.split(",") if name.strip()]
+    for name in names:
+        SINKS.get(name)
+    return names
 
 
 class MetricsLogger:
-    """metrics.jsonl (one JSON object per logged step) + TensorBoard events. In a distributed run
-    only rank 0 writes (write=False elsewhere keeps the rows in memory): one metrics stream."""
+    """The run's rows (`history`, what `TrainResult` reports) and its sinks, fed each row as it is
+    logged. In a distributed run only rank 0 writes (write=False elsewhere keeps the rows in memory):
+    one metrics stream."""
 
-    def __init__(self, out: Path, history: list[dict[str, Any]], write: bool = True):
-        self.path = out / "metrics.jsonl"
+    def __init__(self, out: Path, history: list[dict[str, Any]], log: str = "jsonl", write: bool = True):
         self.history = history
-        self.file = self.tensorboard = None
-        if not write:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
-        # Rewrite the file from the kept history: a killed run may have logged past its checkpoint.
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in history))
-        self.file = self.path.open("a")
-        self.tensorboard = SummaryWriter(str(out / "tensorboard"))
+        self.sinks: list[MetricSink] = [SINKS.get(name)(out, history) for name in sink_names(log)] if write else []
 
     def log(self, row: dict[str, Any]) -> None:
         self.history.append(row)
-        if self.file is None:
-            return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.tensorboard.add_scalar(key, value, row["step"])
+        for sink in self.sinks:
+            sink.log(row)
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.tensorboard.close()
-
+        for sink in self.sinks:
+            sink.close()
 
 
 def read_metrics(out: Path, upto: int) -> list[dict[str, Any]]:
-    path = out / "metrics.jsonl"
+    """The rows of out/metrics.jsonl up to step `upto`: a resumed run's history (none from step 0)."""
+    path = out / METRICS_FILE
     if upto == 0 or not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in rows if r["step"] <= upto]
-
 
 
 def plot_loss(history: list[dict[str, Any]], path: Path, title: str = "training loss") -> None:
@@ -71,4 +76,3 @@ def plot_loss(history: list[dict[str, Any]], path: Path, title: str = "training 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
