@@ -518,3 +518,19 @@ def test_smollm2_tokenizer_masks():
     tokenizer.chat_template = None
     ids, labels = tokenize_messages(CHAT["messages"], tokenizer, max_length=512)
     assert labelled_spans(tokenizer, ids, labels) == ["4.<|im_end|>", "6, of course.<|im_end|>"]
+
+
+@pytest.mark.parametrize("world_size, grad_accum", [(1, 1), (1, 4), (2, 2), (4, 1)])
+def test_step_sampler_ranks_read_global_batch_s_at_step_s(world_size, grad_accum):
+    """Whatever the split, step s's micro-batches over all ranks are global batch s, in order, from
+    the start step on (a resumed run starts there)."""
+    from loraforge.training.loader import StepSampler
+
+    plan = BatchPlan(103, 8, seed=2)
+    samplers = [StepSampler(plan, start=3, steps=17, grad_accum=grad_accum, rank=r, world_size=world_size)
+                for r in range(world_size)]
+    per_rank = [list(s) for s in samplers]
+    assert all(len(parts) == len(s) == 14 * grad_accum for parts, s in zip(per_rank, samplers))
+    for i, step in enumerate(range(3, 17)):
+        window = [per_rank[r][i * grad_accum + k] for k in range(grad_accum) for r in range(world_size)]
+        assert [row for part in window for row in part] == plan.indices(step)

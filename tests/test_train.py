@@ -12,8 +12,9 @@ from loraforge.core.errors import TrainingError
 from loraforge.testing import tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import collate, from_records
-from loraforge.training.loop import lr_at, train
+from loraforge.training.loop import fit, lr_at, train
 from loraforge.training.loss import batch_loss
+from loraforge.training.setup import build_run
 
 TOK = tiny_tokenizer()
 
@@ -96,7 +97,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
         loss = original(model, batch, task)
         return loss * float("nan") if calls["n"] == 4 else loss
 
-    monkeypatch.setattr("loraforge.training.loop.batch_loss", poisoned)
+    monkeypatch.setattr("loraforge.training.setup.batch_loss", poisoned)
     with pytest.raises(TrainingError, match="loss became nan at step 4"):
         run(tmp_path, "nan", steps=6, save_every=1)
     checkpoint = tmp_path / "nan" / "checkpoint"
@@ -133,6 +134,49 @@ def test_bad_settings_are_refused(tmp_path):
         run(tmp_path, steps=0)
     with pytest.raises(lf.LoraforgeError, match="--precision"):
         run(tmp_path, precision="fp8")
+
+
+def test_build_run_then_fit_is_train(tmp_path):
+    trained = run(tmp_path, "train", dropout=0.1, grad_accum=2, batch_size=2)
+    config = TrainConfig(out=str(tmp_path / "two-part"), rank=4, alpha=8, steps=6, lr=5e-3, batch_size=2, grad_accum=2,
+                         precision="fp32", dropout=0.1)
+    built = build_run(config, model=tiny_llama(), tokenizer=TOK, train_data=from_records(chat_records(), TOK, max_length=64),
+                      progress=False)
+    assert built.start == 0 and len(built.batches) == 6 * 2  # micro-batches of this (the one) rank
+    fitted = fit(built)
+    for key, value in adapter_tensors(trained.out).items():
+        assert torch.equal(adapter_tensors(fitted.out)[key], value), key
+    assert [r["loss"] for r in fitted.history] == [r["loss"] for r in trained.history]
+
+
+def test_resume_with_another_split_reads_the_same_batches(tmp_path, kill_at_step):
+    """Killed as 2 micro-batches of 2 rows after the step-4 checkpoint, resumed as one batch of 4:
+    the DataLoader of the resumed run starts at global batch 4 and reaches the uninterrupted adapter."""
+    full = run(tmp_path, "full", steps=8)  # no dropout: its masks depend on the micro-batches' shapes
+    with kill_at_step(5):
+        run(tmp_path, "killed", steps=8, save_every=2, batch_size=2, grad_accum=2)
+    resumed = run(tmp_path, "killed", steps=8, save_every=2, resume=True)
+    for key, value in adapter_tensors(full.out).items():
+        torch.testing.assert_close(adapter_tensors(resumed.out)[key], value, atol=1e-5, rtol=0)
+    assert [r["step"] for r in resumed.history] == list(range(1, 9))
+
+
+def test_the_loss_is_read_once_per_step_not_per_micro_batch(tmp_path, monkeypatch):
+    """Reading a tensor on the host waits for the device: the loop may do it per step, never per
+    micro-batch. So one batch of 4 and 4 micro-batches of 1 read tensors equally often."""
+    reads = {"n": 0}
+    for name in ("item", "tolist", "__float__"):
+        def counted(self, *args, _read=getattr(torch.Tensor, name), **kwargs):
+            reads["n"] += 1
+            return _read(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts = []
+    for batch_size, grad_accum in ((4, 1), (1, 4)):
+        reads["n"] = 0
+        run(tmp_path, f"accum{grad_accum}", steps=3, batch_size=batch_size, grad_accum=grad_accum)
+        counts.append(reads["n"])
+    assert counts[0] == counts[1] > 0
 
 
 def test_log_sinks(tmp_path):

@@ -8,8 +8,8 @@ sits above training and nothing here imports accelerate.
 
 Exact equivalence at any scale: optimizer step s reads global batch s of a `BatchPlan` over
 batch_size x grad_accum x processes rows, and `micro_batches` cuts it into grad_accum x processes
-slices, rank r taking slice k x processes + r at accumulation step k (`loraforge.distributed`'s
-docstring has the rest of the argument).
+slices, rank r taking slice k x processes + r at accumulation step k (each rank's
+`loader.StepSampler`; `loraforge.distributed`'s docstring has the rest of the argument).
 """
 
 from __future__ import annotations
