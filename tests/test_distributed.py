@@ -17,7 +17,9 @@ from safetensors.torch import load_file
 
 from loraforge.adapters.io import load_adapter
 from loraforge.core.errors import LoraforgeError
-from loraforge.distributed import AccelerateRuntime, WorkerFailed, zero_partitions
+from loraforge.distributed._compat import zero_partitions
+from loraforge.distributed.launch import WorkerFailed
+from loraforge.distributed.runtime import AccelerateRuntime
 from loraforge.testing import tiny_llama, tiny_tokenizer
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import from_records
