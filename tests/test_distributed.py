@@ -42,7 +42,7 @@ DATA = from_records(records(), TOK, max_length=64)
 
 def run(out, **kw):
     settings = dict(rank=4, alpha=8, steps=STEPS, lr=5e-3, batch_size=8, precision="fp32") | kw
-    return train(TrainConfig(out=str(out), **settings), model=tiny_llama(), tokenizer=TOK, train_data=DATA,
+    return train(TrainConfig.from_dict(dict(out=str(out), **settings)), model=tiny_llama(), tokenizer=TOK, train_data=DATA,
                  progress=False)
 
 
@@ -304,7 +304,7 @@ def test_deepspeed_zero3_evaluates_the_partitioned_model(tmp_path):
     """Evaluation runs the model outside the training step: ZeRO-3 must gather each layer for it, and
     the head the loss applies to label positions only."""
     def evaluated(out, **kw):
-        config = TrainConfig(out=str(out), rank=4, alpha=8, steps=2, lr=5e-3, precision="fp32", eval_every=1, **kw)
+        config = TrainConfig.from_dict(dict(out=str(out), rank=4, alpha=8, steps=2, lr=5e-3, precision="fp32", eval_every=1, **kw))
         result = train(config, model=tiny_llama(), tokenizer=TOK, train_data=DATA, eval_data=DATA, progress=False)
         return [row["eval_loss"] for row in result.history if "eval_loss" in row]
 
@@ -331,8 +331,8 @@ def test_deepspeed_zero3_trains_a_classifier_and_its_head(tmp_path):
     data = from_records(rows, TOK, task="classification", max_length=32)
 
     def trained(out, **kw):
-        config = TrainConfig(out=str(out), rank=4, alpha=8, steps=4, lr=5e-3, precision="fp32", task="classification",
-                             num_labels=2, **kw)
+        config = TrainConfig.from_dict(dict(out=str(out), rank=4, alpha=8, steps=4, lr=5e-3, precision="fp32", task="classification",
+                             num_labels=2, **kw))
         return train(config, model=bert(), tokenizer=TOK, train_data=data, progress=False).out
 
     one = adapter(trained(tmp_path / "one", batch_size=8))

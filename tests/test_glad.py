@@ -101,8 +101,8 @@ def test_lambda_half_removes_half_the_conflict():
 def run(tmp_path, name, **kw):
     rows = [{"text": ("good fine great " if i % 2 else "bad awful poor ") * 2, "label": i % 2} for i in range(16)]
     data = from_records(rows, TOK, task="classification", max_length=32)
-    config = TrainConfig(out=str(tmp_path / name), task="classification", rank=4, alpha=8, steps=4, lr=1e-2, batch_size=4,
-                         precision="fp32", **kw)
+    config = TrainConfig.from_dict(dict(out=str(tmp_path / name), task="classification", rank=4, alpha=8, steps=4, lr=1e-2, batch_size=4,
+                         precision="fp32", **kw))
     model = tiny_bert()
     base = {k: v.clone() for k, v in model.state_dict().items() if "classifier" not in k}
     result = train(config, model=model, tokenizer=TOK, train_data=data, progress=False)

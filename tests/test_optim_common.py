@@ -69,3 +69,65 @@ def test_unknown_rule_or_setting_is_refused():
         lf.make_optimizer(model, "sgdw")
     with pytest.raises(lf.LoraforgeError, match="takes no setting allora_eta"):
         lf.make_optimizer(model, "lora-plus", allora_eta=1.0)
+
+
+@pytest.fixture
+def sgd_rule():
+    """A rule registered from a test, with a setting no file of the trainer names."""
+    @OPTIMIZERS.register("sgd-test")
+    def build_sgd(model, lr: float, weight_decay: float, momentum: float = 0.0) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum,
+                               weight_decay=weight_decay)
+
+    yield "sgd-test"
+    OPTIMIZERS._builders.pop("sgd-test")
+
+
+def test_a_new_rule_and_its_setting_need_no_edit_of_the_trainer_or_the_cli(tmp_path, sgd_rule):
+    from loraforge.cli import train_config_from_argv
+    from loraforge.core.plugins import Component
+
+    config, _ = train_config_from_argv(["--optimizer", sgd_rule, "--momentum", "0.9", "--steps", "2"])
+    assert config.optimizer == Component(sgd_rule, {"momentum": 0.9})
+    seen = []
+    original = torch.optim.SGD.__init__
+
+    def spy(self, params, **kw):
+        seen.append(kw["momentum"])
+        original(self, params, **kw)
+
+    torch.optim.SGD.__init__ = spy
+    try:
+        run(tmp_path, "sgd", sgd_rule, steps=2, optimizer=config.optimizer)
+    finally:
+        torch.optim.SGD.__init__ = original
+    assert seen == [0.9]
+
+
+def test_plugin_settings_nest_under_their_plugin_from_flags_files_and_older_flat_keys(tmp_path):
+    from loraforge.cli import train_config_from_argv
+    from loraforge.core.plugins import Component
+
+    want = Component("lora-plus", {"loraplus_lr_ratio": 8.0})
+    assert train_config_from_argv(["--optimizer", "lora-plus", "--loraplus-lr-ratio", "8"])[0].optimizer == want
+    nested, flat = tmp_path / "nested.yaml", tmp_path / "flat.yaml"
+    nested.write_text("optimizer:\n  name: lora-plus\n  settings:\n    loraplus_lr_ratio: 8.0\n")
+    flat.write_text("optimizer: lora-plus\nloraplus_lr_ratio: 8.0\nlisa_layers: 3\n")  # an older file: every field
+    assert train_config_from_argv(["--config", str(nested)])[0].optimizer == want
+    assert train_config_from_argv(["--config", str(flat)])[0].optimizer == want
+    assert train_config_from_argv(["--config", str(nested), "--loraplus-lr-ratio", "4"])[0].optimizer.settings == {
+        "loraplus_lr_ratio": 4.0}  # a flag wins over the file
+    assert TrainConfig(optimizer="lora-plus").optimizer == Component("lora-plus")  # the Python API takes a name
+
+
+def test_a_setting_the_builder_does_not_take_is_refused_naming_what_it_takes(tmp_path):
+    from loraforge.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optimizer: {name: lora-plus, settings: {ratio: 8}}\n")
+    with pytest.raises(lf.LoraforgeError, match="optimizer 'lora-plus' takes no setting 'ratio'; it takes: "
+                                                "loraplus_lr_ratio \\(float, default 16.0\\)"):
+        TrainConfig(optimizer={"name": "lora-plus", "settings": {"ratio": 8}}).validate()
+    assert main(["train", "--config", str(bad)]) == 2
+    with pytest.raises(lf.LoraforgeError, match="setting 'loraplus_lr_ratio' must be a float, got 'big'"):
+        TrainConfig(optimizer={"name": "lora-plus", "settings": {"loraplus_lr_ratio": "big"}}).validate()

@@ -89,8 +89,8 @@ def test_b_zero_start_moves_only_b_on_the_first_step():
 def test_trainer_keeps_the_ratio_through_the_schedule(tmp_path):
     records = [{"prompt": f"q{i}", "completion": f" a{i % 3}"} for i in range(16)]
     data = from_records(records, TOK, max_length=32)
-    config = TrainConfig(out=str(tmp_path / "run"), optimizer="lora-plus", loraplus_lr_ratio=4.0, rank=4, alpha=8, steps=3,
-                         lr=1e-3, batch_size=4, precision="fp32", warmup=0.5)
+    config = TrainConfig.from_dict(dict(out=str(tmp_path / "run"), optimizer="lora-plus", loraplus_lr_ratio=4.0, rank=4, alpha=8, steps=3,
+                         lr=1e-3, batch_size=4, precision="fp32", warmup=0.5))
     train(config, model=tiny_llama(), tokenizer=TOK, train_data=data, progress=False)
     groups = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())["param_groups"]
     lrs = sorted(g["lr"] for g in groups)

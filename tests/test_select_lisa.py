@@ -90,8 +90,8 @@ def test_frozen_blocks_are_unchanged_and_their_state_dropped():
 
 
 def run(tmp_path, name, **kw):
-    config = TrainConfig(out=str(tmp_path / name), method="lora", select="lisa", lisa_layers=2, lisa_interval=3, rank=4,
-                         alpha=8, steps=8, lr=5e-3, batch_size=4, precision="fp32", **kw)
+    config = TrainConfig.from_dict(dict(out=str(tmp_path / name), method="lora", select="lisa", lisa_layers=2, lisa_interval=3, rank=4,
+                         alpha=8, steps=8, lr=5e-3, batch_size=4, precision="fp32", **kw))
     return train(config, model=llama(), tokenizer=TOK, train_data=DATA, progress=False)
 
 
@@ -116,4 +116,4 @@ def test_trainer_logs_the_blocks_and_resumes_identically(tmp_path, monkeypatch):
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0)
     state = json.loads((resumed.out / "config.json").read_text())
-    assert state["train"]["select"] == "lisa"
+    assert state["train"]["select"] == {"name": "lisa", "settings": {"lisa_layers": 2, "lisa_interval": 3}}

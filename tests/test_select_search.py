@@ -199,8 +199,8 @@ def test_diffora_gate_gradient_is_s_times_update_inner_product_times_sigmoid_slo
 def test_trained_adapter_reloads_with_its_selected_structure_in_loraforge_and_peft(tmp_path, select):
     tok = tiny_tokenizer()
     data = from_records([{"prompt": f"Q{i}: {i}+{i}?", "completion": f" {2 * i}"} for i in range(30)], tok, max_length=32)
-    config = TrainConfig(out=str(tmp_path / select), select=select, select_steps=6, rank=4, alpha=8, steps=3, lr=1e-2,
-                         batch_size=4, precision="fp32", diffora_ratio=0.3)
+    config = TrainConfig.from_dict(dict(out=str(tmp_path / select), select=select, select_steps=6, rank=4, alpha=8, steps=3, lr=1e-2,
+                         batch_size=4, precision="fp32", diffora_ratio=0.3))
     result = train(config, model=tiny_llama(), tokenizer=tok, train_data=data, progress=False)
     chosen = sorted(lf.adapter_layers(result.model))
     if select == "colora":  # every module, heterogeneous ranks
@@ -231,9 +231,9 @@ OPTIONS = {"bone": {}, "loldu": {}, "block-lora": {"n_blocks": 4}, "randlora": {
 def short_selected_run(tmp_path, select: str, method: str):
     tok = tiny_tokenizer()
     data = from_records([{"prompt": f"Q{i}: {i}+{i}?", "completion": f" {2 * i}"} for i in range(12)], tok, max_length=32)
-    config = TrainConfig(out=str(tmp_path / "run"), method=method, options=OPTIONS[method], select=select,
+    config = TrainConfig.from_dict(dict(out=str(tmp_path / "run"), method=method, options=OPTIONS[method], select=select,
                          select_steps=2, colora_ig_steps=2, rank=4, alpha=8, steps=2, lr=1e-2, batch_size=4,
-                         precision="fp32")
+                         precision="fp32"))
     return train(config, model=tiny_llama(), tokenizer=tok, train_data=data, progress=False)
 
 
@@ -329,8 +329,8 @@ def test_resume_reattaches_the_chosen_structure_and_reaches_the_same_weights(tmp
     data = from_records([{"prompt": f"Q{i}: {i}+{i}?", "completion": f" {2 * i}"} for i in range(30)], tok, max_length=32)
 
     def run(name, **kw):
-        config = TrainConfig(out=str(tmp_path / name), select=select, select_steps=4, rank=4, alpha=8, steps=6, lr=1e-2,
-                             batch_size=4, precision="fp32", diffora_ratio=0.3, **kw)
+        config = TrainConfig.from_dict(dict(out=str(tmp_path / name), select=select, select_steps=4, rank=4, alpha=8, steps=6, lr=1e-2,
+                             batch_size=4, precision="fp32", diffora_ratio=0.3, **kw))
         return train(config, model=tiny_llama(), tokenizer=tok, train_data=data, progress=False)
 
     full = run("full")

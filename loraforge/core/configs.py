@@ -45,8 +45,9 @@ def component(default: str | None, help: str, registry: Plugins) -> Any:
 
 def nest_settings(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
     """`values` with each plug-in field a `Component`, and flat setting keys (`loraplus_lr_ratio: 8`,
-    the form of the flags and of older config files) moved into the settings of the plug-in field
-    whose registry takes them."""
+    the form of the flags and of older config files, which held every plug-in's settings) moved into
+    the settings of the chosen plug-in where it takes them; the others are dropped, as the flat
+    fields of another plug-in always went unread."""
     values = dict(values)
     for f in dataclasses.fields(cls):
         registry = f.metadata.get("registry")
@@ -56,10 +57,10 @@ def nest_settings(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
         if f.name not in values and not given:
             continue
         chosen = Component.of(values[f.name]) if f.name in values else _default(f)
-        if given and chosen is None:
-            raise LoraforgeError(f"{', '.join('--' + s.replace('_', '-') for s in given)}: settings of a "
-                                 f"{registry.kind}, but no --{f.name.replace('_', '-')} is chosen")
-        values[f.name] = Component(chosen.name, {**chosen.settings, **given}) if given else chosen
+        if chosen is not None:
+            takes = registry.settings(chosen.name)
+            chosen = Component(chosen.name, {**chosen.settings, **{k: v for k, v in given.items() if k in takes}})
+        values[f.name] = chosen
     return values
 
 

@@ -234,7 +234,8 @@ def _refuse_optimizer(config: TrainConfig, engine: str, safe_optimizers: tuple[s
     """Refuse an optimizer whose update would compute something else on the engine's shards.
     (Selectors, LISA's switching of trained blocks, GLAD's second pass and a 4-bit base run under
     FSDP as they do under DDP: tests/test_distributed.py.)"""
-    if OPTIMIZERS.aliases.get(config.optimizer, config.optimizer) not in safe_optimizers:
-        raise LoraforgeError(f"{engine} does not support --optimizer {config.optimizer} (its update reads whole rows "
+    name = config.optimizer.name
+    if OPTIMIZERS.aliases.get(name, name) not in safe_optimizers:
+        raise LoraforgeError(f"{engine} does not support --optimizer {name} (its update reads whole rows "
                              f"or matrices; {', '.join(safe_optimizers)} work on shards): leave it out, or train "
                              f"data parallel")

@@ -57,7 +57,7 @@ def refuse_second_backward(config: TrainConfig) -> None:
     """Refuse a regulariser: the engine steps inside the window's last backward, and a regulariser's
     second pass would step again."""
     if config.regularizer:
-        raise LoraforgeError(f"--regularizer {config.regularizer} runs a second backward per step, and DeepSpeed's "
+        raise LoraforgeError(f"--regularizer {config.regularizer.name} runs a second backward per step, and DeepSpeed's "
                              f"engine steps inside the first: use data parallel or FSDP")
 
 

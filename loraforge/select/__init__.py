@@ -48,14 +48,16 @@ class SearchData:
 
 class Selector:
     switches_trainable = False  # True: before_step freezes and unfreezes tensors during the run (LISA)
+    steps = 0  # batches a search reads (Flexora, DiffoRA, CoLoRA); 0: the selector does not search
 
     def attach(self, model: nn.Module, config: AdapterConfig, search: SearchData | None) -> None:
         attach(model, config)
 
     def attach_for_run(self, model: nn.Module, config: AdapterConfig, train_data: Any, eval_data: Any, *,
-                       batch_size: int, pad_id: int, task: str, seed: int, steps: int) -> None:
-        """What the trainer calls: `attach` with the search batches of the run's data (`search_data`)."""
-        self.attach(model, config, search_data(train_data, eval_data, batch_size, pad_id, task, seed, steps))
+                       batch_size: int, pad_id: int, task: str, seed: int) -> None:
+        """What the trainer calls: `attach` with `steps` search batches of the run's data (`search_data`)."""
+        search = search_data(train_data, eval_data, batch_size, pad_id, task, seed, self.steps) if self.steps else None
+        self.attach(model, config, search)
 
     def before_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return {}

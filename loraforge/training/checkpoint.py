@@ -65,7 +65,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     wrote it when the global batch does not."""
     runtime = runtime or LocalRuntime()
     meta = json.loads((path / "trainer_state.json").read_text())
-    saved = meta["config"]
+    saved = dataclasses.asdict(TrainConfig.from_dict(meta["config"]))  # one written before plug-in components too
     changed = sorted(k for k, v in dataclasses.asdict(config).items()
                      if k not in RESUME_MAY_CHANGE | BATCH_SPLIT and saved.get(k) != v and k != "steps")
     if changed:

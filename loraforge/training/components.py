@@ -1,25 +1,17 @@
 """A run's plug-ins, built by name from the registries of `loraforge.core.plugins`: the optimizer,
-the regulariser, the selector and the quantised base. Each builder's keyword settings are read from
-the `TrainConfig` fields of the same names, so the trainer knows no plug-in and a new one with a new
-setting needs only its file and a config field."""
+the regulariser, the selector and the quantised base. A run's config names each one with the settings
+its builder takes (`TrainConfig.optimizer` is a `Component`), so the trainer knows no plug-in and a
+new one with a new setting needs only its own file."""
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
 from loraforge.core.errors import LoraforgeError
-from loraforge.core.plugins import OPTIMIZERS, QUANTIZERS, REGULARIZERS, SELECTORS, Plugins
-from loraforge.training.config import TrainConfig
-
-
-def settings_of(registry: Plugins, name: str, config: TrainConfig) -> dict[str, Any]:
-    """The settings plug-in `name` reads, and the run's context arguments it takes, from the run's config."""
-    takes = registry.settings(name) + [c for c in registry.context if c in inspect.signature(registry.get(name)).parameters]
-    return {setting: getattr(config, setting) for setting in takes}
+from loraforge.core.plugins import OPTIMIZERS, QUANTIZERS, REGULARIZERS, SELECTORS
 
 
 def make_optimizer(model: nn.Module, name: str = "adamw", lr: float = 2e-4, weight_decay: float = 0.0,

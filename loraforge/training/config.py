@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loraforge.core.config import AdapterConfig
-from loraforge.core.configs import opt
+from loraforge.core.configs import component, nest_settings, opt
 from loraforge.core.errors import LoraforgeError
-from loraforge.core.plugins import QUANTIZERS
+from loraforge.core.plugins import OPTIMIZERS, QUANTIZERS, REGULARIZERS, SELECTORS, Component
 from loraforge.training.metrics import sink_names
 
 
@@ -43,22 +43,13 @@ class TrainConfig:
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     warmup: float = opt(0.06, "fraction of the steps spent warming up linearly, then cosine to 0")
     weight_decay: float = opt(0.0, "AdamW weight decay")
-    optimizer: str = opt("adamw", "optimisation rule: adamw | lora-plus | lora-pro | allora (loraforge/optim/)")
-    loraplus_lr_ratio: float = opt(16.0, "lora-plus: lr of B / lr of A (lambda)")
-    lorapro_mode: str = opt("full", "lora-pro: full (Adam moments in the d_out x d_in space) | efficient (A/B-sized)")
-    lorapro_x_mode: str = opt("sylvester", "lora-pro: the free r x r matrix X: sylvester | symmetry | zero")
-    allora_eta: float = opt(2.0, "allora: gradient factor at a zero row; needs --alpha = --rank, --dropout 0")
-    regularizer: str | None = opt(None, "gradient regulariser: glad (loraforge/regularizers/); costs a second pass")
-    select: str | None = opt(None, "where adapters go, which layers train: lisa | flexora | diffora | colora (select/)")
-    lisa_layers: int = opt(2, "lisa: transformer blocks trained at a time (gamma)")
-    lisa_interval: int = opt(20, "lisa: optimizer steps between resamplings (K)")
-    select_steps: int = opt(20, "flexora/diffora: search steps; colora: steps of the short full fine-tune")
-    select_lr: float = opt(0.01, "flexora/diffora: learning rate of the gates (Adam)")
-    select_order: int = opt(1, "flexora/diffora: gate gradient, 1 = first order (reference code), 2 = one-step unrolled")
-    diffora_ratio: float = opt(0.5, "diffora: fraction of the target modules that keep an adapter")
-    colora_ig_steps: int = opt(8, "colora: integrated-gradient steps N of the contribution (FAIG)")
-    glad_rho: float = opt(0.05, "glad: SAM radius of the reference gradient's perturbation")
-    glad_lambda: float = opt(1.0, "glad: share of the conflicting component removed (1: full projection)")
+    # Plug-ins by name, each with the settings its builder takes (its signature holds their defaults):
+    # `--optimizer lora-plus --loraplus-lr-ratio 8`, or `optimizer: {name: lora-plus, settings: {...}}`.
+    optimizer: Component = component("adamw", "optimisation rule (loraforge/optim/)", OPTIMIZERS)
+    regularizer: Component | None = component(None, "gradient regulariser (loraforge/regularizers/); costs a "
+                                                    "second pass", REGULARIZERS)
+    select: Component | None = component(None, "where adapters go, which layers train (loraforge/select/)",
+                                         SELECTORS)
     max_grad_norm: float = opt(1.0, "0 turns clipping off")
     max_length: int = opt(512, "tokens per row; longer rows are truncated")
     length_grouped: bool = opt(False, "batch rows of similar length together: less padding")
@@ -85,6 +76,18 @@ class TrainConfig:
     eval_every: int = opt(0, "0: evaluate only at the end (when eval_data is given)")
     resume: bool = opt(False, "continue from --out's checkpoint")
 
+    def __post_init__(self) -> None:
+        # The Python API may name a plug-in (`optimizer="lora-plus"`) or give its {name, settings} mapping.
+        self.optimizer = Component.of(self.optimizer)
+        self.regularizer = Component.of(self.regularizer)
+        self.select = Component.of(self.select)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """A config from its dict (`dataclasses.asdict`, a YAML file's keys), older flat plug-in settings
+        (`loraplus_lr_ratio: 8`) included: they go into the settings of the plug-in that takes them."""
+        return cls(**nest_settings(cls, values))
+
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(method=self.method, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                              target_modules=parse_targets(self.targets), use_rslora=self.use_rslora, init=self.init, seed=self.seed,
@@ -106,6 +109,10 @@ class TrainConfig:
             raise LoraforgeError(f"--zero-stage must be 1, 2 or 3 (or 0 for none), got {self.zero_stage}")
         if self.zero_stage and self.fsdp:
             raise LoraforgeError("--fsdp and --zero-stage are two sharding engines: choose one")
+        for registry, chosen in ((OPTIMIZERS, self.optimizer), (REGULARIZERS, self.regularizer),
+                                 (SELECTORS, self.select)):
+            if chosen is not None:
+                registry.check(chosen)
         if not 0 <= self.warmup < 1:
             raise LoraforgeError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         sink_names(self.log)  # refuses an unknown sink, naming the registered ones

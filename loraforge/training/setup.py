@@ -21,10 +21,10 @@ from loraforge.adapters.io import count_parameters
 from loraforge.core.config import AdapterConfig
 from loraforge.core.errors import LoraforgeError
 from loraforge.core.files import atomic_write_text
-from loraforge.core.plugins import OPTIMIZERS, REGULARIZERS, SELECTORS
+from loraforge.core.plugins import REGULARIZERS, SELECTORS
 from loraforge.methods.init import needs_data
 from loraforge.training.checkpoint import CHECKPOINT_DIR, load_checkpoint
-from loraforge.training.components import make_optimizer, make_regularizer, make_selector, quantize, settings_of
+from loraforge.training.components import make_optimizer, quantize
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import TokenizedDataset, load_dataset, read_rows
 from loraforge.training.initialize import initialize
@@ -102,7 +102,7 @@ def build_run(config: TrainConfig, model: nn.Module | None = None, tokenizer: An
     setup_start = time.perf_counter()
     selector = None
     if config.select:
-        selector = make_selector(config.select, **settings_of(SELECTORS, config.select, config))
+        selector = SELECTORS.build(config.select, lr=config.lr, seed=config.seed)
     if not is_attached(model) and selector is None:
         attach(model, config.adapter_config())
     elif not is_attached(model):
@@ -112,11 +112,8 @@ def build_run(config: TrainConfig, model: nn.Module | None = None, tokenizer: An
                    lr=lr_at(0, config), seed=config.seed, progress=progress)
     setup_seconds = time.perf_counter() - setup_start
     prepare_model(model, config)  # after the move: the 4-bit codes and their absmax tables are made on the device
-    optimizer = make_optimizer(model, config.optimizer, config.lr, config.weight_decay,
-                               **settings_of(OPTIMIZERS, config.optimizer, config))
-    regularizer = None
-    if config.regularizer:
-        regularizer = make_regularizer(config.regularizer, **settings_of(REGULARIZERS, config.regularizer, config))
+    optimizer = make_optimizer(model, config.optimizer.name, config.lr, config.weight_decay, **config.optimizer.settings)
+    regularizer = REGULARIZERS.build(config.regularizer) if config.regularizer else None
 
     runtime.seed_workers(config.seed)
     n_trainable = count_parameters(trainable_parameters(model))  # before ZeRO-3 leaves each rank a partition
@@ -163,4 +160,4 @@ def attach_selected(model: nn.Module, selector: Any, config: TrainConfig, train_
         attach(model, AdapterConfig.from_dict(json.loads(saved.read_text())["adapter"]))
         return
     selector.attach_for_run(model, config.adapter_config(), train_data, eval_data, batch_size=config.batch_size,
-                            pad_id=pad_id, task=config.task, seed=config.seed, steps=config.select_steps)
+                            pad_id=pad_id, task=config.task, seed=config.seed)
