@@ -30,7 +30,7 @@ __all__ = [
     "AdapterConfig", "AdapterError", "DataError", "LoraforgeError", "ModelNotFoundError", "adapter_disabled",
     "adapter_layers", "adapter_state_dict", "attach", "detach", "find_targets", "get_method", "initialize",
     "load_adapter", "make_optimizer", "merge", "merge_and_unload", "methods", "save_adapter", "trainable_parameters",
-    "unmerge", "load_model", "train", "TrainConfig", "evaluate", "generate", "merge_to_folder",
+    "unmerge", "load_model", "train", "build_run", "fit", "TrainConfig", "evaluate", "generate", "merge_to_folder",
 ]
 __version__ = "0.1.0"
 
@@ -40,6 +40,8 @@ def __getattr__(name: str):
     lazy = {
         "load_model": ("core.models", "load_model"),
         "train": ("training.loop", "train"),
+        "build_run": ("training.setup", "build_run"),
+        "fit": ("training.loop", "fit"),
         "TrainConfig": ("training.config", "TrainConfig"),
         "evaluate": ("training.evaluate", "evaluate_dataset"),
         "generate": ("training.evaluate", "generate"),

@@ -2,7 +2,7 @@
 
 An embedded re-enactment of the seed's first study (LoRA fine-tuning of an instruction model into
 a study-abroad advisor, in two phases, answers in Markdown), on an invented knowledge base that
-the base model cannot know (`loraforge.tasks.advising`):
+the base model cannot know (`loraforge.demo.advising`):
 
     1. ask the held-out questions (phrasings no training row uses) to the base model
     2. phase 1: LoRA on the broad single-question set
