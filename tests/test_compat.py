@@ -1,5 +1,6 @@
-"""The library versions loraforge/distributed/_compat.py was written and tested for: a release
-outside them may have moved the internals it uses, so this fails until someone has re-checked it."""
+"""The library versions loraforge/distributed/_compat.py and loraforge/core/compat.py were written and
+tested for: a release outside them may have moved the internals they use, so this fails until someone
+has re-checked them."""
 
 import importlib.metadata
 import re

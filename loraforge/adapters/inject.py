@@ -15,6 +15,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from loraforge.core.compat import tensor_slots
 from loraforge.core.config import TASK_TYPES, AdapterConfig
 from loraforge.core.errors import AdapterError
 from loraforge.core.modules import find_targets, replace_module, submodule
@@ -122,8 +123,8 @@ def tensors_replaced(model: nn.Module, by_key: dict[str, torch.Tensor]) -> Itera
         for key, tensor in by_key.items():
             path, _, name = key.rpartition(".")
             module = submodule(model, path) if path else model
-            slots = module._parameters if name in module._parameters else module._buffers
-            if name not in slots:
+            slots = tensor_slots(module, name)
+            if slots is None:
                 raise AdapterError(f"{key!r} is neither a parameter nor a buffer of {type(model).__name__}")
             swapped.append((slots, name, slots[name]))
             slots[name] = tensor

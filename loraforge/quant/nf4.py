@@ -157,7 +157,7 @@ def codes_as_parameters(model: nn.Module) -> int:
         if codes.numel() % itemsize:
             raise LoraforgeError(f"a {layer.out_features} x {layer.in_features} layer's 4-bit codes do not fill whole "
                                  f"{layer.compute_dtype} values: it cannot be sharded in 4 bits")
-        del layer._buffers["weight_nf4"]
+        delattr(layer, "weight_nf4")  # the buffer; a Parameter of the same name takes its place
         layer.weight_nf4 = nn.Parameter(codes.view(layer.compute_dtype), requires_grad=False)
     return len(layers)
 

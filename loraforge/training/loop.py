@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from loraforge.adapters.io import save_adapter
+from loraforge.core.compat import cpu_has_native_bf16
 from loraforge.core.errors import TrainingError
 from loraforge.training.checkpoint import CHECKPOINT_DIR, save_checkpoint
 from loraforge.training.config import TrainConfig
@@ -80,7 +81,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         if device.type == "cuda":
             native = torch.cuda.is_bf16_supported()
         else:
-            native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            native = cpu_has_native_bf16()
         return torch.bfloat16 if native else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
