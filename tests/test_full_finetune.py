@@ -14,7 +14,7 @@ from loraforge.analysis.cli import add_parser
 from loraforge.testing import tiny_llama, tiny_tokenizer
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import from_records
-from loraforge.training.loop import lr_at, train
+from loraforge.training.loop import train
 
 TOK = tiny_tokenizer()
 
@@ -59,18 +59,11 @@ def test_trainer_saves_every_weight_as_safetensors_and_they_reload(tmp_path):
     assert not hasattr(plain, "peft_config") and torch.equal(logits(plain), logits(result.model))
 
 
-def test_resume_after_kill_reaches_the_same_weights(tmp_path, monkeypatch):
+def test_resume_after_kill_reaches_the_same_weights(tmp_path, kill_at_step):
     whole = run(tmp_path, "whole", steps=6)
 
-    def killed_at_step_5(step, config):
-        if step == 4:
-            raise KeyboardInterrupt
-        return lr_at(step, config)
-
-    monkeypatch.setattr("loraforge.training.loop.lr_at", killed_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
+    with kill_at_step(4):
         run(tmp_path, "killed", steps=6, save_every=2)
-    monkeypatch.undo()
     resumed = run(tmp_path, "killed", steps=6, save_every=2, resume=True)
     ours = load_file(str(resumed.out / "adapter" / "adapter_model.safetensors"))
     for key, value in load_file(str(whole.out / "adapter" / "adapter_model.safetensors")).items():

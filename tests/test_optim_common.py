@@ -10,7 +10,7 @@ from loraforge.core.plugins import OPTIMIZERS
 from loraforge.testing import tiny_llama, tiny_tokenizer
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import from_records
-from loraforge.training.loop import lr_at, train
+from loraforge.training.loop import train
 
 TOK = tiny_tokenizer()
 DATA = from_records([{"prompt": f"Q{i}: {i}+{i}?", "completion": f" {2 * i}" + "!" * (i % 4)} for i in range(24)], TOK,
@@ -34,18 +34,11 @@ def test_every_rule_is_listed():
 
 
 @pytest.mark.parametrize("rule", ["lora-plus", "lora-pro", "allora"])
-def test_resume_after_kill_reaches_the_same_weights(tmp_path, monkeypatch, rule):
+def test_resume_after_kill_reaches_the_same_weights(tmp_path, kill_at_step, rule):
     full = run(tmp_path, "full", rule)
 
-    def killed_at_step_5(step, config):
-        if step == 4:
-            raise KeyboardInterrupt
-        return lr_at(step, config)
-
-    monkeypatch.setattr("loraforge.training.loop.lr_at", killed_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
+    with kill_at_step(4):
         run(tmp_path, "killed", rule, save_every=2)
-    monkeypatch.setattr("loraforge.training.loop.lr_at", lr_at)
     resumed = run(tmp_path, "killed", rule, save_every=2, resume=True)
     reference = adapter(full)
     assert any(v.abs().sum() > 0 for k, v in reference.items() if "lora_B" in k)

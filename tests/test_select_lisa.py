@@ -15,7 +15,7 @@ from loraforge.testing import tiny_tokenizer
 from loraforge.training.components import make_selector
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import from_records
-from loraforge.training.loop import lr_at, train
+from loraforge.training.loop import train
 
 TOK = tiny_tokenizer()
 DATA = from_records([{"prompt": f"Q{i}: {i}+{i}?", "completion": f" {2 * i}"} for i in range(24)], TOK, max_length=32)
@@ -95,21 +95,14 @@ def run(tmp_path, name, **kw):
     return train(config, model=llama(), tokenizer=TOK, train_data=DATA, progress=False)
 
 
-def test_trainer_logs_the_blocks_and_resumes_identically(tmp_path, monkeypatch):
+def test_trainer_logs_the_blocks_and_resumes_identically(tmp_path, kill_at_step):
     full = run(tmp_path, "full")
     logged = [row["lisa_blocks"] for row in full.history if "lisa_blocks" in row]
     assert [row["step"] for row in full.history if "lisa_blocks" in row] == [1, 4, 7]
     assert all(len(b) == 2 for b in logged)
 
-    def killed_at_step_6(step, config):
-        if step == 5:
-            raise KeyboardInterrupt
-        return lr_at(step, config)
-
-    monkeypatch.setattr("loraforge.training.loop.lr_at", killed_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
+    with kill_at_step(5):
         run(tmp_path, "killed", save_every=2)  # checkpoint after step 4, mid-period (period 1 = steps 4-6)
-    monkeypatch.setattr("loraforge.training.loop.lr_at", lr_at)
     resumed = run(tmp_path, "killed", save_every=2, resume=True)
     want = load_file(str(full.out / "adapter" / "adapter_model.safetensors"))
     got = load_file(str(resumed.out / "adapter" / "adapter_model.safetensors"))

@@ -12,7 +12,7 @@ from loraforge.core.errors import TrainingError
 from loraforge.testing import tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import collate, from_records
-from loraforge.training.loop import fit, lr_at, train
+from loraforge.training.loop import fit, train
 from loraforge.training.loss import batch_loss
 from loraforge.training.setup import build_run
 
@@ -53,20 +53,11 @@ def test_run_writes_everything_and_lowers_the_loss(tmp_path):
     assert config["train"]["rank"] == 8 and config["adapter"]["method"] == "lora"
 
 
-def test_resume_after_kill_reaches_the_same_weights(tmp_path, monkeypatch):
+def test_resume_after_kill_reaches_the_same_weights(tmp_path, kill_at_step):
     full = run(tmp_path, "full", steps=8, dropout=0.1)
     # Kill a second run inside step 6 (its last checkpoint is from step 4), then resume it.
-    real_lr_at = lr_at
-
-    def killed_at_step_6(step, config):
-        if step == 5:
-            raise KeyboardInterrupt
-        return real_lr_at(step, config)
-
-    monkeypatch.setattr("loraforge.training.loop.lr_at", killed_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
+    with kill_at_step(5):
         run(tmp_path, "killed", steps=8, dropout=0.1, save_every=2)
-    monkeypatch.setattr("loraforge.training.loop.lr_at", real_lr_at)
     resumed = run(tmp_path, "killed", steps=8, dropout=0.1, save_every=2, resume=True)
     for key, value in adapter_tensors(full.out).items():
         torch.testing.assert_close(adapter_tensors(resumed.out)[key], value, atol=1e-6, rtol=0)
