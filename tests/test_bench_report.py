@@ -1,14 +1,16 @@
 """Where `loraforge bench` writes and reads: a report only where --report says, data only from --data or
 $LORAFORGE_DATA. `bench methods` with its training runs faked is the cheapest benchmark to drive end to end."""
 
+import dataclasses
 import json
+import re
 
 import pytest
 
 import loraforge as lf
-from loraforge.bench import data_path
 from loraforge.bench.methods import BenchRun, load_rows
 from loraforge.cli import main
+from loraforge.training.data import data_path
 
 RESULT = {"method": "lora", "init": "default", "rule": "adamw", "lr": 2e-3, "trainable_params": 1234, "step_s": 0.1,
           "peak_rss_mb": 10.0, "init_s": 0.01, "first_loss": 0.7, "final_loss": 0.5, "dev_loss": 0.6,
@@ -75,3 +77,31 @@ def test_LORAFORGE_DATA_resolves_a_data_name(project, monkeypatch, variable):
     assert bench_methods() == 0
     with pytest.raises(lf.LoraforgeError, match="gsm8k/test.jsonl is not a file"):
         data_path("gsm8k")
+
+
+def test_every_bench_takes_its_settings_fields_as_flags_with_their_help(capsys):
+    """`bench NAME --help` lists each settings field with its help text, through core.configs (no
+    hand-made argparse): a field added to a settings dataclass is a flag with no edit of the CLI."""
+    from loraforge.bench.cli import BENCHES
+
+    for name, spec in BENCHES.items():
+        with pytest.raises(SystemExit) as exited:
+            main(["bench", name, "--help"])
+        assert exited.value.code == 0
+        shown = capsys.readouterr().out
+        for config in spec.settings():
+            for field in dataclasses.fields(config):
+                flag = "--" + field.name.replace("_", "-")
+                listed = re.search(re.escape(flag) + r"[ ,]", shown) is not None
+                assert listed == (field.name not in spec.drop), (name, flag)
+                assert field.name in spec.drop or field.metadata["help"].split()[0] in shown, (name, flag)
+
+
+def test_bench_refuses_an_unknown_flag_and_a_bad_value_with_exit_2(project, capsys):
+    for flags in (["--stepz", "3"], ["--steps", "three"]):
+        with pytest.raises(SystemExit) as exited:
+            bench_methods(*flags)
+        assert exited.value.code == 2
+        assert "--stepz" in capsys.readouterr().err or flags[0] == "--steps"
+    with pytest.raises(SystemExit, match="--pairs names the combinations itself"):
+        bench_methods("--data", "sst2/train.tsv", "--pairs", "lora/adamw")

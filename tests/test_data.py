@@ -534,3 +534,27 @@ def test_step_sampler_ranks_read_global_batch_s_at_step_s(world_size, grad_accum
     for i, step in enumerate(range(3, 17)):
         window = [per_rank[r][i * grad_accum + k] for k in range(grad_accum) for r in range(world_size)]
         assert [row for part in window for row in part] == plan.indices(step)
+
+
+def test_the_gpu_loader_yields_the_cpu_loaders_batches(tmp_path):
+    """A run on a GPU collates in background workers into pinned memory with prefetch; it must read
+    exactly the micro-batches the in-process CPU loader reads (here on the CPU, where pinning is a
+    no-op: the workers, their prefetch and the sampler hand-over are what is checked)."""
+    from loraforge.training.config import TrainConfig
+    from loraforge.training.loader import GPU_WORKERS, step_loader
+    from loraforge.training.runtime import LocalRuntime
+
+    rows = [{"messages": [{"role": "user", "content": f"question {i} " * (1 + i % 5)},
+                          {"role": "assistant", "content": f"answer {i}"}]} for i in range(37)]
+    data = from_records(rows, tiny_tokenizer())
+    config = TrainConfig(model="m", data="d", batch_size=3, grad_accum=2, steps=6, seed=5)
+    cpu = step_loader(data, config, LocalRuntime(), 2, 0, torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "pin_memory is set but no accelerator is found"
+        gpu = step_loader(data, config, LocalRuntime(), 2, 0, torch.device("cuda"))
+        assert (gpu.num_workers, gpu.prefetch_factor, gpu.pin_memory) == (GPU_WORKERS, 2, True)
+        gpu_batches = list(gpu)
+    cpu_batches = list(cpu)
+    assert len(cpu_batches) == len(gpu_batches) == (6 - 2) * 2
+    for ours, theirs in zip(cpu_batches, gpu_batches):
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -504,3 +504,27 @@ def test_bench_fed_runs_every_strategy_and_the_centralised_baseline(fed_setup, f
     (fed_setup / "bench" / "base" / "results.json").unlink()  # a run that was stopped part-way
     with pytest.raises(lf.LoraforgeError, match="not empty"):
         bench_fed(bench, runner=in_process)
+
+
+def test_the_flower_apps_default_data_is_a_name_read_under_LORAFORGE_DATA(tmp_path, monkeypatch):
+    """pyproject's run config names its data set (`sst2`), never a path on one machine."""
+    pytest.importorskip("flwr")
+    from pathlib import Path
+
+    import tomllib
+
+    from loraforge.federated.app import config_from_run_config
+    from loraforge.federated.flower import split_rows
+
+    defaults = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    cfg = config_from_run_config(defaults)
+    assert cfg.data == "sst2"
+    monkeypatch.delenv("LORAFORGE_SHARED_DATA", raising=False)
+    monkeypatch.delenv("LORAFORGE_DATA", raising=False)
+    with pytest.raises(lf.LoraforgeError, match="set LORAFORGE_DATA"):
+        split_rows(cfg)
+    (tmp_path / "sst2").mkdir()
+    (tmp_path / "sst2" / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"row {i}\t{i % 2}\n" for i in range(40)))
+    monkeypatch.setenv("LORAFORGE_DATA", str(tmp_path))
+    held_out, shards = split_rows(cfg)
+    assert len(held_out) == 4 and sum(len(s) for s in shards) == 36 and len(shards) == cfg.clients

@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 import loraforge as lf
+from loraforge.core.plugins import REGULARIZERS, Component
 from loraforge.testing import tiny_bert, tiny_llama, tiny_tokenizer
-from loraforge.training.components import make_regularizer
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import from_records
 from loraforge.training.loop import train
@@ -33,7 +33,7 @@ def flat(tensors) -> torch.Tensor:
 def test_rho_zero_leaves_the_gradient_alone():
     _, params, recompute = model_and_grads()
     before = [p.grad.clone() for p in params]
-    assert make_regularizer("glad", glad_rho=0.0).steer(params, recompute) == {}
+    assert REGULARIZERS.build(Component("glad", {"glad_rho": 0.0})).steer(params, recompute) == {}
     for p, g in zip(params, before):
         assert torch.equal(p.grad, g)
 
@@ -48,7 +48,7 @@ def test_perturbation_has_norm_rho_along_g_and_is_undone_bitwise():
         seen["eps"] = flat(p.detach() for p in params) - flat(weights)
         recompute()
 
-    make_regularizer("glad", glad_rho=0.1).steer(params, spy)
+    REGULARIZERS.build(Component("glad", {"glad_rho": 0.1})).steer(params, spy)
     eps = seen["eps"]
     torch.testing.assert_close(eps.norm(), torch.tensor(0.1), atol=1e-6, rtol=0)
     torch.testing.assert_close(torch.nn.functional.cosine_similarity(eps, g, dim=0), torch.tensor(1.0), atol=1e-6, rtol=0)
@@ -67,7 +67,7 @@ def test_agreeing_reference_keeps_g_and_conflicting_one_is_projected_out():
             p.grad.mul_(-1).add_(torch.randn_like(p) * 1e-3)
         reference["g"] = flat(p.grad for p in params).clone()
 
-    metrics = make_regularizer("glad", glad_rho=0.05).steer(params, against)
+    metrics = REGULARIZERS.build(Component("glad", {"glad_rho": 0.05})).steer(params, against)
     assert metrics["glad_cosine"] < 0
     steered = flat(p.grad for p in params)
     assert abs(torch.dot(steered, reference["g"])) < 1e-6 * g.norm() * reference["g"].norm()
@@ -76,7 +76,7 @@ def test_agreeing_reference_keeps_g_and_conflicting_one_is_projected_out():
 
     _, params, recompute = model_and_grads()
     g = flat(p.grad for p in params).clone()
-    metrics = make_regularizer("glad", glad_rho=1e-4).steer(params, recompute)  # tiny step: g_sam ~ g
+    metrics = REGULARIZERS.build(Component("glad", {"glad_rho": 1e-4})).steer(params, recompute)  # tiny step: g_sam ~ g
     assert metrics["glad_cosine"] > 0.99
     assert torch.equal(flat(p.grad for p in params), g)
 
@@ -92,7 +92,7 @@ def test_lambda_half_removes_half_the_conflict():
             p.grad.mul_(-1)
         reference["g"] = flat(p.grad for p in params).clone()
 
-    make_regularizer("glad", glad_rho=1e-4, glad_lambda=0.5).steer(params, against)
+    REGULARIZERS.build(Component("glad", {"glad_rho": 1e-4, "glad_lambda": 0.5})).steer(params, against)
     r = reference["g"]
     torch.testing.assert_close(flat(p.grad for p in params), g - 0.5 * torch.dot(g, r) / r.square().sum() * r,
                                atol=1e-6, rtol=1e-5)

@@ -60,7 +60,7 @@ def test_unknown_rule_or_setting_is_refused():
     model = lf.attach(tiny_llama(), lf.AdapterConfig(rank=4))
     with pytest.raises(lf.LoraforgeError, match="unknown optimizer"):
         lf.make_optimizer(model, "sgdw")
-    with pytest.raises(lf.LoraforgeError, match="takes no setting allora_eta"):
+    with pytest.raises(lf.LoraforgeError, match="takes no setting 'allora_eta'"):
         lf.make_optimizer(model, "lora-plus", allora_eta=1.0)
 
 

@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import loraforge as lf
+from loraforge.core.plugins import SELECTORS, Component
 from loraforge.select import find_blocks
 from loraforge.select.lisa import sample_blocks
 from loraforge.testing import tiny_tokenizer
-from loraforge.training.components import make_selector
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import from_records
 from loraforge.training.loop import train
@@ -50,7 +50,7 @@ def test_sampling_is_seeded_uniform_and_without_replacement():
 def test_exactly_gamma_blocks_train_and_the_set_changes_only_every_k_steps(method):
     model = lf.attach(llama(), lf.AdapterConfig(method=method, rank=4, init="random"))
     outside = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("model.layers.")]
-    lisa = make_selector("lisa", lisa_layers=2, lisa_interval=3, seed=0)
+    lisa = SELECTORS.build(Component("lisa", {"lisa_layers": 2, "lisa_interval": 3}), seed=0)
     optimizer = lf.make_optimizer(model, "adamw", lr=1e-3)
     sets = []
     for step in range(9):
@@ -68,7 +68,7 @@ def test_exactly_gamma_blocks_train_and_the_set_changes_only_every_k_steps(metho
 
 def test_frozen_blocks_are_unchanged_and_their_state_dropped():
     model = lf.attach(llama(), lf.AdapterConfig(method="full"))
-    lisa = make_selector("lisa", lisa_layers=2, lisa_interval=2, seed=0)
+    lisa = SELECTORS.build(Component("lisa", {"lisa_layers": 2, "lisa_interval": 2}), seed=0)
     optimizer = lf.make_optimizer(model, "adamw", lr=1e-2)
     _, blocks = find_blocks(model)
     for step in range(4):

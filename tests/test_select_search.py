@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 import loraforge as lf
+from loraforge.core.plugins import SELECTORS, Component
 from loraforge.select import SearchData, gate_adapter
 from loraforge.select.colora import allocate_ranks, faig, integrated_gradients
 from loraforge.select.diffora import top_modules
 from loraforge.select.flexora import selected_layers
 from loraforge.testing import assert_same_outputs, tiny_llama, tiny_tokenizer
-from loraforge.training.components import make_selector
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import from_records
 from loraforge.training.loop import train
@@ -82,7 +82,8 @@ def test_flexora_keeps_the_layers_whose_gate_rose():
 
 def test_flexora_finds_the_blocks_that_need_to_change():
     model = Toy()
-    make_selector("flexora", select_steps=60, select_lr=0.05, lr=1e-2).attach(model, toy_config(), toy_search([0, 2]))
+    flexora = SELECTORS.build(Component("flexora", {"select_steps": 60, "select_lr": 0.05}), lr=1e-2)
+    flexora.attach(model, toy_config(), toy_search([0, 2]))
     selection = model.loraforge_config.provenance["selection"]
     assert selection["layers"] == [0, 2]
     assert sorted(lf.adapter_layers(model)) == ["layers.0.proj", "layers.2.proj"]
@@ -139,14 +140,14 @@ def test_fused_lora_refuses_a_second_derivative_it_would_get_wrong():
 
 def test_flexora_second_order_search_runs_and_selects():
     model = Toy()
-    make_selector("flexora", select_steps=30, select_lr=0.05, lr=1e-2, select_order=2).attach(
+    SELECTORS.build(Component("flexora", {"select_steps": 30, "select_lr": 0.05, "select_order": 2}), lr=1e-2).attach(
         model, toy_config(), toy_search([0, 2]))
     assert model.loraforge_config.provenance["selection"]["layers"] == [0, 2]
 
 
 def test_diffora_keeps_ceil_rho_m_modules_the_ones_that_need_to_change():
     model = Toy()
-    make_selector("diffora", diffora_ratio=0.5, select_steps=60, select_lr=0.05, lr=1e-2).attach(
+    SELECTORS.build(Component("diffora", {"diffora_ratio": 0.5, "select_steps": 60, "select_lr": 0.05}), lr=1e-2).attach(
         model, toy_config(), toy_search([1, 3]))
     assert model.loraforge_config.provenance["selection"]["modules"] == ["layers.1.proj", "layers.3.proj"]
     assert lf.trainable_parameters(model) == 2 * (2 * 2 * D)
@@ -164,7 +165,8 @@ def test_diffora_weight_sharing_starts_from_the_searched_adapter(monkeypatch):
 
     monkeypatch.setattr(diffora, "gated_search", spy)
     model = Toy()
-    make_selector("diffora", diffora_ratio=0.25, select_steps=5, lr=1e-2).attach(model, toy_config(), toy_search([1]))
+    diffora = SELECTORS.build(Component("diffora", {"diffora_ratio": 0.25, "select_steps": 5}), lr=1e-2)
+    diffora.attach(model, toy_config(), toy_search([1]))
     own = lf.adapter_state_dict(model)
     assert len(own) == 2
     for key, value in own.items():
@@ -303,7 +305,8 @@ def test_colora_faig_counts_filters_by_output_unit():
 
 def test_colora_gives_the_changed_block_the_largest_rank():
     model = Toy()
-    make_selector("colora", select_steps=30, lr=1e-2, colora_ig_steps=8).attach(model, toy_config(rank=2), toy_search([1]))
+    colora = SELECTORS.build(Component("colora", {"select_steps": 30, "colora_ig_steps": 8}), lr=1e-2)
+    colora.attach(model, toy_config(rank=2), toy_search([1]))
     selection = model.loraforge_config.provenance["selection"]
     ranks = {n: layer.rank for n, layer in lf.adapter_layers(model).items()}
     assert ranks == selection["ranks"] and sum(ranks.values()) == 2 * BLOCKS
@@ -316,7 +319,7 @@ def test_colora_gives_the_changed_block_the_largest_rank():
 
 def test_colora_without_fine_tuning_falls_back_to_uniform_ranks():
     model = Toy()
-    make_selector("colora", select_steps=0).attach(model, toy_config(rank=2), toy_search([1]))
+    SELECTORS.build(Component("colora", {"select_steps": 0})).attach(model, toy_config(rank=2), toy_search([1]))
     assert {layer.rank for layer in lf.adapter_layers(model).values()} == {2}
     assert not model.loraforge_config.rank_pattern
 

@@ -13,11 +13,6 @@ from pathlib import Path
 
 import torch
 
-from loraforge.core.errors import LoraforgeError
-
-DATA_ENV = ("LORAFORGE_DATA", "LORAFORGE_SHARED_DATA")  # the second: the old name, still set by older scripts
-NAMED_DATA = {"sst2": "sst2/train.tsv", "gsm8k": "gsm8k/test.jsonl"}  # name -> its file under $LORAFORGE_DATA
-
 
 def machine() -> str:
     """One line naming the hardware the figures come from."""
@@ -59,22 +54,6 @@ def map_large_blocks() -> None:
     mark: a benchmark reading RSS would then see memory that is no longer in use."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)
-
-
-def data_path(data: str, flag: str = "--data") -> Path:
-    """A benchmark's data file: `data` itself, or for a name of NAMED_DATA its file under the folder
-    in $LORAFORGE_DATA (no data is looked for anywhere else, so a run reads only what it was told)."""
-    if data not in NAMED_DATA:
-        path = Path(data)
-    else:
-        root = next((os.environ[name] for name in DATA_ENV if os.environ.get(name)), None)
-        if root is None:
-            raise LoraforgeError(f"the data set {data!r} is read from $LORAFORGE_DATA/{NAMED_DATA[data]}: pass "
-                                 f"{flag} PATH or set LORAFORGE_DATA to the folder holding {NAMED_DATA[data]}")
-        path = Path(root) / NAMED_DATA[data]
-    if not path.is_file():
-        raise LoraforgeError(f"{flag}: {path} is not a file")
-    return path
 
 
 def figure_name(stem: str, folder: Path) -> str:

@@ -1,107 +1,171 @@
-"""`loraforge bench ...`: each benchmark is a sub-command."""
+"""`loraforge bench ...`: each benchmark is a sub-command whose flags are the fields of its settings
+dataclasses, parsed by the one config mechanism of `loraforge.core.configs` (as `train` and `fed run`
+are), so `--help` shows each field's help and a misspelt flag is refused. A new benchmark is one
+entry of `BENCHES`."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import shlex
 import sys
+import typing
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from loraforge.core.configs import field_names, opt, parse_flags
 
 PROJECT_REPORT = Path("docs/benchmarks.md")  # `--report` alone: the benchmarks page of the project run from
 
 
-def add_parser(subparsers) -> None:
-    from loraforge.bench.methods import BenchRun
+@dataclasses.dataclass
+class MethodsSweep:
+    """What `bench methods` runs: one BenchRun per combination of these (its own method, init and rule
+    fields are set by them)."""
 
-    bench = subparsers.add_parser("bench", help="benchmarks: each prints its table; --report PATH also appends it "
-                                                "to that Markdown file")
-    kinds = bench.add_subparsers(required=True, metavar="methods | parity | intruders | fed | serve | speed")
-    p = kinds.add_parser("methods", help="train every registered method with one budget and compare")
-    for f in dataclasses.fields(BenchRun):
-        if f.name not in ("method", "init", "rule"):
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    p.add_argument("--methods", default=None, help="comma-separated subset (default: every registered method)")
-    p.add_argument("--rules", default="adamw", help="comma-separated optimizers, regularizers and selectors, each run "
-                                                   "with every method (e.g. adamw,lora-plus,lora-pro,allora,glad,lisa)")
-    p.add_argument("--pairs", default=None, help="comma-separated METHOD/RULE combinations to run instead of crossing "
-                                                 "--methods with --rules (e.g. lora/adamw,dora/adamw,lora/lisa)")
-    p.add_argument("--lrs", default=None, help="comma-separated learning rates: sweep them all (e.g. 1e-5,1e-4,1e-3,1e-2)")
-    p.add_argument("--inits", default=None, help="comma-separated initialisers, each run on plain LoRA (default: every "
-                                                 "one that starts LoRA when --methods is not given; '' for none)")
-    p.add_argument("--method-lrs", default="", help="learning rates per method or initialiser, e.g. full=1e-4,pissa=5e-4 (others: --lr)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each pinned to one core with one thread")
-    p.set_defaults(run=run_methods)
-
-    p = kinds.add_parser("parity", help="loraforge and PEFT load each other's adapters: logit differences")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--rank", type=int, default=8)
-    p.set_defaults(run=run_parity)
-
-    from loraforge.bench.speed import SpeedRun
-
-    p = kinds.add_parser("speed", help="a LoRA training step against the frozen-base limit and PEFT, per precision")
-    for f in dataclasses.fields(SpeedRun):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default)
-    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    p.set_defaults(run=run_speed)
-
-    from loraforge.bench.intruders import IntruderBench
-
-    p = kinds.add_parser("intruders", help="LoRA ranks vs full fine-tuning: intruder dimensions, forgetting, mitigation")
-    _dataclass_flags(p, IntruderBench)
-    p.set_defaults(run=run_intruders)
-
-    from loraforge.bench.fed import FedBench
-
-    p = kinds.add_parser("fed", help="FedAvg vs FLoRA vs LoRA-FAIR vs centralised on Flower's simulation engine")
-    _dataclass_flags(p, FedBench)
-    p.set_defaults(run=run_fed)
-
-    from loraforge.bench.serve import ServeBench
-
-    p = kinds.add_parser("serve", help="multi-adapter serving throughput against PEFT and merging; --load: HTTP load test")
-    _dataclass_flags(p, ServeBench)
-    p.set_defaults(run=run_serve)
-
-    for p in kinds.choices.values():
-        p.add_argument("--report", type=Path, nargs="?", const=PROJECT_REPORT, default=None, metavar="PATH",
-                       help=f"append a dated section (machine, command, table) to this Markdown file, its figure "
-                            f"beside it; --report alone: {PROJECT_REPORT}. Default: print the table only")
+    methods: str | None = opt(None, "comma-separated subset; not given: every registered method")
+    rules: str = opt("adamw", "comma-separated optimizers, regularizers and selectors, each run with every method "
+                              "(e.g. adamw,lora-plus,lora-pro,allora,glad,lisa)")
+    pairs: str | None = opt(None, "comma-separated METHOD/RULE combinations to run instead of crossing --methods with "
+                                  "--rules (e.g. lora/adamw,dora/adamw,lora/lisa)")
+    lrs: str | None = opt(None, "comma-separated learning rates: sweep them all (e.g. 1e-5,1e-4,1e-3,1e-2)")
+    inits: str | None = opt(None, "comma-separated initialisers, each run on plain LoRA; not given: every one that "
+                                  "starts LoRA, unless --methods is given; '' for none")
+    method_lrs: str = opt("", "learning rates per method or initialiser, e.g. full=1e-4,pissa=5e-4 (others: --lr)")
+    jobs: int = opt(1, "runs at a time, each pinned to one core with one thread")
 
 
-def run_methods(args: argparse.Namespace) -> int:
+@dataclasses.dataclass
+class ParityRun:
+    model: str = opt("smollm2-135m", "embedded name or local Hugging Face folder")
+    rank: int = opt(8, "LoRA rank")
+
+
+@dataclasses.dataclass
+class JsonOut:
+    json: str | None = opt(None, "also write the figures to this JSON file")
+
+
+@dataclasses.dataclass(frozen=True)
+class Bench:
+    help: str
+    settings: Callable[[], tuple[type, ...]]  # the dataclasses whose fields are the flags (imported when run)
+    run: Callable[[dict[str, Any], str, Path | None], object]  # (field values, command line, report) -> figures
+    drop: tuple[str, ...] = ()  # fields of `settings` that are not flags
+
+
+def _methods(values: dict[str, Any], command: str, report: Path | None) -> object:
     from loraforge.bench.methods import BenchRun, bench_methods
 
-    fields = {f.name for f in dataclasses.fields(BenchRun)}
-    base = BenchRun(**{k: v for k, v in vars(args).items() if k in fields})
-    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
-    inits = None if args.inits is None else [i.strip() for i in args.inits.split(",") if i.strip()]
-    pairs = _pairs(args.pairs) if args.pairs else None
+    sweep = _build(MethodsSweep, values)
+    base = _build(BenchRun, values)
+    methods = _items(sweep.methods) if sweep.methods else None
+    rules = _items(sweep.rules)
+    inits = None if sweep.inits is None else _items(sweep.inits)
+    pairs = _pairs(sweep.pairs) if sweep.pairs else None
     if pairs:
-        if args.methods or args.inits or args.rules != "adamw":
+        if sweep.methods or sweep.inits or sweep.rules != "adamw":
             raise SystemExit("--pairs names the combinations itself: drop --methods, --rules and --inits")
         rules, inits = None, []
-    if args.lrs:
+    if sweep.lrs:
         from loraforge.bench.sweep import bench_sweep
 
-        bench_sweep(base, methods, rules, [float(x) for x in args.lrs.split(",")], command=_command(), inits=inits,
-                    jobs=args.jobs, pairs=pairs, report=args.report)
-    else:
-        bench_methods(base, methods, command=_command(), rules=rules, inits=inits,
-                      method_lrs=_method_lrs(args.method_lrs), jobs=args.jobs, pairs=pairs, report=args.report)
+        return bench_sweep(base, methods, rules, [float(x) for x in _items(sweep.lrs)], command=command, inits=inits,
+                           jobs=sweep.jobs, pairs=pairs, report=report)
+    return bench_methods(base, methods, command=command, rules=rules, inits=inits,
+                         method_lrs=_method_lrs(sweep.method_lrs), jobs=sweep.jobs, pairs=pairs, report=report)
+
+
+def _parity(values: dict[str, Any], command: str, report: Path | None) -> object:
+    from loraforge.bench.parity import bench_parity
+
+    run = _build(ParityRun, values)
+    return bench_parity(run.model, run.rank, command=command, report=report)
+
+
+def _speed(values: dict[str, Any], command: str, report: Path | None) -> object:
+    from loraforge.bench.speed import SpeedRun, bench_speed
+
+    return bench_speed(_build(SpeedRun, values), values["json"], command=command, report=report)
+
+
+def _class(module: str, name: str) -> type:
+    return getattr(importlib.import_module(module), name)
+
+
+def _single(help_text: str, module: str, settings: str, runner: str) -> Bench:
+    """A benchmark of one settings dataclass: `module.runner(module.settings(**values), command, report)`."""
+    def run(values: dict[str, Any], command: str, report: Path | None) -> object:
+        return getattr(importlib.import_module(module), runner)(_build(_class(module, settings), values),
+                                                                command=command, report=report)
+    return Bench(help_text, lambda: (_class(module, settings),), run)
+
+
+BENCHES: dict[str, Bench] = {
+    "methods": Bench("train every registered method with one budget and compare",
+                     lambda: (_class("loraforge.bench.methods", "BenchRun"), MethodsSweep), _methods,
+                     drop=("method", "init", "rule")),
+    "parity": Bench("loraforge and PEFT load each other's adapters: logit differences", lambda: (ParityRun,), _parity),
+    "speed": Bench("a LoRA training step against the frozen-base limit and PEFT, per precision",
+                   lambda: (_class("loraforge.bench.speed", "SpeedRun"), JsonOut), _speed),
+    "intruders": _single("LoRA ranks vs full fine-tuning: intruder dimensions, forgetting, mitigation",
+                         "loraforge.bench.intruders", "IntruderBench", "bench_intruders"),
+    "fed": _single("FedAvg vs FLoRA vs LoRA-FAIR vs centralised on Flower's simulation engine",
+                   "loraforge.bench.fed", "FedBench", "bench_fed"),
+    "serve": _single("multi-adapter serving throughput against PEFT and merging; --load: HTTP load test",
+                     "loraforge.bench.serve", "ServeBench", "bench_serve"),
+}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks: each prints its table; --report PATH also appends it "
+                                                "to that Markdown file")
+    kinds = bench.add_subparsers(required=True, metavar=" | ".join(BENCHES))
+    for name, spec in BENCHES.items():
+        p = kinds.add_parser(name, help=f"{spec.help} (loraforge bench {name} --help lists its flags)", add_help=False)
+        p.set_defaults(run=lambda argv, name=name: run_bench(name, argv), config_flags=True)
+
+
+def run_bench(name: str, argv: list[str]) -> int:
+    """`loraforge bench NAME ARGS`: the settings' fields as flags, plus `--report [PATH]`."""
+    spec = BENCHES[name]
+    reporting = argparse.ArgumentParser(add_help=False)
+    reporting.add_argument("--report", type=Path, nargs="?", const=PROJECT_REPORT, default=None)
+    given, rest = reporting.parse_known_args(argv)
+    flags = _flags_class(name, spec.settings(), spec.drop)
+    help_text = (f"{spec.help}. --report [PATH] appends a dated section (machine, command, table) to that Markdown "
+                 f"file, its figures beside it; --report alone: {PROJECT_REPORT}. Default: print the table only.")
+    values = parse_flags(flags, rest, prog=f"loraforge bench {name}", description=help_text)
+    spec.run(values, _command(), given.report)
     return 0
+
+
+def _flags_class(name: str, configs: tuple[type, ...], drop: tuple[str, ...]) -> type:
+    """One dataclass holding the fields of `configs` (less `drop`): the flags of `bench NAME`."""
+    fields = []
+    for config in configs:
+        hints = typing.get_type_hints(config)
+        fields += [(f.name, hints[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory,
+                                                             metadata=f.metadata))
+                   for f in dataclasses.fields(config) if f.name not in drop]
+    return dataclasses.make_dataclass(f"Bench{name.title()}Flags", fields)
+
+
+def _build(config: type, values: dict[str, Any]) -> Any:
+    """`config` from the parsed values that are its fields (the others belong to its sibling settings)."""
+    return config(**{k: values[k] for k in field_names(config) if k in values})
+
+
+def _items(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def _pairs(text: str) -> list[tuple[str, str]]:
     """'lora/adamw,dora/adamw' -> [('lora', 'adamw'), ('dora', 'adamw')], with an error that names a bad item."""
     pairs = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    for item in _items(text):
         method, slash, rule = item.partition("/")
         if not slash or not method.strip() or not rule.strip():
             raise SystemExit(f"--pairs: {item!r} is not METHOD/RULE")
@@ -112,66 +176,13 @@ def _pairs(text: str) -> list[tuple[str, str]]:
 def _method_lrs(text: str) -> dict[str, float]:
     """'full=1e-4,bone=5e-4' -> {'full': 1e-4, 'bone': 5e-4}, with an error that names a bad item."""
     rates = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    for item in _items(text):
         name, _, value = item.partition("=")
         try:
             rates[name.strip()] = float(value)
         except ValueError:
             raise SystemExit(f"--method-lrs: {item!r} is not NAME=RATE") from None
     return rates
-
-
-def run_parity(args: argparse.Namespace) -> int:
-    from loraforge.bench.parity import bench_parity
-
-    bench_parity(args.model, args.rank, command=_command(), report=args.report)
-    return 0
-
-
-def run_intruders(args: argparse.Namespace) -> int:
-    from loraforge.bench.intruders import IntruderBench, bench_intruders
-
-    bench_intruders(_from_args(IntruderBench, args), command=_command(), report=args.report)
-    return 0
-
-
-def run_fed(args: argparse.Namespace) -> int:
-    from loraforge.bench.fed import FedBench, bench_fed
-
-    bench_fed(_from_args(FedBench, args), command=_command(), report=args.report)
-    return 0
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    from loraforge.bench.serve import ServeBench, bench_serve
-
-    bench_serve(_from_args(ServeBench, args), command=_command(), report=args.report)
-    return 0
-
-
-def _dataclass_flags(p: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of a benchmark's settings dataclass, with its default."""
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            kind = str if f.default is None else type(f.default)
-            p.add_argument(flag, type=kind, default=f.default, help=f"default {f.default}")
-
-
-def _from_args(cls: type, args: argparse.Namespace):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names})
-
-
-def run_speed(args: argparse.Namespace) -> int:
-    from loraforge.bench.speed import SpeedRun, bench_speed
-
-    fields = {f.name for f in dataclasses.fields(SpeedRun)}
-    bench_speed(SpeedRun(**{k: v for k, v in vars(args).items() if k in fields}), args.json, command=_command(),
-                report=args.report)
-    return 0
 
 
 def _command() -> str:

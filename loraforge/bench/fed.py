@@ -24,11 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from loraforge.bench import append_section, data_path, figure_line
+from loraforge.bench import append_section, figure_line
 from loraforge.bench.methods import BenchRun, load_rows
+from loraforge.core.configs import opt
 from loraforge.core.errors import LoraforgeError
 from loraforge.core.files import atomic_write_text
 from loraforge.federated.strategies import STRATEGIES
+from loraforge.training.data import data_path
 
 TASKS = {"minilm-l6": "sst2", "smollm2-135m": "advising"}
 CENTRALISED = "centralised"  # the baseline's curve, beside one per strategy
@@ -36,21 +38,21 @@ CENTRALISED = "centralised"  # the baseline's curve, beside one per strategy
 
 @dataclass
 class FedBench:
-    models: str = "minilm-l6"  # comma-separated: minilm-l6 (SST-2), smollm2-135m (advising)
-    data: str | None = None  # a TSV/CSV (classification) or JSONL (causal LM) instead of the model's own task
-    clients: int = 10
-    partition: str = "dirichlet:0.5"
-    rounds: int = 6
-    local_steps: int = 5  # 20 steps on a Dirichlet-0.5 shard drift every strategy to its clients' labels (~0.55)
-    batch_size: int = 16
-    lr: float = 2e-3
-    rank: int = 8  # strategies whose clients train the global adapter (fedavg, lora-fair), and centralised
-    flora_ranks: str = "4,8,16"  # cycled over the clients of strategies whose clients start fresh (flora)
-    rows: int = 2000  # SST-2 rows used (the last 10% held out); the advising set is used whole
-    max_length: int = 64
-    seed: int = 0
-    cpus: int = 2  # CPUs Flower's simulation engine may use
-    out: str = "runs/bench-fed"
+    models: str = opt("minilm-l6", "comma-separated: minilm-l6 (SST-2), smollm2-135m (advising)")
+    data: str | None = opt(None, "a TSV/CSV (classification) or JSONL (causal LM) instead of the model's own task")
+    clients: int = opt(10, "clients in the federation")
+    partition: str = opt("dirichlet:0.5", "iid or dirichlet:ALPHA over the labels")
+    rounds: int = opt(6, "federated rounds")
+    local_steps: int = opt(5, "local steps per client per round (20 steps on a Dirichlet-0.5 shard drift every strategy to its clients' labels (~0.55))")
+    batch_size: int = opt(16, "sequences per local step")
+    lr: float = opt(2e-3, "learning rate of every client")
+    rank: int = opt(8, "rank of strategies whose clients train the global adapter (fedavg, lora-fair), and centralised")
+    flora_ranks: str = opt("4,8,16", "cycled over the clients of strategies whose clients start fresh (flora)")
+    rows: int = opt(2000, "SST-2 rows used (the last 10% held out); the advising set is used whole")
+    max_length: int = opt(64, "tokens per sequence")
+    seed: int = opt(0, "seed of the partition, data order and initialisation")
+    cpus: int = opt(2, "CPUs Flower's simulation engine may use")
+    out: str = opt("runs/bench-fed", "folder for the runs")
 
 
 def write_data(bench: FedBench, model: str, folder: Path) -> tuple[Path, str]:

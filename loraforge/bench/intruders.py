@@ -35,31 +35,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraforge.bench import append_section, data_path, figure_line
+from loraforge.bench import append_section, figure_line
 from loraforge.bench.methods import BenchRun, load_rows
+from loraforge.core.configs import opt
 from loraforge.core.errors import LoraforgeError
+from loraforge.training.data import data_path
 
 TASKS = {"minilm-l6": "sst2", "smollm2-135m": "advising"}  # the pairs; other models name --data
 
 
 @dataclass
 class IntruderBench:
-    models: str = "minilm-l6"  # comma-separated; each trains on TASKS[model] unless --data is given
-    data: str | None = None  # a TSV/CSV (classification) or JSONL (causal LM) instead of TASKS[model]
-    ranks: str = "1,8,64"
-    steps: int = 60
-    batch_size: int = 16
-    lr: float = 1e-3  # LoRA's, every rank (rsLoRA r = 64 at alpha = 2r has scale 16: 2e-3 diverged here)
-    full_lr: float = 1e-4  # full fine-tuning moves every weight: about 10-20x smaller, as usual
-    max_length: int = 64
-    dev_size: int = 200
-    forget_rows: int = 64  # GSM8K test rows (or rows of --forget-data) used to measure forgetting
-    forget_data: str = "gsm8k"  # JSONL with question/answer rows, or gsm8k: $LORAFORGE_DATA/gsm8k/test.jsonl
-    lam: float = 0.75  # mitigation: intruder singular values scaled by this
-    k: int = 10
-    epsilon: float = 0.5
-    seed: int = 0
-    out: str = "runs/bench-intruders"
+    models: str = opt("minilm-l6", "comma-separated; each trains on TASKS[model] unless --data is given")
+    data: str | None = opt(None, "a TSV/CSV (classification) or JSONL (causal LM) instead of TASKS[model]")
+    ranks: str = opt("1,8,64", "comma-separated LoRA ranks")
+    steps: int = opt(60, "optimizer steps per run")
+    batch_size: int = opt(16, "sequences per step")
+    lr: float = opt(1e-3, "LoRA's learning rate at every rank (rsLoRA r = 64 at alpha = 2r has scale 16: 2e-3 diverged here)")
+    full_lr: float = opt(1e-4, "learning rate of full fine-tuning, which moves every weight: about 10-20x smaller, as usual")
+    max_length: int = opt(64, "tokens per sequence")
+    dev_size: int = opt(200, "held-out rows")
+    forget_rows: int = opt(64, "GSM8K test rows (or rows of --forget-data) used to measure forgetting")
+    forget_data: str = opt("gsm8k", "JSONL with question/answer rows, or gsm8k: $LORAFORGE_DATA/gsm8k/test.jsonl")
+    lam: float = opt(0.75, "mitigation: intruder singular values scaled by this")
+    k: int = opt(10, "top singular vectors of the trained weight examined")
+    epsilon: float = opt(0.5, "cosine below which a singular vector is an intruder")
+    seed: int = opt(0, "seed of data order and initialisation")
+    out: str = opt("runs/bench-intruders", "folder for the runs")
 
     def rank_list(self) -> list[int]:
         try:

@@ -40,26 +40,28 @@ from pathlib import Path
 from queue import SimpleQueue
 from typing import Any
 
-from loraforge.bench import append_section, data_path, figure_line, peak_rss_mb
+from loraforge.bench import append_section, figure_line, peak_rss_mb
+from loraforge.core.configs import opt
 from loraforge.core.errors import LoraforgeError
 from loraforge.core.files import atomic_write_text
+from loraforge.training.data import data_path
 
 
 @dataclasses.dataclass
 class BenchRun:
-    model: str = "minilm-l6"
-    data: str = "sst2"  # sst2 (under $LORAFORGE_DATA) | advising (the demo's) | a TSV (classification) or JSONL (causal LM) path
-    method: str = "lora"
-    init: str = "default"
-    rule: str = "adamw"  # an optimizer, regularizer or selector name (loraforge/optim, regularizers, select)
-    steps: int = 300
-    batch_size: int = 32
-    lr: float = 2e-3
-    rank: int = 8
-    alpha: float = 16.0
-    dev_size: int = 1000
-    seed: int = 0
-    out: str = "runs/bench-methods"
+    model: str = opt("minilm-l6", "embedded name or local Hugging Face folder")
+    data: str = opt("sst2", "sst2 (under $LORAFORGE_DATA) | advising (the demo's) | a TSV (classification) or JSONL (causal LM) path")
+    method: str = opt("lora", "a registered method (loraforge methods)")
+    init: str = opt("default", "initialiser of the adapter (default: the method's own)")
+    rule: str = opt("adamw", "an optimizer, regularizer or selector name (loraforge/optim, regularizers, select)")
+    steps: int = opt(300, "optimizer steps per run")
+    batch_size: int = opt(32, "sequences per step")
+    lr: float = opt(2e-3, "learning rate")
+    rank: int = opt(8, "adapter rank")
+    alpha: float = opt(16.0, "adapter alpha (scale alpha/r)")
+    dev_size: int = opt(1000, "held-out rows (the last of the file)")
+    seed: int = opt(0, "seed of data order and initialisation")
+    out: str = opt("runs/bench-methods", "folder for each run's adapter and metrics")
 
 
 def load_rows(run: BenchRun) -> tuple[str, list[dict], list[dict]]:

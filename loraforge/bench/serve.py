@@ -40,6 +40,7 @@ from typing import Any, Callable
 import torch
 
 from loraforge.bench import append_section, figure_line, machine, map_large_blocks, release_freed_memory, status_mb
+from loraforge.core.configs import opt
 from loraforge.core.errors import LoraforgeError
 
 B_SCALE = 0.05  # random B (nn.Linear's init) times this: an update of a few percent, like a trained adapter
@@ -49,24 +50,24 @@ MEMORY_SLACK = 0.05  # the load test's resident memory after may exceed its post
 
 @dataclass
 class ServeBench:
-    model: str = "smollm2-135m"
-    adapters: str = "8"  # comma-separated adapter counts; the full run is 1,8,32,128
-    distributions: str = "uniform"  # comma-separated: uniform, power
-    requests: int = 32
-    prompt_min: int = 32
-    prompt_max: int = 128
-    max_tokens: int = 32
-    ranks: str = "8,16"
-    max_batch: int = 32
-    baselines: bool = True  # run (a), (b), (c) too
-    json: str | None = None  # also write the runs as JSON here
-    seed: int = 0
-    out: str = "runs/bench-serve"  # the generated adapters are kept here (reused by later runs)
-    load: bool = False  # run the HTTP load test instead
-    load_requests: int = 1000
-    load_concurrency: int = 32
-    load_adapters: int = 32
-    load_max_tokens: int = 8
+    model: str = opt("smollm2-135m", "embedded name or local Hugging Face folder")
+    adapters: str = opt("8", "comma-separated adapter counts; the issue's full run is 1,8,32,128")
+    distributions: str = opt("uniform", "comma-separated: uniform, power")
+    requests: int = opt(32, "requests per run")
+    prompt_min: int = opt(32, "shortest prompt, tokens")
+    prompt_max: int = opt(128, "longest prompt, tokens")
+    max_tokens: int = opt(32, "tokens generated per request")
+    ranks: str = opt("8,16", "comma-separated adapter ranks (cycled)")
+    max_batch: int = opt(32, "requests decoded together")
+    baselines: bool = opt(True, "run (a), (b), (c) too")
+    json: str | None = opt(None, "also write the runs as JSON here")
+    seed: int = opt(0, "seed of the adapters and prompts")
+    out: str = opt("runs/bench-serve", "the generated adapters are kept here (reused by later runs)")
+    load: bool = opt(False, "run the HTTP load test instead")
+    load_requests: int = opt(1000, "load test: requests sent")
+    load_concurrency: int = opt(32, "load test: requests in flight")
+    load_adapters: int = opt(32, "load test: adapters served")
+    load_max_tokens: int = opt(8, "load test: tokens per request")
 
     def counts(self) -> list[int]:
         try:

@@ -49,6 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from loraforge.bench import append_section, machine, map_large_blocks, release_freed_memory, status_mb
+from loraforge.core.configs import opt
 from loraforge.core.models import default_device
 
 JSON_KEYS = ("frozen_step_s", "loraforge_step_s", "peft_step_s", "loraforge_peak_mb", "peft_peak_mb")
@@ -58,19 +59,19 @@ ROW_LABELS = {"frozen": "frozen step (limit)", "loraforge": "loraforge", "plain_
 
 @dataclasses.dataclass
 class SpeedRun:
-    model: str = "smollm2-135m"
-    batch_size: int = 8
-    seq_len: int = 128
-    rank: int = 8
-    targets: str = "all-linear"
-    steps: int = 5
-    warmup: int = 1
-    precisions: str = "all"  # comma-separated subset of fp32,bf16,nf4; "all": every one this machine has
-    compile: bool = False
-    seed: int = 0
-    num_processes: str = ""  # e.g. "1,2": data-parallel scaling of the trainer instead of the step comparison
-    engines: str = "ddp"  # with --num-processes: comma-separated ddp, fsdp, zero1, zero2, zero3
-    profile: bool = False  # where the loraforge step's time over the frozen step goes, op by op, instead
+    model: str = opt("smollm2-135m", "embedded name or local Hugging Face folder")
+    batch_size: int = opt(8, "sequences per step")
+    seq_len: int = opt(128, "tokens per sequence")
+    rank: int = opt(8, "LoRA rank")
+    targets: str = opt("all-linear", "target modules (all-linear or comma-separated names)")
+    steps: int = opt(5, "timed steps (median reported)")
+    warmup: int = opt(1, "untimed steps first")
+    precisions: str = opt("all", 'comma-separated subset of fp32,bf16,nf4; "all": every one this machine has')
+    compile: bool = opt(False, "also time the step under torch.compile")
+    seed: int = opt(0, "seed of the random batch and init")
+    num_processes: str = opt("", 'e.g. "1,2": data-parallel scaling of the trainer instead of the step comparison')
+    engines: str = opt("ddp", "with --num-processes: comma-separated ddp, fsdp, zero1, zero2, zero3")
+    profile: bool = opt(False, "where the loraforge step's time over the frozen step goes, op by op, instead")
 
 
 def available_precisions(device: torch.device) -> list[str]:

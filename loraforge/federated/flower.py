@@ -40,7 +40,7 @@ from loraforge.core.files import atomic_dir, atomic_write_text
 from loraforge.federated import STRATEGIES, ClientAdapter, check_clients, read_client, write_adapter
 from loraforge.federated.strategies import Strategy, with_fresh_clients
 from loraforge.training.config import TrainConfig, parse_targets
-from loraforge.training.data import from_records, read_rows
+from loraforge.training.data import data_path, from_records, read_rows
 from loraforge.training.evaluate import evaluate_dataset
 from loraforge.training.loop import train
 
@@ -53,8 +53,8 @@ class FedRunConfig:
     """A federated run: `loraforge fed run`'s flags and the Flower app's run config are these fields."""
 
     model: str = field(metadata={"help": "embedded name, local HF folder or .gguf file"})
-    data: str = field(metadata={"help": "TSV/CSV (classification) or JSONL (causal-lm); the last --eval-fraction "
-                                        "of rows is the held-out split"})
+    data: str = field(metadata={"help": "TSV/CSV (classification) or JSONL (causal-lm), or sst2 / gsm8k: that set "
+                                        "under $LORAFORGE_DATA; the last --eval-fraction of rows is the held-out split"})
     out: str = opt("runs/fed", "run folder: global adapter, metrics.jsonl, accuracy.png, checkpoint")
     task: str = opt("classification", "classification | causal-lm")
     clients: int = opt(10, "clients, each training on its partition of the data")
@@ -112,7 +112,7 @@ def partition(labels: list[int], clients: int, scheme: str, seed: int) -> list[l
 
 
 def split_rows(cfg: FedRunConfig) -> tuple[list[dict], list[list[dict]]]:
-    rows = read_rows(cfg.data, task=cfg.task)
+    rows = read_rows(data_path(cfg.data), task=cfg.task)
     n_eval = max(1, int(len(rows) * cfg.eval_fraction))
     train_rows, held_out = rows[:-n_eval], rows[-n_eval:]
     torch.manual_seed(cfg.seed)  # the Dirichlet draws

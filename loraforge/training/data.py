@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ FORMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 TEXT_COLUMNS = ("sentence", "text")  # tried in this order when text_column is not given
 LABEL_COLUMN = "label"
+DATA_ENV = ("LORAFORGE_DATA", "LORAFORGE_SHARED_DATA")  # the second: the old name, still set by older scripts
+NAMED_DATA = {"sst2": "sst2/train.tsv", "gsm8k": "gsm8k/test.jsonl"}  # name -> its file under $LORAFORGE_DATA
 PLAIN_GENERATION_PROMPT = "assistant: "
 
 
@@ -285,6 +288,22 @@ def _classification_rows(items: Iterable[tuple[int, Any, Any]], source: str | Pa
     if not rows:
         raise DataError(source, None, "empty: no data rows to train on")
     return rows
+
+
+def data_path(data: str, flag: str = "--data") -> Path:
+    """A data file: `data` itself, or for a name of NAMED_DATA (`sst2`, `gsm8k`) its file under the
+    folder in $LORAFORGE_DATA (no data is looked for anywhere else, so a run reads only what it was told)."""
+    if data not in NAMED_DATA:
+        path = Path(data)
+    else:
+        root = next((os.environ[name] for name in DATA_ENV if os.environ.get(name)), None)
+        if root is None:
+            raise LoraforgeError(f"the data set {data!r} is read from $LORAFORGE_DATA/{NAMED_DATA[data]}: pass "
+                                 f"{flag} PATH or set LORAFORGE_DATA to the folder holding {NAMED_DATA[data]}")
+        path = Path(root) / NAMED_DATA[data]
+    if not path.is_file():
+        raise LoraforgeError(f"{flag}: {path} is not a file")
+    return path
 
 
 def read_rows(path: str | Path, task: str = "causal-lm", text_column: str | None = None,
