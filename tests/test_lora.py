@@ -257,7 +257,7 @@ def test_failed_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("loraforge.adapters.io.save_file", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(lf.LoraforgeError, match=r"could not write .*a: disk full; the previous a is unchanged"):
         lf.save_adapter(model, tmp_path / "a")
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temp folders left

@@ -20,6 +20,7 @@ from loraforge.core.config import TASK_TYPES, AdapterConfig
 from loraforge.core.errors import AdapterError
 from loraforge.core.modules import find_targets, replace_module, submodule
 from loraforge.core.registry import get_method, resolve_initializer
+from loraforge.core.rng import seeded
 from loraforge.methods.base import adapter_layers
 from loraforge.methods.init import start_at_attach
 
@@ -58,10 +59,7 @@ def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     base_tensors = {id(t) for t in model.state_dict(keep_vars=True).values()}
-    rng = torch.random.fork_rng(devices=[]) if config.seed is not None else contextlib.nullcontext()
-    with rng:
-        if config.seed is not None:
-            torch.manual_seed(config.seed)
+    with seeded(config.seed):  # every generator of the caller's, CPU and CUDA, is left as it was
         if method.attach is not None:
             targets = method.attach(model, config)
         else:

@@ -25,3 +25,8 @@ class AdapterError(LoraforgeError):
 class TrainingError(LoraforgeError):
     """The run cannot go on (NaN loss, a checkpoint from another run, ...)."""
 
+
+
+class WriteError(LoraforgeError):
+    """An output that could not be written (a full disk, a file size limit, a path that is not a
+    folder): what was there before is unchanged."""

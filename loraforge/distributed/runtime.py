@@ -16,6 +16,7 @@ from torch import nn
 
 from loraforge.core.errors import LoraforgeError
 from loraforge.core.plugins import OPTIMIZERS, RUNTIMES
+from loraforge.core.rng import rng_state
 from loraforge.distributed import _compat, fsdp, zero
 from loraforge.training.runtime import load_torch_optimizer_state, torch_optimizer_state
 
@@ -148,10 +149,10 @@ class AccelerateRuntime:
     def clip_grad_norm(self, params: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
         return self.accelerator.clip_grad_norm_(params, max_norm)
 
-    def rng_states(self) -> list[torch.Tensor]:
-        """Every rank's torch RNG state, gathered on all ranks (a checkpoint keeps them all)."""
+    def rng_states(self) -> list[dict[str, torch.Tensor]]:
+        """Every rank's RNG states (CPU, and its GPU's), gathered on all ranks (a checkpoint keeps them all)."""
         states: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(states, torch.get_rng_state())
+        torch.distributed.all_gather_object(states, rng_state(self.device))
         return states
 
     def run(self, model: nn.Module, fn: Callable[[nn.Module], Any]) -> Any:

@@ -14,11 +14,11 @@ from torch import nn
 from loraforge.adapters.inject import adapter_state_dict
 from loraforge.core.errors import TrainingError
 from loraforge.core.files import atomic_dir
+from loraforge.core.rng import set_rng_state
 from loraforge.training.config import TrainConfig
 from loraforge.training.runtime import LocalRuntime, Runtime
 
 CHECKPOINT_DIR = "checkpoint"
-
 
 
 # Settings a resumed run may change without changing the result it converges to.
@@ -26,11 +26,9 @@ RESUME_MAY_CHANGE = {"resume", "save_every", "log_every", "log", "eval_every", "
                      "fsdp", "zero_stage"}
 
 
-
 # How a global batch is split: a resumed run may split it otherwise (2 processes x batch 4 ->
 # 1 x batch 8) as long as the global batch stays the same size.
 BATCH_SPLIT = {"batch_size", "grad_accum", "num_processes"}
-
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
@@ -45,8 +43,7 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if not runtime.is_main:
         return
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}  # GPU runs: moments on the device
-    tensors["rng.torch"] = rng[0]
-    tensors.update({f"rng.torch.{rank}": state for rank, state in enumerate(rng) if rank})
+    tensors.update({_rng_key(kind, rank): state for rank, states in enumerate(rng) for kind, state in states.items()})
     meta = {"step": step, "global_batch": config.batch_size * config.grad_accum * runtime.world_size,
             "config": dataclasses.asdict(config), "param_groups": param_groups,
             "trainable_keys": list(trainable)}
@@ -55,7 +52,6 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                   str(tmp / "trainable.safetensors"))
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")
-
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
@@ -85,8 +81,14 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     tensors = load_file(str(path / "optimizer.safetensors"))
     runtime.load_optimizer_state(optimizer, tensors, meta["param_groups"])
     # A rank the writing run did not have keeps the stream runtime.seed_workers gave it.
-    rng_key = f"rng.torch.{runtime.rank}" if runtime.rank else "rng.torch"
-    if rng_key in tensors:
-        torch.set_rng_state(tensors[rng_key])
+    own_rng = {kind: tensors[_rng_key(kind, runtime.rank)] for kind in ("torch", "cuda")
+               if _rng_key(kind, runtime.rank) in tensors}
+    if own_rng:
+        set_rng_state(own_rng, runtime.device)
     return int(meta["step"])
+
+
+def _rng_key(kind: str, rank: int) -> str:
+    """`rng.torch`, `rng.cuda` for rank 0 (as single-process checkpoints always had), `rng.torch.1`, ..."""
+    return f"rng.{kind}.{rank}" if rank else f"rng.{kind}"
 

@@ -25,6 +25,7 @@ from torch import nn
 from loraforge.core.errors import LoraforgeError
 from loraforge.core.models import default_device
 from loraforge.core.plugins import LAUNCHERS, RUNTIMES
+from loraforge.core.rng import rng_state
 from loraforge.training.config import TrainConfig
 
 # Set in every worker by torchrun, `accelerate launch` and torch elastic (which `--num-processes` uses).
@@ -60,7 +61,7 @@ class Runtime(Protocol):
     def backward(self, loss: torch.Tensor) -> None: ...
     def sum(self, values: list[float]) -> list[float]: ...
     def clip_grad_norm(self, params: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor: ...
-    def rng_states(self) -> list[torch.Tensor]: ...
+    def rng_states(self) -> list[dict[str, torch.Tensor]]: ...
     def run(self, model: nn.Module, fn: Callable[[nn.Module], Any]) -> Any: ...
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]: ...
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
@@ -103,8 +104,8 @@ class LocalRuntime:
     def clip_grad_norm(self, params: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
-    def rng_states(self) -> list[torch.Tensor]:
-        return [torch.get_rng_state()]
+    def rng_states(self) -> list[dict[str, torch.Tensor]]:
+        return [rng_state(self.device)]
 
     def run(self, model: nn.Module, fn: Callable[[nn.Module], Any]) -> Any:
         return fn(model)

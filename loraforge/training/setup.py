@@ -20,7 +20,7 @@ from loraforge.adapters.inject import attach, is_attached, trainable_parameters
 from loraforge.adapters.io import count_parameters
 from loraforge.core.config import AdapterConfig
 from loraforge.core.errors import LoraforgeError
-from loraforge.core.files import atomic_write_text
+from loraforge.core.files import atomic_write_text, recover
 from loraforge.core.plugins import REGULARIZERS, SELECTORS
 from loraforge.methods.init import needs_data
 from loraforge.training.checkpoint import CHECKPOINT_DIR, load_checkpoint
@@ -75,6 +75,8 @@ def build_run(config: TrainConfig, model: nn.Module | None = None, tokenizer: An
     runtime = runtime_for(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    if runtime.is_main:  # a run killed while it swapped its checkpoint in: the previous one is made whole
+        recover(out / CHECKPOINT_DIR)
     torch.manual_seed(config.seed)
 
     if config.task == "classification" and config.num_labels is None and train_data is None and config.data:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from loraforge.core.errors import AdapterError
 from loraforge.core.modules import linear_weight
 from loraforge.core.registry import Initializer, option, read_options, resolve_initializer
+from loraforge.core.rng import seeded
 from loraforge.methods.base import AdapterLayer, adapter_layers
 
 if TYPE_CHECKING:
@@ -90,9 +91,7 @@ def run_data_init(model: nn.Module, ctx: InitContext, seed: int) -> InitReport:
     init = resolve_initializer(ctx.config)
     if init is None or not init.needs_data:
         return model.loraforge_init
-    device = ctx.device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return _run(model, init, ctx)
 
 

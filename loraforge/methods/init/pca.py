@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from loraforge.core.rng import seeded
+
 
 class IncrementalPCA:
     def __init__(self, n_components: int, seed: int = 42):
@@ -51,8 +53,7 @@ class IncrementalPCA:
             mean = (self.mean * n + batch_mean.double() * m) / (n + m)
             total_ss = self.total_ss + batch_ss + n * m / (n + m) * float(shift.square().sum())
         q = min(2 * self.n_components, *stacked.shape)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+        with seeded(self.seed):
             _, s, v = torch.svd_lowrank(stacked, q=q, niter=4)  # v: (d, q)
         vt = v.T
         vt = vt * torch.sign(vt.gather(1, vt.abs().argmax(1, keepdim=True)))  # sign: largest entry of each row > 0
