@@ -1,10 +1,14 @@
-"""`loraforge zoo build`: adapters as data, on the command line."""
+"""`loraforge zoo build`, `loraforge generator train | sample`: adapters as data, on the command line."""
 
 from __future__ import annotations
 
 import argparse
 
+from loraforge.core.errors import LoraforgeError
+from loraforge.generate.cvae import REFERENCE_CHANNELS
 from loraforge.generate.zoo import ZooConfig
+
+KINDS = ("icm-lora",)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -30,6 +34,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=ZooConfig.seed)
     p.set_defaults(run=cmd_zoo_build)
 
+    gen = subparsers.add_parser("generator", help="generate adapters from examples or a description")
+    gen_sub = gen.add_subparsers(required=True, metavar="train | sample")
+    p = gen_sub.add_parser("train", help="train a generator on a zoo")
+    p.add_argument("--kind", required=True, choices=KINDS)
+    p.add_argument("--zoo", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--latent-dim", type=int, default=64, help="CVAE latent size (icm-lora, sg-lora)")
+    p.add_argument("--channels", default=",".join(map(str, REFERENCE_CHANNELS)),
+                   help="CVAE encoder channels, one stride-2 block each (default: the reference's 12)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_generator_train)
+
+    p = gen_sub.add_parser("sample", help="write a PEFT-format LoRA for a new task")
+    p.add_argument("--generator", required=True)
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--examples", help="chat JSONL of the task's examples (icm-lora)")
+    given.add_argument("--description", help="the task in a sentence (sg-lora, hypernet)")
+    p.add_argument("--seed", type=int, default=0, help="draws z ~ N(0, I)")
+    p.add_argument("--mean", action="store_true", help="decode z = 0 instead of a sample")
+    p.add_argument("--model", default=None, help="the base model the adapter is for (must be the generator's)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=cmd_generator_sample)
+
 
 def cmd_zoo_build(args: argparse.Namespace) -> int:
     from loraforge.generate.zoo import build_zoo, load_zoo
@@ -41,4 +70,42 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
                        data=args.data, seed=args.seed)
     zoo = load_zoo(build_zoo(config))
     print(f"zoo {zoo.root}: {len(zoo.tasks)} tasks on {zoo.model}, rank {zoo.rank}, {len(zoo.targets)} target modules")
+    return 0
+
+
+def cmd_generator_train(args: argparse.Namespace) -> int:
+    from loraforge.generate.cvae import CVAEConfig
+    from loraforge.generate.zoo import load_zoo
+
+    zoo = load_zoo(args.zoo)
+    try:
+        channels = tuple(int(c) for c in args.channels.split(","))
+    except ValueError:
+        raise LoraforgeError(f"--channels must be comma-separated integers, got {args.channels!r}") from None
+    cvae = CVAEConfig(latent_dim=args.latent_dim, channels=channels, steps=args.steps, lr=args.lr, seed=args.seed)
+    if args.kind == "icm-lora":
+        from loraforge.generate.icm_lora import ICMLoRAConfig, train_icm_lora
+
+        out = train_icm_lora(zoo, args.out, ICMLoRAConfig(cvae=cvae, seed=args.seed))
+    print(f"{args.kind} generator written to {out}")
+    return 0
+
+
+def cmd_generator_sample(args: argparse.Namespace) -> int:
+    from loraforge.generate.generator import load_generator, write_generated
+
+    record, _ = load_generator(args.generator, args.model)
+    seed = None if args.mean else args.seed
+    if record.kind == "icm-lora":
+        from loraforge.generate.icm_lora import ICMLoRA
+
+        if args.examples is None:
+            raise LoraforgeError("an icm-lora generator conditions on examples: pass --examples FILE")
+        icm = ICMLoRA.load(args.generator)
+        state = icm.generate(icm.vector_of(args.examples), seed)
+        given = {"examples": args.examples}
+    else:
+        raise LoraforgeError(f"{args.generator}: unknown generator kind {record.kind!r}")
+    out = write_generated(args.out, record, state, {**given, "z": "zero" if seed is None else f"seed {seed}"})
+    print(f"{record.kind} adapter written to {out}")
     return 0
