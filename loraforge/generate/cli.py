@@ -8,7 +8,7 @@ from loraforge.core.errors import LoraforgeError
 from loraforge.generate.cvae import REFERENCE_CHANNELS
 from loraforge.generate.zoo import ZooConfig
 
-KINDS = ("icm-lora",)
+KINDS = ("icm-lora", "sg-lora")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -45,6 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--latent-dim", type=int, default=64, help="CVAE latent size (icm-lora, sg-lora)")
     p.add_argument("--channels", default=",".join(map(str, REFERENCE_CHANNELS)),
                    help="CVAE encoder channels, one stride-2 block each (default: the reference's 12)")
+    p.add_argument("--top-k", type=int, default=3, help="sg-lora: experts mixed into the condition")
+    p.add_argument("--temperature", type=float, default=0.05, help="sg-lora: softmax temperature over cosines")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_generator_train)
 
@@ -87,6 +89,11 @@ def cmd_generator_train(args: argparse.Namespace) -> int:
         from loraforge.generate.icm_lora import ICMLoRAConfig, train_icm_lora
 
         out = train_icm_lora(zoo, args.out, ICMLoRAConfig(cvae=cvae, seed=args.seed))
+    elif args.kind == "sg-lora":
+        from loraforge.generate.sg_lora import SGLoRAConfig, train_sg_lora
+
+        out = train_sg_lora(zoo, args.out, SGLoRAConfig(cvae=cvae, top_k=args.top_k, temperature=args.temperature,
+                                                        seed=args.seed))
     print(f"{args.kind} generator written to {out}")
     return 0
 
@@ -104,6 +111,14 @@ def cmd_generator_sample(args: argparse.Namespace) -> int:
         icm = ICMLoRA.load(args.generator)
         state = icm.generate(icm.vector_of(args.examples), seed)
         given = {"examples": args.examples}
+    elif record.kind == "sg-lora":
+        from loraforge.generate.sg_lora import SGLoRA
+
+        if args.description is None:
+            raise LoraforgeError("an sg-lora generator conditions on a description: pass --description TEXT")
+        state, weights = SGLoRA.load(args.generator).generate(args.description, seed)
+        given = {"description": args.description, "expert_weights": {
+            t["id"]: round(float(w), 4) for t, w in zip(record.tasks, weights) if w > 0}}
     else:
         raise LoraforgeError(f"{args.generator}: unknown generator kind {record.kind!r}")
     out = write_generated(args.out, record, state, {**given, "z": "zero" if seed is None else f"seed {seed}"})

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from loraforge.core.errors import LoraforgeError
 from loraforge.generate.conditions import examples_vector, task_vector
 from loraforge.generate.cvae import CVAE, CVAEConfig, train_cvae
 from loraforge.generate.generator import (
@@ -75,6 +76,8 @@ class ICMLoRA:
     """A trained ICM-LoRA generator: `generate(task_vector, seed)` -> LoRA tensors keyed by model path."""
 
     def __init__(self, record: GeneratorRecord, tensors: dict[str, torch.Tensor]):
+        if record.kind != KIND:
+            raise LoraforgeError(f"a {record.kind} generator is not an {KIND} one")
         self.record, self.config = record, ICMLoRAConfig.from_dict(record.config)
         self.spec = flat_spec(record, tensors)
         self.scaler = Standardiser.from_tensors("condition", tensors)
