@@ -8,7 +8,7 @@ from loraforge.core.errors import LoraforgeError
 from loraforge.generate.cvae import REFERENCE_CHANNELS
 from loraforge.generate.zoo import ZooConfig
 
-KINDS = ("icm-lora", "sg-lora")
+KINDS = ("icm-lora", "sg-lora", "hypernet")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -47,6 +47,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="CVAE encoder channels, one stride-2 block each (default: the reference's 12)")
     p.add_argument("--top-k", type=int, default=3, help="sg-lora: experts mixed into the condition")
     p.add_argument("--temperature", type=float, default=0.05, help="sg-lora: softmax temperature over cosines")
+    p.add_argument("--condition", choices=("description", "examples"), default="description",
+                   help="hypernet: what the hypernetwork reads")
+    p.add_argument("--hidden", type=int, default=64, help="hypernet: hidden width")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_generator_train)
 
@@ -55,8 +58,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     given = p.add_mutually_exclusive_group(required=True)
     given.add_argument("--examples", help="chat JSONL of the task's examples (icm-lora)")
     given.add_argument("--description", help="the task in a sentence (sg-lora, hypernet)")
-    p.add_argument("--seed", type=int, default=0, help="draws z ~ N(0, I)")
-    p.add_argument("--mean", action="store_true", help="decode z = 0 instead of a sample")
+    p.add_argument("--seed", type=int, default=0, help="draws z ~ N(0, I) (icm-lora, sg-lora)")
+    p.add_argument("--mean", action="store_true", help="decode z = 0 instead of a sample (icm-lora, sg-lora)")
     p.add_argument("--model", default=None, help="the base model the adapter is for (must be the generator's)")
     p.add_argument("--out", required=True)
     p.set_defaults(run=cmd_generator_sample)
@@ -94,6 +97,11 @@ def cmd_generator_train(args: argparse.Namespace) -> int:
 
         out = train_sg_lora(zoo, args.out, SGLoRAConfig(cvae=cvae, top_k=args.top_k, temperature=args.temperature,
                                                         seed=args.seed))
+    else:
+        from loraforge.generate.hypernet import HypernetConfig, train_hypernet
+
+        out = train_hypernet(zoo, args.out, HypernetConfig(condition=args.condition, hidden=args.hidden,
+                                                           steps=args.steps, lr=args.lr, seed=args.seed))
     print(f"{args.kind} generator written to {out}")
     return 0
 
@@ -103,6 +111,7 @@ def cmd_generator_sample(args: argparse.Namespace) -> int:
 
     record, _ = load_generator(args.generator, args.model)
     seed = None if args.mean else args.seed
+    z = {"z": "zero" if seed is None else f"seed {seed}"}
     if record.kind == "icm-lora":
         from loraforge.generate.icm_lora import ICMLoRA
 
@@ -110,7 +119,7 @@ def cmd_generator_sample(args: argparse.Namespace) -> int:
             raise LoraforgeError("an icm-lora generator conditions on examples: pass --examples FILE")
         icm = ICMLoRA.load(args.generator)
         state = icm.generate(icm.vector_of(args.examples), seed)
-        given = {"examples": args.examples}
+        given = {"examples": args.examples, **z}
     elif record.kind == "sg-lora":
         from loraforge.generate.sg_lora import SGLoRA
 
@@ -118,9 +127,15 @@ def cmd_generator_sample(args: argparse.Namespace) -> int:
             raise LoraforgeError("an sg-lora generator conditions on a description: pass --description TEXT")
         state, weights = SGLoRA.load(args.generator).generate(args.description, seed)
         given = {"description": args.description, "expert_weights": {
-            t["id"]: round(float(w), 4) for t, w in zip(record.tasks, weights) if w > 0}}
+            t["id"]: round(float(w), 4) for t, w in zip(record.tasks, weights) if w > 0}, **z}
+    elif record.kind == "hypernet":
+        from loraforge.generate.hypernet import Hypernet
+
+        hyper = Hypernet.load(args.generator)
+        state = hyper.generate(hyper.condition_of(args.description, args.examples))
+        given = {"description": args.description} if args.description is not None else {"examples": args.examples}
     else:
         raise LoraforgeError(f"{args.generator}: unknown generator kind {record.kind!r}")
-    out = write_generated(args.out, record, state, {**given, "z": "zero" if seed is None else f"seed {seed}"})
+    out = write_generated(args.out, record, state, given)
     print(f"{record.kind} adapter written to {out}")
     return 0

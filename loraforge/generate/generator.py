@@ -74,7 +74,7 @@ class ZooData:
 
 def save_generator(out: str | Path, record: GeneratorRecord, tensors: dict[str, torch.Tensor]) -> Path:
     with atomic_dir(out) as tmp:
-        save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME))
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME))
         (tmp / RECORD_NAME).write_text(json.dumps(dataclasses.asdict(record), indent=2) + "\n")
     return Path(out)
 
