@@ -76,7 +76,8 @@ def test_methods_json_lists_each_method_its_options_and_whether_its_paper_was_re
     listed = json.loads(capsys.readouterr().out)
     methods = {m["name"]: m for m in listed["methods"]}
     assert set(methods) == {m.name for m in lf.methods()}
-    assert all(set(m) == {"name", "axis", "paper", "merges", "peft_loads", "verified", "options"} for m in methods.values())
+    assert all(set(m) == {"name", "axis", "paper", "merges", "peft_loads", "verified", "serves", "options"}
+               for m in methods.values())
     assert methods["lora"]["peft_loads"] and methods["lora"]["merges"] and not methods["mixlora"]["merges"]
     assert methods["lora"]["verified"] and not methods["block-lora"]["verified"] and not methods["comp-lora"]["verified"]
     (n_blocks,) = methods["block-lora"]["options"]

@@ -94,15 +94,18 @@ def test_an_adapter_unloaded_while_queued_fails_only_its_request(root):
 
 
 @pytest.mark.parametrize("case, match", [
-    ("dora", "'dora' adapter: only plain LoRA"),
+    ("mixlora", "'mixlora' adapter, whose update depends on the input"),
+    ("dora-rank", "rank 32 > max rank 16"),
     ("head", "trains whole modules"),
     ("rank", "rank 32 > max rank 16"),
     ("stray-key", "key 'model.embed_tokens.lora_A.weight' has no place"),
     ("no-B", "lacks its lora_B"),
 ])
 def test_invalid_adapters_are_refused_at_load_naming_the_problem(tmp_path, case, match):
-    if case == "dora":
-        save(tmp_path, case, method="dora", rank=4, seed=0)
+    if case == "mixlora":
+        save(tmp_path, case, method="mixlora", rank=4, seed=0)
+    elif case == "dora-rank":
+        save(tmp_path, case, method="dora", rank=32, seed=0)
     elif case == "head":
         save(tmp_path, case, rank=4, seed=0, target_modules=["q_proj"], modules_to_save=["lm_head"])
     elif case == "rank":
@@ -123,29 +126,42 @@ def test_invalid_adapters_are_refused_at_load_naming_the_problem(tmp_path, case,
 
 def test_padded_and_segment_layouts_give_the_same_low_rank_path():
     """S-LoRA's eq. per token, Y_t = s_a(t) (X_t A_a(t)^T) B_a(t)^T, by both layouts, against a
-    per-token loop; adapters of ranks 2 and 5 and the base (slot 0) in one batch."""
+    per-token loop; adapters of ranks 2 and 5, one of them with DoRA's gain g (Y_t = g (W0 X_t + ...)),
+    a dense update and the base (slot 0) in one batch."""
     from loraforge.serve.pool import LoRABatch
+    from loraforge.serve.updates import HostUpdate
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(6, 7, bias=False)
-    pool = AdapterPool({"m": linear}, max_loaded=3, max_rank=5)
+    pool = AdapterPool({"m": linear}, max_loaded=4, max_rank=5)
     factors = {1: (torch.randn(2, 6), torch.randn(7, 2), 0.5), 2: (torch.randn(5, 6), torch.randn(7, 5), 2.0),
                3: (torch.randn(2, 6), torch.randn(7, 2), 1.0)}
+    gain, dense = torch.rand(7) + 0.5, torch.randn(7, 6)
     for slot, (a, b, s) in factors.items():
-        pool._fill(slot, {"m": (a, b, s)})
-    batch = LoRABatch.build([(0, 0, 2), (1, 2, 3), (2, 3, 7), (3, 7, 9)])
-    assert batch.token_slots.tolist() == [0, 0, 1, 2, 2, 2, 2, 3, 3] and batch.offsets.tolist()[3:7] == [0, 1, 2, 3]
-    x = torch.randn(9, 6)
-    want = torch.stack([torch.zeros(7) if slot == 0 else factors[slot][2] * (x[t] @ factors[slot][0].T) @ factors[slot][1].T
-                        for t, slot in enumerate(batch.token_slots.tolist())])
-    base = torch.randn(9, 7)
+        pool._fill(slot, {"m": HostUpdate(a, b * s, gain=gain if slot == 3 else None)})
+    pool._fill(4, {"m": HostUpdate(dense=dense)})
+    batch = LoRABatch.build([(0, 0, 2), (1, 2, 3), (2, 3, 7), (3, 7, 9), (4, 9, 10)])
+    assert batch.token_slots.tolist() == [0, 0, 1, 2, 2, 2, 2, 3, 3, 4] and batch.offsets.tolist()[3:7] == [0, 1, 2, 3]
+    x, base = torch.randn(10, 6), torch.randn(10, 7)
+    want = []
+    for t, slot in enumerate(batch.token_slots.tolist()):
+        if slot == 0:
+            want.append(base[t])
+        elif slot == 4:
+            want.append(base[t] + dense @ x[t])
+        else:
+            a, b, s = factors[slot]
+            row = base[t] + s * (x[t] @ a.T) @ b.T
+            want.append(gain * row if slot == 3 else row)
     for kernel in ("segment", "padded"):
         y = base.clone()
         pool.add_delta("m", x, y, batch, kernel=kernel)
-        torch.testing.assert_close(y, base + want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y, torch.stack(want), atol=1e-5, rtol=1e-5)
     y = base.clone()
-    pool.add_delta("m", x, y, LoRABatch.build([(0, 0, 9)]))  # no adapter: y untouched
+    pool.add_delta("m", x, y, LoRABatch.build([(0, 0, 10)]))  # no adapter: y untouched
     assert torch.equal(y, base)
+    pool._fill(4, {})  # a slot refilled without a dense update drops the old one
+    assert not pool.dense["m"]
     with pytest.raises(ValueError, match="increasing slot order"):
         LoRABatch.build([(2, 0, 1), (1, 1, 2)])
 

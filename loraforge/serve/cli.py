@@ -12,7 +12,7 @@ LOOPBACK = ("localhost",)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("serve", help="serve many LoRA adapters of one base model over an OpenAI-compatible API")
+    p = subparsers.add_parser("serve", help="serve many adapters (every method that merges) of one base model over an OpenAI-compatible API")
     p.add_argument("--model", default="smollm2-135m", help="base causal LM: embedded name, HF folder or .gguf file")
     p.add_argument("--adapters", default=None, help="folder whose sub-folders are adapters, served by folder name")
     p.add_argument("--host", default="127.0.0.1", help="listen address (loopback by default)")

@@ -8,7 +8,9 @@ Requests join and leave at token boundaries. Inside every adapted linear of the 
     Y = X W0ᵀ  +  s_a(t) · (X_t A_a(t)ᵀ) B_a(t)ᵀ     (row t; adapter a(t) of token t, never merged)
 
 the base matmul runs once for all T tokens and the low-rank path per token with its own adapter
-(AdapterPool.delta); requests are ordered by adapter slot so that equal adapters form segments.
+(AdapterPool.add_delta); requests are ordered by adapter slot so that equal adapters form segments.
+Adapters of other methods take the same path (serve/updates.py): a low-rank update as its factors,
+DoRA with its per-output gain applied after the LoRA path, a higher-rank update as a dense dW.
 Keys and values live in a paged BlockPool; attention gathers each request's own blocks.
 
 The forward pass is written here over the Hugging Face Llama modules (embeddings, norms, rotary

@@ -1,8 +1,11 @@
 """The adapter pool: every adapter of a folder known by name, the hot ones in compute slots.
 
-    host store   name -> {module: (A (r, d_in), B (d_out, r), s)}     read and checked once, kept
-    compute      per module: A (N+1, r_max, d_in), s·Bᵀ (N+1, r_max, d_out), rank (N+1,)
-                 slot 0 is "no adapter" (all zeros); slots 1..N hold at most `max_loaded` adapters
+    host store   name -> {module: HostUpdate (A (r, d_in), s·B (d_out, r); DoRA's gain g (d_out,);
+                 or a dense dW (d_out, d_in))}     read and checked once, kept (serve/updates.py:
+                 every method that merges, each in the cheapest exact form)
+    compute      per module: A (N+1, r_max, d_in), s·Bᵀ (N+1, r_max, d_out), rank (N+1,), g (N+1, d_out),
+                 and the dense dW of the slots that have one
+                 slot 0 is "no adapter" (all zeros, g = 1); slots 1..N hold at most `max_loaded` adapters
 
 An adapter enters a slot when a request that names it is admitted (a miss), or earlier, into an empty
 slot, while its request waits in the queue (prefetch); it leaves only when no running request holds
@@ -40,9 +43,10 @@ from torch import nn
 from loraforge.adapters.io import read_adapter
 from loraforge.core.config import CONFIG_NAME
 from loraforge.core.errors import AdapterError
+from loraforge.serve.updates import HostUpdate, read_updates
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-HostAdapter = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+HostAdapter = dict[str, HostUpdate]
 
 
 class UnknownAdapterError(AdapterError):
@@ -98,6 +102,9 @@ class AdapterPool:
         self.A = {n: w.new_zeros(slots, max_rank, m.in_features) for n, m in modules.items()}
         self.Bt = {n: w.new_zeros(slots, max_rank, m.out_features) for n, m in modules.items()}  # s·Bᵀ
         self.rank = {n: [0] * slots for n in modules}
+        self.gain = {n: w.new_ones(slots, m.out_features) for n, m in modules.items()}  # DoRA's m / n; 1 for others
+        self.gained = {n: [False] * slots for n in modules}
+        self.dense: dict[str, dict[int, torch.Tensor]] = {n: {} for n in modules}  # slot -> dW (d_out, d_in)
         if self.adapters_dir is not None:
             if not self.adapters_dir.is_dir():
                 raise AdapterError(f"adapters folder {adapters_dir} does not exist")
@@ -149,11 +156,10 @@ class AdapterPool:
 
     def _read(self, name: str, path: Path) -> HostAdapter:
         config, _, state = read_adapter(path)
-        if config.method != "lora":
-            raise AdapterError(f"adapter {name!r} is a {config.method!r} adapter: only plain LoRA adapters can be served "
-                               "(merge it into a base model with `loraforge merge` instead)")
         if config.modules_to_save:
             raise AdapterError(f"adapter {name!r} trains whole modules ({config.modules_to_save}): not servable as LoRA")
+        if config.method != "lora":
+            return read_updates(self.modules, path, config, self.max_rank, f"adapter {name!r}")
         factors: dict[str, dict[str, torch.Tensor]] = {}
         for key in sorted(state):
             module, sep, tensor = key.rpartition(".lora_")
@@ -173,7 +179,7 @@ class AdapterPool:
             if len(ab) != 2:
                 raise AdapterError(f"adapter {name!r}: module {module!r} lacks its lora_{'B' if 'A' in ab else 'A'}")
             rank, alpha = config.rank_for(module), config.alpha_for(module)
-            host[module] = (ab["A"], ab["B"], alpha / (math.sqrt(rank) if config.use_rslora else rank))
+            host[module] = HostUpdate(ab["A"], ab["B"] * (alpha / (math.sqrt(rank) if config.use_rslora else rank)))
         return host
 
     # ---- compute slots --------------------------------------------------------------------------
@@ -231,23 +237,43 @@ class AdapterPool:
 
     def _fill(self, slot: int, host: HostAdapter) -> None:
         for module in self.modules:
+            update = host.get(module, HostUpdate())
             self.A[module][slot].zero_()
             self.Bt[module][slot].zero_()
-            a, b, s = host.get(module, (None, None, 0.0))
-            r = 0 if a is None else a.shape[0]
+            r = 0 if update.a is None else update.a.shape[0]
             if r:
-                self.A[module][slot, :r] = a
-                self.Bt[module][slot, :r] = b.T * s  # the scale, folded in once
+                self.A[module][slot, :r] = update.a
+                self.Bt[module][slot, :r] = update.b.T  # the scale is in B already
             self.rank[module][slot] = r
+            self.gain[module][slot] = 1.0 if update.gain is None else update.gain
+            self.gained[module][slot] = update.gain is not None
+            if update.dense is None:
+                self.dense[module].pop(slot, None)
+            else:
+                self.dense[module][slot] = update.dense.to(self.A[module].device)
 
     # ---- the low-rank path ----------------------------------------------------------------------
     def add_delta(self, module: str, x: torch.Tensor, y: torch.Tensor, batch: LoRABatch, kernel: str = "auto") -> None:
         """y += s·(x Aᵀ) Bᵀ row by row, each token with its own adapter, in place (no (T, d_out)
         temporary: in prefill that traffic cost more than the low-rank matmuls). x: (T, d_in), y: (T, d_out).
-        kernel: auto | segment | padded."""
+        kernel: auto | segment | padded. Then dense updates, and DoRA's gain last: y_t = g ⊙ (W0 x_t + s B A x_t)
+        (+ bias, which the gain leaves alone)."""
+        if any(self.rank[module][slot] for slot, _, _ in batch.segments):
+            self._add_low_rank(module, x, y, batch, kernel)
+        dense = self.dense[module]
+        for slot, start, end in batch.segments:
+            if slot in dense:
+                y[start:end].addmm_(x[start:end], dense[slot].T)  # (n, d_in) @ (d_in, d_out)
+        if any(self.gained[module][slot] for slot, _, _ in batch.segments):
+            bias = self.modules[module].bias
+            if bias is not None:
+                y.sub_(bias)
+            y.mul_(self.gain[module][batch.token_slots])  # (T, d_out): each token its adapter's gain
+            if bias is not None:
+                y.add_(bias)
+
+    def _add_low_rank(self, module: str, x: torch.Tensor, y: torch.Tensor, batch: LoRABatch, kernel: str) -> None:
         rank = self.rank[module]
-        if not any(rank[slot] for slot, _, _ in batch.segments):
-            return
         A, Bt = self.A[module], self.Bt[module]
         if kernel == "padded" or (kernel == "auto" and batch.prefers_padded()):
             lo, hi = batch.first_slot, batch.last_slot + 1

@@ -1,0 +1,122 @@
+"""Every method's adapter in the three forms the adapter pool computes in a mixed batch.
+
+    factors  y_t += (x_t Aᵀ) (s B)ᵀ            LoRA; any method whose update has rank k <= max_rank
+    gain     y_t  = g ⊙ (x_t W0ᵀ + s (x_t Aᵀ) Bᵀ) DoRA (arXiv 2402.09353, eq. 5): g = m / ||W0 + s B A||_row,
+                                               the per-output magnitude applied after the LoRA path
+    dense    y_t += x_t dWᵀ                    an update of higher rank (RandLoRA, Bone-Bat), kept whole per adapter
+
+Plain LoRA adapters are read straight from their tensors (AdapterPool._read). Any other method that
+merges is rebuilt by its own code: its layers are attached to a shell module that shares the base's
+Linear modules (the served model itself is never touched), the saved state is loaded, and each layer
+gives its update. A low-rank update becomes factors through its truncated SVD at its numerical rank
+k (dW = U S Vᵀ, A = S^½ Vᵀ[:k], B = U[:, :k] S^½: exact to rounding, whatever the method's own
+structure: LoRA-XS's B R A, LoLDU's L diag(z) U, Block-LoRA's shared blocks, Comp-LoRA, Bone).
+DoRA keeps its direction's factors and adds g; n is taken as its layer takes it in inference.
+Methods whose update depends on the input (MixLoRA's router) or that retrain the base are refused.
+
+`serving_path(method)` says which form a method's adapters take in general (`loraforge methods
+--json`: serves native | dense | no): a probe layer with random state shows whether its update's
+rank stays within its rank.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from loraforge.adapters.inject import adapter_state_dict, attach, detach
+from loraforge.adapters.io import load_adapter
+from loraforge.core.config import AdapterConfig
+from loraforge.core.errors import AdapterError
+from loraforge.core.registry import Method, get_method
+from loraforge.methods.base import adapter_layers
+from loraforge.methods.dora import DoRALinear
+
+
+@dataclass
+class HostUpdate:
+    """One module's update for one adapter, as the pool applies it."""
+
+    a: torch.Tensor | None = None  # (k, d_in)
+    b: torch.Tensor | None = None  # (d_out, k), the scale folded in
+    gain: torch.Tensor | None = None  # (d_out,): DoRA's m / n, multiplied in after the LoRA path
+    dense: torch.Tensor | None = None  # (d_out, d_in): an update whose rank exceeds max_rank
+
+
+PROBE_RANK = 4
+
+
+@functools.lru_cache(maxsize=None)
+def serving_path(name: str) -> str:
+    """'native' (factors, or DoRA's factors and gain), 'dense' (a whole dW per adapter) or 'no'."""
+    method = get_method(name)
+    if not method.merges or method.trains_base:
+        return "no"
+    if method.layer is not None and issubclass(method.layer, DoRALinear):
+        return "native"
+    return "native" if _probe_rank(method) <= PROBE_RANK else "dense"
+
+
+def _probe_rank(method: Method) -> int:
+    """The largest rank of the update of a 40 x 48 layer of rank 4 whose saved state is random."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # the caller's RNG stream is left as it was
+        torch.manual_seed(0)
+        model = attach(nn.Sequential(nn.Linear(48, 40, bias=False)), AdapterConfig(method=method.name, rank=PROBE_RANK))
+        for tensor in adapter_state_dict(model).values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=generator))
+        return max(int(torch.linalg.matrix_rank(layer.delta_weight())) for layer in adapter_layers(model).values())
+
+
+@torch.no_grad()
+def read_updates(modules: dict[str, nn.Linear], path: Path, config: AdapterConfig, max_rank: int,
+                 label: str) -> dict[str, HostUpdate]:
+    """{module path: HostUpdate} of the adapter saved at `path` (a method other than plain LoRA)."""
+    if serving_path(config.method) == "no":
+        raise AdapterError(f"{label} is a {config.method!r} adapter, whose update depends on the input or retrains "
+                           "the base: it cannot be served beside others (merge it with `loraforge merge`)")
+    shell = _shell(modules)
+    load_adapter(shell, path)
+    try:
+        updates = {}
+        for name, layer in adapter_layers(shell).items():
+            dtype = modules[name].weight.dtype
+            if isinstance(layer, DoRALinear):
+                if layer.rank > max_rank:
+                    raise AdapterError(f"{label}: module {name!r} has rank {layer.rank} > max rank {max_rank}")
+                gain = layer.lora_magnitude_vector / layer._row_norm()  # (d_out,): the layer's own inference n
+                updates[name] = HostUpdate(layer.lora_A.weight.to(dtype), (layer.lora_B.weight * layer.scaling).to(dtype),
+                                           gain=gain.to(dtype))
+            else:
+                updates[name] = _factors_or_dense(layer.delta_weight().float(), max_rank, dtype)
+        return updates
+    finally:
+        detach(shell)
+
+
+def _factors_or_dense(delta: torch.Tensor, max_rank: int, dtype: torch.dtype) -> HostUpdate:
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)  # (d_out, k), (k,), (k, d_in)
+    rank = int((s > s.max() * max(delta.shape) * torch.finfo(torch.float32).eps).sum()) if s.numel() else 0
+    if rank > max_rank:
+        return HostUpdate(dense=delta.to(dtype))
+    root = s[:rank].sqrt()
+    return HostUpdate((root[:, None] * vh[:rank]).to(dtype), (u[:, :rank] * root).to(dtype))
+
+
+def _shell(modules: dict[str, nn.Linear]) -> nn.Module:
+    """A module tree holding the base's Linear modules at their paths, and nothing else."""
+    root = nn.Module()
+    for path, linear in modules.items():
+        parent = root
+        *parents, leaf = path.split(".")
+        for part in parents:
+            if part not in parent._modules:
+                parent.add_module(part, nn.Module())
+            parent = parent._modules[part]
+        parent.add_module(leaf, linear)
+    return root
