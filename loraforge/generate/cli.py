@@ -1,10 +1,13 @@
-"""`loraforge zoo build`, `loraforge generator train | sample`: adapters as data, on the command line."""
+"""`loraforge zoo build`, `loraforge generator train | sample`, `loraforge meta train | adapt`: adapters as data,
+on the command line."""
 
 from __future__ import annotations
 
 import argparse
+import json
 
 from loraforge.core.errors import LoraforgeError
+from loraforge.generate.abmll import ABMLLConfig
 from loraforge.generate.cvae import REFERENCE_CHANNELS
 from loraforge.generate.zoo import ZooConfig
 
@@ -63,6 +66,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="the base model the adapter is for (must be the generator's)")
     p.add_argument("--out", required=True)
     p.set_defaults(run=cmd_generator_sample)
+
+    meta = subparsers.add_parser("meta", help="meta-learn a Bayesian LoRA prior over a zoo's tasks (ABMLL)")
+    meta_sub = meta.add_subparsers(required=True, metavar="train | adapt")
+    p = meta_sub.add_parser("train", help="meta-train the prior theta on the zoo's tasks")
+    p.add_argument("--algo", choices=("abmll",), default="abmll")
+    p.add_argument("--zoo", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--family", default=None, help="only this family's tasks (default: all)")
+    p.add_argument("--steps", type=int, default=ABMLLConfig.meta_steps, help="meta steps")
+    p.add_argument("--rank", type=int, default=None, help="default: the zoo's")
+    p.add_argument("--beta", type=float, default=ABMLLConfig.beta)
+    p.add_argument("--gamma", type=float, default=ABMLLConfig.gamma)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_meta_train)
+    p = meta_sub.add_parser("adapt", help="adapt the prior to a new task's few examples; write its adapter")
+    p.add_argument("--meta", required=True)
+    p.add_argument("--examples", required=True, help="chat JSONL: the new task's support set")
+    p.add_argument("--steps", type=int, default=None, help="inner steps (default: the meta-training's)")
+    p.add_argument("--eval", default=None, help="chat JSONL of the task's labelled rows: print accuracy and ECE")
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=cmd_meta_adapt)
 
 
 def cmd_zoo_build(args: argparse.Namespace) -> int:
@@ -138,4 +162,31 @@ def cmd_generator_sample(args: argparse.Namespace) -> int:
         raise LoraforgeError(f"{args.generator}: unknown generator kind {record.kind!r}")
     out = write_generated(args.out, record, state, given)
     print(f"{record.kind} adapter written to {out}")
+    return 0
+
+
+def cmd_meta_train(args: argparse.Namespace) -> int:
+    from loraforge.generate.meta import train_meta
+    from loraforge.generate.zoo import load_zoo
+
+    zoo = load_zoo(args.zoo)
+    config = ABMLLConfig(rank=args.rank or zoo.rank, meta_steps=args.steps, beta=args.beta, gamma=args.gamma,
+                         seed=args.seed)
+    print(f"abmll prior written to {train_meta(zoo, args.out, config, family=args.family)}")
+    return 0
+
+
+def cmd_meta_adapt(args: argparse.Namespace) -> int:
+    from loraforge.generate.meta import adapt_meta
+
+    adapted = adapt_meta(args.meta, args.examples, args.out, steps=args.steps)
+    print(f"abmll adapter written to {adapted.path}")
+    if args.eval:
+        from loraforge.generate.calibration import accuracy_and_ece, answer_words, label_probs
+        from loraforge.training.data import read_rows
+
+        rows = read_rows(args.eval)
+        probs, labels = label_probs(adapted.model, adapted.tokenizer, rows, answer_words(rows),
+                                    samples=adapted.config.samples)
+        print(json.dumps(accuracy_and_ece(probs, labels)))
     return 0

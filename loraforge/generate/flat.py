@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -92,9 +93,10 @@ def read_states(adapter_dirs: list[str]) -> list[dict[str, torch.Tensor]]:
 
 
 def write_lora(out: str | Path, config: AdapterConfig, targets: list[str], state: dict[str, torch.Tensor],
-               provenance: dict | None = None) -> Path:
+               provenance: dict | None = None, extra: Callable[[Path], None] | None = None) -> Path:
     """An ordinary PEFT-format LoRA folder from tensors keyed by model path (what `save_adapter` writes
-    for an attached model, without needing the model)."""
+    for an attached model, without needing the model); `extra(folder)` adds files of its own before the
+    folder is renamed into place."""
     import json
 
     config = AdapterConfig.from_dict({**config.to_dict(), "provenance": {**config.provenance, **(provenance or {})}})
@@ -103,6 +105,8 @@ def write_lora(out: str | Path, config: AdapterConfig, targets: list[str], state
                   str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config.to_peft_dict(targets, "LORA"), indent=2) + "\n")
         (tmp / LORAFORGE_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        if extra is not None:
+            extra(tmp)
     return Path(out)
 
 
