@@ -198,9 +198,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
     options = {m.name: describe_options(m.options) + describe_options(getattr(own_init.get(m.name), "options", None))
                for m in methods()}
     if args.json:
+        from loraforge.serve.updates import serving_path
+
         print(json.dumps({
             "methods": [{"name": m.name, "axis": m.axis, "paper": m.paper, "merges": m.merges,
-                         "peft_loads": m.peft_type is not None, "verified": m.verified, "options": options[m.name]}
+                         "peft_loads": m.peft_type is not None, "verified": m.verified,
+                         "serves": serving_path(m.name), "options": options[m.name]}
                         for m in methods()],
             "initializers": [{"name": i.name, "paper": i.paper, "methods": list(i.methods), "needs_data": i.needs_data,
                               "options": describe_options(i.options)} for i in initializers()],
