@@ -105,3 +105,14 @@ def test_bench_refuses_an_unknown_flag_and_a_bad_value_with_exit_2(project, caps
         assert "--stepz" in capsys.readouterr().err or flags[0] == "--steps"
     with pytest.raises(SystemExit, match="--pairs names the combinations itself"):
         bench_methods("--data", "sst2/train.tsv", "--pairs", "lora/adamw")
+
+
+def test_bench_parity_loads_both_ways_and_randlora_into_peft(tmp_path):
+    from loraforge.bench.parity import parity
+    from loraforge.testing import tiny_llama, tiny_tokenizer
+
+    tiny_llama().save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    results = parity(str(tmp_path / "model"), rank=4)
+    assert set(results) == {"loraforge -> PEFT", "PEFT -> loraforge", "RandLoRA: loraforge -> PEFT"}
+    assert all(value < 1e-4 for value in results.values()), results

@@ -166,3 +166,18 @@ def test_saved_adapter_holds_only_the_scalings(tmp_path):
 def test_bad_config(kw, message):
     with pytest.raises(lf.AdapterError, match=message):
         lf.attach(tiny_llama(), rand_config(**kw))
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("name", MODELS)
+def test_peft_loads_the_saved_adapter(name, options, tmp_path):
+    """The folder is a PEFT RANDLORA adapter: PEFT rebuilds the bases from the key and gives our outputs."""
+    from peft import PeftModel
+
+    ours = perturb(lf.attach(MODELS[name](), rand_config(dropout=0.1, options=options))).eval()
+    lf.save_adapter(ours, tmp_path / "a")
+    theirs = PeftModel.from_pretrained(MODELS[name](), tmp_path / "a").eval()
+    config = theirs.peft_config["default"]
+    assert (config.r, config.randlora_alpha, config.randlora_dropout) == (4, 80, 0.1)
+    assert not config.save_projection and all(getattr(config, k) == v for k, v in options.items())
+    assert_same_outputs(ours, theirs, logits)

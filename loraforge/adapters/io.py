@@ -39,7 +39,6 @@ from loraforge.methods.init import InitReport
 PEFT_PREFIX = "base_model.model."
 
 
-
 def save_adapter(model: nn.Module, adapter_dir: str | Path, extra_json: dict[str, Any] | None = None) -> Path:
     """Write the attached adapter of `model` to `adapter_dir` in PEFT's format."""
     config: AdapterConfig | None = getattr(model, "loraforge_config", None)
@@ -52,6 +51,7 @@ def save_adapter(model: nn.Module, adapter_dir: str | Path, extra_json: dict[str
     tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     peft_json = config.to_peft_dict(list(model.loraforge_targets), method.peft_type or f"LORAFORGE_{method.name.upper()}")
     peft_json["fan_in_fan_out"] = any(layer.fan_in_fan_out for layer in adapter_layers(model).values())
+    peft_json.update(method.peft_config(config) if method.peft_config else {})
     peft_json.update(extra_json or {})
     with atomic_dir(adapter_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})

@@ -1,9 +1,10 @@
 """`loraforge bench parity`: loraforge and PEFT load each other's LoRA adapters and agree.
 
 Both directions on one base model, float32, adapters with non-zero A and B (so the check is not
-trivially 0): loraforge saves -> PEFT loads, and PEFT saves -> loraforge loads; the figure is the
-largest absolute difference of the logits over a batch of chat prompts. PEFT is imported here
-only: it is a reference, never a dependency of the library's code paths.
+trivially 0): loraforge saves -> PEFT loads, and PEFT saves -> loraforge loads; and a RandLoRA
+adapter (random lambda, PEFT's bases rebuilt from the key) saved by loraforge and loaded by PEFT.
+The figure is the largest absolute difference of the logits over a batch of chat prompts. PEFT is
+imported here only: it is a reference, never a dependency of the library's code paths.
 """
 
 from __future__ import annotations
@@ -51,6 +52,14 @@ def parity(model_name: str = "smollm2-135m", rank: int = 8, seed: int = 0) -> di
         peft_model.save_pretrained(Path(tmp) / "peft")
         fresh, _ = load_model(model_name)
         results["PEFT -> loraforge"] = float((logits(load_adapter(fresh, Path(tmp) / "peft")) - expected).abs().max())
+
+        base, _ = load_model(model_name)
+        ours = attach(base, AdapterConfig(method="randlora", rank=rank, alpha=20 * rank, init="random", seed=seed))
+        expected = logits(ours)
+        save_adapter(ours, Path(tmp) / "randlora")
+        base, _ = load_model(model_name)
+        peft_model = PeftModel.from_pretrained(base, Path(tmp) / "randlora").eval()
+        results["RandLoRA: loraforge -> PEFT"] = float((logits(peft_model) - expected).abs().max())
     return results
 
 
@@ -59,6 +68,6 @@ def bench_parity(model_name: str, rank: int, command: str, report: Path | None =
     body = "| direction | max abs logit difference (float32) |\n|---|---|\n" + "".join(
         f"| {k} | {v:.2e} |\n" for k, v in results.items())
     if report:
-        append_section(report, f"bench parity: {model_name}, LoRA r={rank}, all-linear", command, body)
+        append_section(report, f"bench parity: {model_name}, LoRA and RandLoRA r={rank}, all-linear", command, body)
     print(body)
     return results

@@ -108,27 +108,33 @@ class AdapterConfig:
         return cls(**data)
 
     def to_peft_dict(self, resolved_targets: list[str] | str, peft_type: str) -> dict[str, Any]:
-        """PEFT's `LoraConfig` fields. `resolved_targets` is what attach() actually wrapped, so
-        PEFT rebuilds exactly the same structure whatever pattern the user wrote."""
-        return {
+        """PEFT's config fields for `peft_type`: those every PEFT config has, and LoraConfig's for a
+        LORA adapter (another type adds its own through its method's `peft_config`). `resolved_targets`
+        is what attach() actually wrapped, so PEFT rebuilds exactly the same structure whatever
+        pattern the user wrote."""
+        common = {
             "peft_type": peft_type,
             "task_type": self.task_type,
             "base_model_name_or_path": self.base_model_name_or_path,
             "revision": None,
             "inference_mode": True,
             "r": self.rank,
-            "lora_alpha": self.alpha,
-            "lora_dropout": self.dropout,
             "target_modules": resolved_targets,
             "bias": "none",
             "fan_in_fan_out": False,  # per-layer in loraforge; PEFT detects Conv1D itself
+            "modules_to_save": self.modules_to_save,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+        }
+        if peft_type != "LORA":
+            return common
+        return common | {
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
             "use_rslora": self.use_rslora,
             "use_dora": self.method == "dora",  # PEFT keeps DoRA inside its LORA type
             # Any other start is in the saved tensors already (PiSSA-like ones are converted on save).
             "init_lora_weights": {"gaussian": "gaussian", "random": False}.get(self.init, True),
-            "modules_to_save": self.modules_to_save,
-            "layers_to_transform": None,
-            "layers_pattern": None,
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
         }

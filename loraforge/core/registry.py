@@ -50,6 +50,8 @@ class Method:
     uniform_rank: bool = False  # one rank for every layer (tensors shared across layers): rank_pattern is refused
     # False where a section of the paper could not be read and the docstring records the reading taken.
     verified: bool = True
+    # The keys PEFT's config class for `peft_type` reads beyond LoraConfig's (RandLoRA's randlora_alpha, ...).
+    peft_config: Callable[["AdapterConfig"], dict[str, Any]] | None = None
 
     def trainable_params(self, d_in: int, d_out: int, config: "AdapterConfig") -> int:
         """Count by building the layer on the meta device: no formula to keep in sync."""
@@ -65,7 +67,8 @@ _METHODS: dict[str, Method] = {}
 
 def register(name: str, *, axis: str, paper: str, merges: bool = True, peft_type: str | None = None,
              attach: Callable[[nn.Module, "AdapterConfig"], list[str]] | None = None, trains_base: bool = False,
-             options: type | None = None, uniform_rank: bool = False, verified: bool = True):
+             options: type | None = None, uniform_rank: bool = False, verified: bool = True,
+             peft_config: Callable[["AdapterConfig"], dict[str, Any]] | None = None):
     """Decorates a method's AdapterLayer class; with trains_base=True it decorates the method's
     attach(model, config) instead, since a method that trains the base weights wraps no layer."""
     def wrap(obj):
@@ -73,7 +76,7 @@ def register(name: str, *, axis: str, paper: str, merges: bool = True, peft_type
             raise ValueError(f"method {name!r} registered twice")
         layer, hook = (None, obj) if trains_base else (obj, attach)
         _METHODS[name] = Method(name, axis, paper, layer, merges, peft_type, hook, trains_base, options, uniform_rank,
-                                verified)
+                                verified, peft_config)
         return obj
 
     return wrap

@@ -24,7 +24,7 @@ Decisions: gamma starts at 1 / max(n, m), PEFT's `init_weights=True` value (the 
 PEFT's pre-reset value, used here by init="random", which also draws lambda ~ N(0, 1): tests
 only); lambda = 0, so the output equals the base exactly at step 0. The bases are never saved:
 they are rebuilt from the key on load (PEFT's save_projection=False), which the CPU generator
-makes exact. One rank for all layers (rank_pattern is refused: the bases are shared); no rsLoRA.
+makes exact; the saved folder is a PEFT RANDLORA adapter (PEFT's parameter names and config keys). One rank for all layers (rank_pattern is refused: the bases are shared); no rsLoRA.
 
 Options (`RandLoRAOptions`, PEFT's names): projection_prng_key (int >= 0, default 0), sparse (bool,
 default False), very_sparse (bool, default False). PEFT's defaults are r = 32, alpha = 640 (alpha
@@ -33,8 +33,10 @@ about 20 r).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -109,13 +111,22 @@ def attach_randlora(model: nn.Module, config: AdapterConfig) -> list[str]:
     return targets
 
 
+def peft_fields(config: AdapterConfig) -> dict[str, Any]:
+    """What PEFT's RandLoraConfig reads: its names for alpha and dropout, and the options (PEFT's names
+    already). save_projection False: PEFT rebuilds the bases from the key, as loraforge does."""
+    return {"randlora_alpha": config.alpha, "randlora_dropout": config.dropout, "save_projection": False,
+            **dataclasses.asdict(_options(config))}
+
+
 @register(
     "randlora",
     axis="rank",
     paper="RandLoRA: Full-rank parameter-efficient fine-tuning of large models (arXiv 2502.00987)",
+    peft_type="RANDLORA",
     attach=attach_randlora,
     options=RandLoRAOptions,
     uniform_rank=True,
+    peft_config=peft_fields,
 )
 class RandLoRALinear(AdapterLayer):
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, name: str, bases: RandomBases | None = None):
