@@ -115,6 +115,12 @@ def attach_bayes(model: nn.Module, targets: list[str], config: ABMLLConfig) -> l
     return layers
 
 
+def detach_bayes(model: nn.Module, targets: list[str]) -> None:
+    """Put back the plain Linear layers `attach_bayes` wrapped."""
+    for name in targets:
+        replace_module(model, name, submodule(model, name).base)
+
+
 def set_mode(layers: list[BayesLoRALinear], mode: str, sample: bool = True) -> None:
     for layer in layers:
         layer.mode, layer.sample = mode, sample

@@ -34,7 +34,8 @@ def _prompt_and_first_tokens(row: dict, words: list[str], tokenizer: Any) -> tup
     for word in words:
         messages = row["messages"][:-1] + [{"role": "assistant", "content": word}]
         ids, labels = tokenize_messages(messages, tokenizer, max_length=10 ** 6)
-        start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        # The last assistant turn's first token (earlier turns may be few-shot examples, labelled too).
+        start = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX and labels[i - 1] == IGNORE_INDEX)
         prompt = prompt or ids[:start]
         firsts.append(ids[start])
     if len(set(firsts)) != len(firsts):
