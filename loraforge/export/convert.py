@@ -93,7 +93,9 @@ def convert_to_lora(model: nn.Module, tokenizer: Any, adapter_dir: str | Path, r
     if rank < 1:
         raise AdapterError(f"--rank must be a positive integer, got {rank}")
     base = copy.deepcopy(model) if get_method(read_adapter(adapter_dir)[0].method).trains_base else None
-    inputs = [tokenizer(p, return_tensors="pt").input_ids.to(_device(model)) for p in PROMPTS]
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"  # pads after each text: its logits stay its own
+    inputs = tokenizer(list(PROMPTS), return_tensors="pt", padding=True).to(_device(model))
+    tokenizer.padding_side = side
     logits_base = _logits(model, inputs)
     config, deltas = dense_updates(model, adapter_dir)  # modules_to_save now hold the adapter's values
     logits_adapter = _logits(model, inputs)
@@ -146,9 +148,9 @@ def _report(method: str, rank: int, layers: list[LayerError], base: torch.Tensor
 
 
 @torch.no_grad()
-def _logits(model: nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor:
-    """(tokens, vocab) float32: every prompt's logits, one prompt per forward (no padding to mask)."""
-    return torch.cat([model(input_ids=ids).logits[0].float() for ids in inputs])
+def _logits(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """(tokens, vocab) float32: the logits of every prompt's real (non-padding) tokens, one forward."""
+    return model(**inputs).logits[inputs.attention_mask.bool()].float()
 
 
 def _dense(module: nn.Module) -> torch.Tensor:
