@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import loraforge as lf
 from loraforge.cli import main
@@ -107,6 +108,17 @@ def test_merged_gguf_holds_the_merged_weights_and_the_tokenizer(tmp_path, dtype)
     assert len(got) == len(model.state_dict()) - 1
 
 
+def test_transformers_reads_the_merged_gguf_back_to_the_same_model(tmp_path):
+    """A second reader of GGUF (transformers' loader, which undoes llama.cpp's q/k order itself) gets
+    the merged model back: the same logits, exactly at f32."""
+    model = lf.merge_and_unload(lf.load_adapter(tiny_llama(), lora_adapter(tmp_path / "a")))
+    write_merged_gguf(model, tiny_tokenizer(), tmp_path / "m.gguf", "f32")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 17, 33, 60, 71, 9, 44]])
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+
+
 def test_cli_exports_adapter_and_merged_model(tmp_path, capsys):
     tiny_llama().save_pretrained(tmp_path / "model")
     tiny_tokenizer().save_pretrained(tmp_path / "model")
@@ -134,6 +146,26 @@ def test_smollm2_export_matches_the_embedded_gguf():
     for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.29.ffn_down.weight", "output_norm.weight"):
         t = theirs[name]
         np.testing.assert_array_equal(ours[name], gguf.quants.dequantize(t.data, t.tensor_type).reshape(ours[name].shape))
+
+
+@pytest.mark.slow
+def test_merged_smollm2_gguf_loads_with_its_tokenizer_and_logits(tmp_path):
+    """The merged SmolLM2 at f16, metadata and tokenizer copied from the embedded GGUF: transformers
+    loads model and tokenizer from it, tokenizes as the original does and gives its logits to f16 rounding."""
+    from loraforge.core.models import gguf_source
+
+    model, tokenizer = lf.load_model("smollm2-135m")
+    lf.attach(model, lf.AdapterConfig(rank=8, alpha=2, init="random", seed=0, target_modules=["q_proj", "k_proj", "down_proj"]))
+    model = lf.merge_and_unload(model)
+    write_merged_gguf(model, tokenizer, tmp_path / "m.gguf", "f16", gguf_source("smollm2-135m"))
+    text = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+    back_tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert back_tok(text, return_tensors="pt").input_ids.tolist() == ids.tolist()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        got, want = back(ids).logits, model(ids).logits
+    assert (got - want).norm() < 1e-2 * want.norm() and torch.equal(got.argmax(-1), want.argmax(-1))
 
 
 @pytest.mark.slow
