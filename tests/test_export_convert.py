@@ -7,8 +7,8 @@ import torch
 from peft import PeftModel
 
 import loraforge as lf
+from loraforge.adapters.convert import REPORT_NAME, convert_to_lora, truncated_lora
 from loraforge.cli import main
-from loraforge.export.convert import REPORT_NAME, convert_to_lora, truncated_lora
 from loraforge.testing import tiny_llama, tiny_tokenizer
 
 IDS = torch.tensor([[5, 17, 33, 60, 71, 9, 44, 12]])

@@ -28,8 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from loraforge.adapters.convert import REPORT_NAME, convert_to_lora
     from loraforge.core.models import default_device, load_model
-    from loraforge.export.convert import REPORT_NAME, convert_to_lora
 
     if args.rank < 1:
         raise LoraforgeError(f"--rank must be a positive integer, got {args.rank}")

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from loraforge.adapters.convert import truncated_lora
 from loraforge.adapters.inject import adapter_state_dict, attach, detach
 from loraforge.adapters.io import load_adapter
 from loraforge.core.config import AdapterConfig
@@ -100,12 +101,10 @@ def read_updates(modules: dict[str, nn.Linear], path: Path, config: AdapterConfi
 
 
 def _factors_or_dense(delta: torch.Tensor, max_rank: int, dtype: torch.dtype) -> HostUpdate:
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)  # (d_out, k), (k,), (k, d_in)
-    rank = int((s > s.max() * max(delta.shape) * torch.finfo(torch.float32).eps).sum()) if s.numel() else 0
+    lora_a, lora_b, rank, _ = truncated_lora(delta, max_rank)  # (R, d_in), (d_out, R), rank(dW)
     if rank > max_rank:
         return HostUpdate(dense=delta.to(dtype))
-    root = s[:rank].sqrt()
-    return HostUpdate((root[:, None] * vh[:rank]).to(dtype), (u[:, :rank] * root).to(dtype))
+    return HostUpdate(lora_a[:rank].to(dtype), lora_b[:, :rank].to(dtype))
 
 
 def _shell(modules: dict[str, nn.Linear]) -> nn.Module:

@@ -8,8 +8,9 @@ the Frobenius (and spectral) norm is its truncated SVD (Eckart-Young):
     dW = U S Vᵀ,   B = U[:, :R] S[:R]^½  (d_out, R),   A = S[:R]^½ Vᵀ[:R]  (R, d_in),   s = alpha/R = 1
     ||dW - B A||_F / ||dW||_F = sqrt(sum_{i>R} S_i²) / sqrt(sum_i S_i²)
 
-exact (to rounding) when rank(dW) <= R: LoRA, LoRA-XS/SB, LoLDU and Bone at their rank; DoRA,
-RandLoRA or Comp-LoRA updates are usually of full rank and lose their tail. The singular values are
+exact (to rounding) when rank(dW) <= R: LoRA, LoRA-XS/SB, LoLDU, Block-LoRA, Comp-LoRA and Bone
+at their rank; DoRA (its magnitude rescales whole rows), RandLoRA and Bone-Bat updates are usually
+of full rank and lose their tail. The singular values are
 split evenly between B and A so that neither factor holds them all (PEFT's fp16 loads keep both in
 range). modules_to_save (a head, trained embedding rows) travel unchanged.
 
