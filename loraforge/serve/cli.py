@@ -23,10 +23,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="requests in the running batch")
     p.add_argument("--max-kv-tokens", type=int, default=16384, help="tokens the paged KV cache holds in all")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--engine", choices=["loraforge", "vllm"], default="loraforge",
+                   help="vllm: start vLLM's OpenAI server on the same base and adapters (other methods converted "
+                        "to LoRA of --max-lora-rank first); for GPUs")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="--engine vllm: GPUs to shard the model over")
     p.set_defaults(run=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if not _is_loopback(args.host) and args.api_key is None:
+        print(f"loraforge: warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
+              file=sys.stderr)
+    if args.engine == "vllm":
+        return _exec_vllm(args)
     try:
         import uvicorn
 
@@ -36,9 +45,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from loraforge.core.models import load_model
     from loraforge.serve.engine import Engine
 
-    if not _is_loopback(args.host) and args.api_key is None:
-        print(f"loraforge: warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
-              file=sys.stderr)
     model, tokenizer = load_model(args.model, task="causal-lm")
     engine = Engine(model, tokenizer, adapters_dir=args.adapters, max_loaded=args.max_loaded,
                     max_rank=args.max_lora_rank, max_batch=args.max_batch, max_kv_tokens=args.max_kv_tokens,
@@ -46,6 +52,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _exec_vllm(args: argparse.Namespace) -> int:
+    import os
+    import shlex
+
+    from loraforge.serve.vllm import check_vllm, vllm_command
+
+    check_vllm()
+    argv, env = vllm_command(args.model, args.adapters, args.host, args.port, args.api_key, args.max_loaded,
+                             args.max_lora_rank, args.tensor_parallel_size)
+    print(f"loraforge: starting vLLM: {shlex.join(a if a != args.api_key else '***' for a in argv)}", file=sys.stderr)
+    os.execve(argv[0], argv, env)  # vLLM takes over the process: its signals, its exit status
 
 
 def _is_loopback(host: str) -> bool:
