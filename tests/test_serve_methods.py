@@ -1,5 +1,6 @@
-"""Serving every method that merges in one mixed batch: low-rank updates as factors, DoRA through its
-gain after the LoRA path, higher-rank updates dense; each request's greedy tokens are its adapter's alone."""
+"""Serving every method in one mixed batch: low-rank updates as factors, DoRA through its gain after
+the LoRA path, higher-rank updates dense, MixLoRA's own FFN on its tokens; each request's greedy
+tokens are its adapter's alone."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from loraforge.serve import Engine, SamplingParams
 from loraforge.serve.updates import serving_path
 from loraforge.testing import tiny_llama, tiny_tokenizer
 
-METHODS = ["lora", "dora", "lora-xs", "loldu", "block-lora", "comp-lora", "bone", "bone-bat", "randlora"]
-PROMPTS = ["Hello there", "A", "The quick brown fox", "x = 1 + 2;", "ok", "Lorem ipsum dolor", "#!", "Why?", "42", "z"]
+METHODS = ["lora", "dora", "lora-xs", "loldu", "block-lora", "comp-lora", "bone", "bone-bat", "randlora", "mixlora"]
+PROMPTS = ["Hello there", "A", "The quick brown fox", "x = 1 + 2;", "ok", "Lorem ipsum dolor", "#!", "Why?", "42", "z",
+           "Quo vadis"]
 
 
 @pytest.fixture(scope="module")
@@ -23,15 +25,16 @@ def adapters_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("methods")
     for i, method in enumerate(METHODS):
         init = "default" if method == "loldu" else "random"  # loldu starts from W0's LU factors
-        model = lf.attach(tiny_llama(), lf.AdapterConfig(method=method, rank=4, alpha=4, init=init, seed=i))
+        options = {"num_experts": 4, "top_k": 2, "router_init_std": 1.0} if method == "mixlora" else {}  # routes that differ
+        model = lf.attach(tiny_llama(), lf.AdapterConfig(method=method, rank=4, alpha=4, init=init, seed=i, options=options))
         generator = torch.Generator().manual_seed(i)
         with torch.no_grad():  # move every trained tensor, so that each adapter changes the output its own way
             for name, param in model.named_parameters():
                 if param.requires_grad:
                     param.add_(0.3 * param.abs().mean() * torch.randn(param.shape, generator=generator))
         lf.save_adapter(model, root / method)
-    mixture = lf.attach(tiny_llama(), lf.AdapterConfig(method="mixlora", rank=4, init="random", seed=0))
-    lf.save_adapter(mixture, root / "mixlora")
+    full = lf.attach(tiny_llama(), lf.AdapterConfig(method="full"))
+    lf.save_adapter(full, root / "full")
     return root
 
 
@@ -50,7 +53,7 @@ def alone(adapters_dir, adapter: str | None, prompt: str, n: int) -> list[int]:
 def test_serving_paths_follow_the_rank_of_each_methods_update():
     paths = {m.name: serving_path(m.name) for m in lf.methods()}
     assert {m: paths[m] for m in METHODS} == {**dict.fromkeys(METHODS, "native"), "bone-bat": "dense", "randlora": "dense"}
-    assert paths["mixlora"] == paths["full"] == "no"
+    assert paths["full"] == "no"
 
 
 @pytest.mark.parametrize("kernel", ["segment", "padded"])
@@ -77,16 +80,17 @@ def test_same_prompt_under_every_method_in_one_batch(adapters_dir):
         assert req.output_ids == alone(adapters_dir, name, PROMPTS[2], 6), name
     assert engine.pool.dense  # the dense updates sit in their slots
     assert any(any(flags) for flags in engine.pool.gained.values())  # and DoRA's gain in its
+    assert all(len(own) == 1 for own in engine.pool.block.values())  # and MixLoRA's FFN in every layer
 
 
-def test_an_input_dependent_update_is_refused_with_its_reason(adapters_dir):
+def test_full_fine_tuning_is_refused_with_its_reason(adapters_dir):
     engine = Engine(tiny_llama(), tiny_tokenizer(), adapters_dir=adapters_dir)
-    with pytest.raises(lf.AdapterError, match="'mixlora' adapter, whose update depends on the input"):
-        engine.add_request("hi", "mixlora")
+    with pytest.raises(lf.AdapterError, match="'full' adapter, which retrains the base itself"):
+        engine.add_request("hi", "full")
 
 
 def test_methods_json_says_how_each_method_serves(capsys):
     assert main(["methods", "--json"]) == 0
     out = capsys.readouterr().out
     listed = {m["name"]: m["serves"] for m in json.loads(out[out.index("{"):])["methods"]}
-    assert listed["dora"] == "native" and listed["randlora"] == "dense" and listed["mixlora"] == "no"
+    assert listed["dora"] == listed["mixlora"] == "native" and listed["randlora"] == "dense" and listed["full"] == "no"

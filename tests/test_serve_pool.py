@@ -94,7 +94,7 @@ def test_an_adapter_unloaded_while_queued_fails_only_its_request(root):
 
 
 @pytest.mark.parametrize("case, match", [
-    ("mixlora", "'mixlora' adapter, whose update depends on the input"),
+    ("full", "'full' adapter, which retrains the base itself"),
     ("dora-rank", "rank 32 > max rank 16"),
     ("head", "trains whole modules"),
     ("rank", "rank 32 > max rank 16"),
@@ -102,8 +102,8 @@ def test_an_adapter_unloaded_while_queued_fails_only_its_request(root):
     ("no-B", "lacks its lora_B"),
 ])
 def test_invalid_adapters_are_refused_at_load_naming_the_problem(tmp_path, case, match):
-    if case == "mixlora":
-        save(tmp_path, case, method="mixlora", rank=4, seed=0)
+    if case == "full":
+        save(tmp_path, case, method="full")
     elif case == "dora-rank":
         save(tmp_path, case, method="dora", rank=32, seed=0)
     elif case == "head":

@@ -33,9 +33,7 @@ def adapters_dir(tmp_path_factory):
                                          num_attention_heads=4, num_key_value_heads=2))
     lf.attach(other, lf.AdapterConfig(rank=4, init="random", seed=3))
     lf.save_adapter(other, root / "other-base")
-    mixture = tiny_llama()
-    lf.attach(mixture, lf.AdapterConfig(method="mixlora", rank=4, init="random", seed=4))
-    lf.save_adapter(mixture, root / "mixlora")
+    lf.save_adapter(lf.attach(tiny_llama(), lf.AdapterConfig(method="full")), root / "full")
     return root
 
 
@@ -54,7 +52,7 @@ def post(client, path, body, **kw):
 def test_models_lists_base_and_adapters(served):
     _, client = served
     ids = [m["id"] for m in client.get("/v1/models", headers=AUTH).json()["data"]]
-    assert ids[0] == "tiny" and {"alpha", "beta", "mixlora", "other-base"} <= set(ids)
+    assert ids[0] == "tiny" and {"alpha", "beta", "full", "other-base"} <= set(ids)
 
 
 def test_completion_stream_equals_completion_and_engine(served):
@@ -77,7 +75,7 @@ def test_completion_stream_equals_completion_and_engine(served):
 @pytest.mark.parametrize("path, body, status, needle", [
     ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "'nope'"),
     ("/v1/completions", {"model": "other-base", "prompt": "hi"}, 400, "model.layers.0.mlp.down_proj.lora_B.weight"),
-    ("/v1/completions", {"model": "mixlora", "prompt": "hi"}, 400, "depends on the input"),
+    ("/v1/completions", {"model": "full", "prompt": "hi"}, 400, "retrains the base itself"),
     ("/v1/completions", {"model": "alpha", "prompt": "x" * 300}, 400, "context holds 256"),
     ("/v1/completions", {"model": "alpha", "prompt": "hi", "top_p": 2}, 400, "top_p"),
     ("/v1/completions", {"model": "alpha"}, 422, "prompt"),

@@ -10,7 +10,8 @@ Requests join and leave at token boundaries. Inside every adapted linear of the 
 the base matmul runs once for all T tokens and the low-rank path per token with its own adapter
 (AdapterPool.add_delta); requests are ordered by adapter slot so that equal adapters form segments.
 Adapters of other methods take the same path (serve/updates.py): a low-rank update as its factors,
-DoRA with its per-output gain applied after the LoRA path, a higher-rank update as a dense dW.
+DoRA with its per-output gain applied after the LoRA path, a higher-rank update as a dense dW, and
+an adapter's own FFN (MixLoRA's router and experts) on its own tokens in place of the base FFN.
 Keys and values live in a paged BlockPool; attention gathers each request's own blocks.
 
 The forward pass is written here over the Hugging Face Llama modules (embeddings, norms, rotary
@@ -104,7 +105,8 @@ class Engine:
         self.layer_modules = [{n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
                               for layer in model.model.layers]
         modules = {f"model.layers.{i}.{n}": m for i, mods in enumerate(self.layer_modules) for n, m in mods.items()}
-        self.pool = AdapterPool(modules, adapters_dir, max_loaded, max_rank, base_name=model_name)
+        self.pool = AdapterPool(modules, adapters_dir, max_loaded, max_rank, base_name=model_name,
+                                blocks={f"model.layers.{i}.mlp": layer.mlp for i, layer in enumerate(model.model.layers)})
         self.kv = BlockPool(cfg.num_hidden_layers, cfg.num_key_value_heads, self.head_dim,
                             -(-max_kv_tokens // block_size), block_size, w.dtype, w.device)
         eos = {tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)}
@@ -274,7 +276,12 @@ class Engine:
             x = x + self._linear(i, "self_attn.o_proj", out.flatten(1), lora)  # (T, H)
             h = layer.post_attention_layernorm(x)
             gate = layer.mlp.act_fn(self._linear(i, "mlp.gate_proj", h, lora)) * self._linear(i, "mlp.up_proj", h, lora)
-            x = x + self._linear(i, "mlp.down_proj", gate, lora)  # (T, H)
+            ffn = self._linear(i, "mlp.down_proj", gate, lora)  # (T, H)
+            own = self.pool.block[f"model.layers.{i}.mlp"]  # slot -> an adapter's own FFN (MixLoRA)
+            for slot, start, end in lora.segments:
+                if slot in own:
+                    ffn[start:end] = own[slot](h[start:end])  # its tokens only; the base FFN's rows are dropped
+            x = x + ffn
         return self.model.lm_head(inner.norm(x[last]))  # (B, vocab)
 
     def _linear(self, layer: int, name: str, x: torch.Tensor, lora: LoRABatch) -> torch.Tensor:

@@ -86,10 +86,12 @@ class LoRABatch:
 
 class AdapterPool:
     def __init__(self, modules: dict[str, nn.Linear], adapters_dir: str | Path | None = None, max_loaded: int = 8,
-                 max_rank: int = 16, base_name: str = "the base model"):
+                 max_rank: int = 16, base_name: str = "the base model", blocks: dict[str, nn.Module] | None = None):
         if max_loaded < 1:
             raise AdapterError(f"max_loaded must be at least 1, got {max_loaded}")
         self.modules, self.max_loaded, self.max_rank, self.base_name = modules, max_loaded, max_rank, base_name
+        self.blocks = blocks or {}  # paths the engine runs as one module (FFNs): an adapter may replace them whole
+        self.block: dict[str, dict[int, nn.Module]] = {n: {} for n in self.blocks}  # slot -> the adapter's module
         self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir is not None else None
         self.known: dict[str, Path] = {}
         self.host: dict[str, HostAdapter] = {}
@@ -159,7 +161,7 @@ class AdapterPool:
         if config.modules_to_save:
             raise AdapterError(f"adapter {name!r} trains whole modules ({config.modules_to_save}): not servable as LoRA")
         if config.method != "lora":
-            return read_updates(self.modules, path, config, self.max_rank, f"adapter {name!r}")
+            return read_updates(self.modules, self.blocks, path, config, self.max_rank, f"adapter {name!r}")
         factors: dict[str, dict[str, torch.Tensor]] = {}
         for key in sorted(state):
             module, sep, tensor = key.rpartition(".lora_")
@@ -251,6 +253,12 @@ class AdapterPool:
                 self.dense[module].pop(slot, None)
             else:
                 self.dense[module][slot] = update.dense.to(self.A[module].device)
+        for path, slots in self.block.items():
+            update = host.get(path)
+            if update is None:
+                slots.pop(slot, None)
+            else:
+                slots[slot] = update.block
 
     # ---- the low-rank path ----------------------------------------------------------------------
     def add_delta(self, module: str, x: torch.Tensor, y: torch.Tensor, batch: LoRABatch, kernel: str = "auto") -> None:

@@ -4,15 +4,17 @@
     gain     y_t  = g ⊙ (x_t W0ᵀ + s (x_t Aᵀ) Bᵀ) DoRA (arXiv 2402.09353, eq. 5): g = m / ||W0 + s B A||_row,
                                                the per-output magnitude applied after the LoRA path
     dense    y_t += x_t dWᵀ                    an update of higher rank (RandLoRA, Bone-Bat), kept whole per adapter
+    block    y_t  = block(x_t)                 a method that replaces a whole block the engine runs as one
+                                               (MixLoRA's FFN: router and experts), on its own tokens only
 
 Plain LoRA adapters are read straight from their tensors (AdapterPool._read). Any other method that
 merges is rebuilt by its own code: its layers are attached to a shell module that shares the base's
 Linear modules (the served model itself is never touched), the saved state is loaded, and each layer
-gives its update. A low-rank update becomes factors through its truncated SVD at its numerical rank
+gives its update (or, for a whole block, is kept as it is). A low-rank update becomes factors through its truncated SVD at its numerical rank
 k (dW = U S Vᵀ, A = S^½ Vᵀ[:k], B = U[:, :k] S^½: exact to rounding, whatever the method's own
 structure: LoRA-XS's B R A, LoLDU's L diag(z) U, Block-LoRA's shared blocks, Comp-LoRA, Bone).
 DoRA keeps its direction's factors and adds g; n is taken as its layer takes it in inference.
-Methods whose update depends on the input (MixLoRA's router) or that retrain the base are refused.
+Full fine-tuning, which retrains the base itself, is refused.
 
 `serving_path(method)` says which form a method's adapters take in general (`loraforge methods
 --json`: serves native | dense | no): a probe layer with random state shows whether its update's
@@ -46,6 +48,7 @@ class HostUpdate:
     b: torch.Tensor | None = None  # (d_out, k), the scale folded in
     gain: torch.Tensor | None = None  # (d_out,): DoRA's m / n, multiplied in after the LoRA path
     dense: torch.Tensor | None = None  # (d_out, d_in): an update whose rank exceeds max_rank
+    block: nn.Module | None = None  # the adapter's own module in place of a whole block (an FFN), loaded
 
 
 PROBE_RANK = 4
@@ -55,8 +58,10 @@ PROBE_RANK = 4
 def serving_path(name: str) -> str:
     """'native' (factors, or DoRA's factors and gain), 'dense' (a whole dW per adapter) or 'no'."""
     method = get_method(name)
-    if not method.merges or method.trains_base:
+    if method.trains_base:
         return "no"
+    if not method.merges:  # an input-dependent update: native where it replaces whole blocks (its own attach)
+        return "native" if method.attach is not None else "no"
     if method.layer is not None and issubclass(method.layer, DoRALinear):
         return "native"
     return "native" if _probe_rank(method) <= PROBE_RANK else "dense"
@@ -75,17 +80,23 @@ def _probe_rank(method: Method) -> int:
 
 
 @torch.no_grad()
-def read_updates(modules: dict[str, nn.Linear], path: Path, config: AdapterConfig, max_rank: int,
-                 label: str) -> dict[str, HostUpdate]:
-    """{module path: HostUpdate} of the adapter saved at `path` (a method other than plain LoRA)."""
+def read_updates(modules: dict[str, nn.Linear], blocks: dict[str, nn.Module], path: Path, config: AdapterConfig,
+                 max_rank: int, label: str) -> dict[str, HostUpdate]:
+    """{module path: HostUpdate} of the adapter saved at `path` (a method other than plain LoRA);
+    `blocks` are the paths the engine runs as one module (FFNs), which a method may replace whole."""
     if serving_path(config.method) == "no":
-        raise AdapterError(f"{label} is a {config.method!r} adapter, whose update depends on the input or retrains "
-                           "the base: it cannot be served beside others (merge it with `loraforge merge`)")
-    shell = _shell(modules)
+        raise AdapterError(f"{label} is a {config.method!r} adapter, which retrains the base itself rather than "
+                           "adding an update: it cannot be served beside others (serve its merged model instead)")
+    shell = _shell(modules, blocks)
     load_adapter(shell, path)
     try:
         updates = {}
         for name, layer in adapter_layers(shell).items():
+            if name in blocks:
+                updates[name] = HostUpdate(block=layer.eval())  # detach() below leaves the block whole
+                continue
+            if name not in modules:
+                raise AdapterError(f"{label}: {config.method} replaces {name!r}, which the engine does not run as one module")
             dtype = modules[name].weight.dtype
             if isinstance(layer, DoRALinear):
                 if layer.rank > max_rank:
@@ -107,15 +118,24 @@ def _factors_or_dense(delta: torch.Tensor, max_rank: int, dtype: torch.dtype) ->
     return HostUpdate(lora_a[:rank].to(dtype), lora_b[:, :rank].to(dtype))
 
 
-def _shell(modules: dict[str, nn.Linear]) -> nn.Module:
-    """A module tree holding the base's Linear modules at their paths, and nothing else."""
+def _shell(modules: dict[str, nn.Linear], blocks: dict[str, nn.Module]) -> nn.Module:
+    """A module tree holding the base's Linear modules at their paths, its blocks' activation
+    (`act_fn`, what makes an FFN an FFN to MixLoRA) and nothing else: attaching to it changes
+    only the shell, never the served model."""
     root = nn.Module()
-    for path, linear in modules.items():
+
+    def container(path: str) -> nn.Module:
         parent = root
-        *parents, leaf = path.split(".")
-        for part in parents:
+        for part in path.split("."):
             if part not in parent._modules:
                 parent.add_module(part, nn.Module())
             parent = parent._modules[part]
-        parent.add_module(leaf, linear)
+        return parent
+
+    for path, linear in modules.items():
+        parent_path, _, leaf = path.rpartition(".")
+        container(parent_path).add_module(leaf, linear)
+    for path, block in blocks.items():
+        if hasattr(block, "act_fn"):
+            container(path).act_fn = block.act_fn
     return root
