@@ -1,6 +1,6 @@
 """Serving every method in one mixed batch: low-rank updates as factors, DoRA through its gain after
 the LoRA path, higher-rank updates dense, MixLoRA's own FFN on its tokens; each request's greedy
-tokens are its adapter's alone."""
+tokens are its adapter's alone. Adapters that train whole modules (modules_to_save) too."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import loraforge as lf
 from loraforge.cli import main
@@ -94,3 +95,53 @@ def test_methods_json_says_how_each_method_serves(capsys):
     out = capsys.readouterr().out
     listed = {m["name"]: m["serves"] for m in json.loads(out[out.index("{"):])["methods"]}
     assert listed["dora"] == listed["mixlora"] == "native" and listed["randlora"] == "dense" and listed["full"] == "no"
+
+
+def llama(tied: bool) -> LlamaForCausalLM:
+    model = tiny_llama()
+    if tied:
+        return model
+    untied = LlamaForCausalLM(LlamaConfig(**{**model.config.to_dict(), "tie_word_embeddings": False})).eval()
+    untied.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        untied.lm_head.weight.copy_(torch.randn(untied.lm_head.weight.shape, generator=torch.Generator().manual_seed(9)))
+    return untied
+
+
+WHOLE = {  # name: (method, modules_to_save, rows or None for a whole Linear)
+    "head": ("lora", ["lm_head"], range(5, 60)),
+    "embed": ("dora", ["model.embed_tokens"], range(30, 105)),
+    "proj": ("lora", ["model.layers.1.self_attn.o_proj"], None),
+}
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_modules_to_save_are_per_adapter_rows_and_projections_in_a_mixed_batch(tmp_path, tied):
+    """The embedding and head rows an adapter trained (both, where tied), and a whole projection it
+    trained, apply to its own tokens and logits only, beside plain adapters and the base."""
+    generator = torch.Generator().manual_seed(0)
+    for name, (method, whole, rows) in WHOLE.items():
+        model = lf.attach(llama(tied), lf.AdapterConfig(method=method, rank=4, init="random", seed=1,
+                                                        target_modules=["q_proj", "v_proj"], modules_to_save=whole))
+        weight = model.get_submodule(whole[0]).weight
+        with torch.no_grad():
+            if rows is None:
+                weight += torch.randn(weight.shape, generator=generator) * weight.std()
+            else:
+                weight[list(rows)] += torch.randn(len(rows), weight.shape[1], generator=generator) * weight.std()
+        lf.save_adapter(model, tmp_path / name)
+    lf.save_adapter(lf.attach(llama(tied), lf.AdapterConfig(rank=4, init="random", seed=2)), tmp_path / "plain")
+    names = [*WHOLE, "plain", None]
+    engine = Engine(llama(tied), tiny_tokenizer(), adapters_dir=tmp_path, max_loaded=4, block_size=4)
+    reqs = engine.generate(PROMPTS[:len(names)], names, SamplingParams(max_tokens=8, ignore_eos=True))
+    for req, name, prompt in zip(reqs, names, PROMPTS):
+        model = llama(tied)
+        if name is not None:
+            lf.load_adapter(model, tmp_path / name)
+        ids = tiny_tokenizer().encode(prompt)
+        with torch.no_grad():
+            for _ in range(8):
+                ids.append(int(model(torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+        assert req.output_ids == ids[-8:], (name, prompt)
+    head, embed = engine.pool.rows["lm_head"], engine.pool.rows["model.embed_tokens"]
+    assert len(head) == len(embed) == (2 if tied else 1)  # tied: an override of one is one of both

@@ -96,7 +96,7 @@ def test_an_adapter_unloaded_while_queued_fails_only_its_request(root):
 @pytest.mark.parametrize("case, match", [
     ("full", "'full' adapter, which retrains the base itself"),
     ("dora-rank", "rank 32 > max rank 16"),
-    ("head", "trains whole modules"),
+    ("norm", "modules_to_save 'model.norm' is neither the embedding, the output head nor a projection"),
     ("rank", "rank 32 > max rank 16"),
     ("stray-key", "key 'model.embed_tokens.lora_A.weight' has no place"),
     ("no-B", "lacks its lora_B"),
@@ -106,8 +106,8 @@ def test_invalid_adapters_are_refused_at_load_naming_the_problem(tmp_path, case,
         save(tmp_path, case, method="full")
     elif case == "dora-rank":
         save(tmp_path, case, method="dora", rank=32, seed=0)
-    elif case == "head":
-        save(tmp_path, case, rank=4, seed=0, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    elif case == "norm":
+        save(tmp_path, case, rank=4, seed=0, target_modules=["q_proj"], modules_to_save=["model.norm"])
     elif case == "rank":
         save(tmp_path, case, rank=32, seed=0)
     else:

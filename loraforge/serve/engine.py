@@ -11,7 +11,8 @@ the base matmul runs once for all T tokens and the low-rank path per token with 
 (AdapterPool.add_delta); requests are ordered by adapter slot so that equal adapters form segments.
 Adapters of other methods take the same path (serve/updates.py): a low-rank update as its factors,
 DoRA with its per-output gain applied after the LoRA path, a higher-rank update as a dense dW, and
-an adapter's own FFN (MixLoRA's router and experts) on its own tokens in place of the base FFN.
+an adapter's own FFN (MixLoRA's router and experts) on its own tokens in place of the base FFN, and
+its own rows of the embedding and output head (modules_to_save) for its tokens and its logits.
 Keys and values live in a paged BlockPool; attention gathers each request's own blocks.
 
 The forward pass is written here over the Hugging Face Llama modules (embeddings, norms, rotary
@@ -106,7 +107,8 @@ class Engine:
                               for layer in model.model.layers]
         modules = {f"model.layers.{i}.{n}": m for i, mods in enumerate(self.layer_modules) for n, m in mods.items()}
         self.pool = AdapterPool(modules, adapters_dir, max_loaded, max_rank, base_name=model_name,
-                                blocks={f"model.layers.{i}.mlp": layer.mlp for i, layer in enumerate(model.model.layers)})
+                                blocks={f"model.layers.{i}.mlp": layer.mlp for i, layer in enumerate(model.model.layers)},
+                                tables={"model.embed_tokens": model.model.embed_tokens, "lm_head": model.lm_head})
         self.kv = BlockPool(cfg.num_hidden_layers, cfg.num_key_value_heads, self.head_dim,
                             -(-max_kv_tokens // block_size), block_size, w.dtype, w.device)
         eos = {tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)}
@@ -261,6 +263,11 @@ class Engine:
         lora = LoRABatch.build(segments, dev)
         inner = self.model.model
         x = inner.embed_tokens(ids_t)  # (T, H)
+        for slot, start, end in segments:  # adapters with embedding rows of their own (modules_to_save)
+            if slot in self.pool.rows["model.embed_tokens"]:
+                index, _, rows = self.pool.rows["model.embed_tokens"][slot]
+                at = index[ids_t[start:end]]  # (n,): the adapter's row of each token, -1 for the base's
+                x[start:end][at >= 0] = rows[at[at >= 0]]
         cos, sin = inner.rotary_emb(x, pos_t[None])  # (1, T, hd) each
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
@@ -282,7 +289,13 @@ class Engine:
                 if slot in own:
                     ffn[start:end] = own[slot](h[start:end])  # its tokens only; the base FFN's rows are dropped
             x = x + ffn
-        return self.model.lm_head(inner.norm(x[last]))  # (B, vocab)
+        h = inner.norm(x[last])  # (B, H)
+        logits = self.model.lm_head(h)  # (B, vocab)
+        for b, req in enumerate(batch):  # adapters with output-head rows of their own (modules_to_save)
+            if req.slot in self.pool.rows["lm_head"]:
+                _, ids, rows = self.pool.rows["lm_head"][req.slot]
+                logits[b, ids] = h[b] @ rows.T  # (k,): its own logits of the ids it changed
+        return logits
 
     def _linear(self, layer: int, name: str, x: torch.Tensor, lora: LoRABatch) -> torch.Tensor:
         y = self.layer_modules[layer][name](x)  # the shared base matmul, all T tokens at once

@@ -5,7 +5,9 @@
                  every method that merges, each in the cheapest exact form)
     compute      per module: A (N+1, r_max, d_in), s·Bᵀ (N+1, r_max, d_out), rank (N+1,), g (N+1, d_out),
                  and the dense dW of the slots that have one
-                 slot 0 is "no adapter" (all zeros, g = 1); slots 1..N hold at most `max_loaded` adapters
+                 slot 0 is "no adapter" (all zeros, g = 1); slots 1..N hold at most `max_loaded` adapters;
+                 per slot also its own FFN (MixLoRA) and its own rows of the embedding and output head
+                 (modules_to_save: an id -> row index (V,), the ids and their rows)
 
 An adapter enters a slot when a request that names it is admitted (a miss), or earlier, into an empty
 slot, while its request waits in the queue (prefetch); it leaves only when no running request holds
@@ -41,9 +43,9 @@ import torch
 from torch import nn
 
 from loraforge.adapters.io import read_adapter
-from loraforge.core.config import CONFIG_NAME
+from loraforge.core.config import CONFIG_NAME, AdapterConfig
 from loraforge.core.errors import AdapterError
-from loraforge.serve.updates import HostUpdate, read_updates
+from loraforge.serve.updates import HostUpdate, read_updates, read_whole_modules
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 HostAdapter = dict[str, HostUpdate]
@@ -86,12 +88,16 @@ class LoRABatch:
 
 class AdapterPool:
     def __init__(self, modules: dict[str, nn.Linear], adapters_dir: str | Path | None = None, max_loaded: int = 8,
-                 max_rank: int = 16, base_name: str = "the base model", blocks: dict[str, nn.Module] | None = None):
+                 max_rank: int = 16, base_name: str = "the base model", blocks: dict[str, nn.Module] | None = None,
+                 tables: dict[str, nn.Module] | None = None):
         if max_loaded < 1:
             raise AdapterError(f"max_loaded must be at least 1, got {max_loaded}")
         self.modules, self.max_loaded, self.max_rank, self.base_name = modules, max_loaded, max_rank, base_name
         self.blocks = blocks or {}  # paths the engine runs as one module (FFNs): an adapter may replace them whole
         self.block: dict[str, dict[int, nn.Module]] = {n: {} for n in self.blocks}  # slot -> the adapter's module
+        self.tables = tables or {}  # the input embedding and output head: modules_to_save change rows of them
+        # slot -> (id -> row index or -1 (V,), the ids (k,), their rows (k, H))
+        self.rows: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {n: {} for n in self.tables}
         self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir is not None else None
         self.known: dict[str, Path] = {}
         self.host: dict[str, HostAdapter] = {}
@@ -158,10 +164,20 @@ class AdapterPool:
 
     def _read(self, name: str, path: Path) -> HostAdapter:
         config, _, state = read_adapter(path)
-        if config.modules_to_save:
-            raise AdapterError(f"adapter {name!r} trains whole modules ({config.modules_to_save}): not servable as LoRA")
+        label = f"adapter {name!r}"
+        whole = read_whole_modules(config, state, self.modules, self.tables, self.max_rank, label)
         if config.method != "lora":
-            return read_updates(self.modules, self.blocks, path, config, self.max_rank, f"adapter {name!r}")
+            host = read_updates(self.modules, self.blocks, self.tables, path, config, self.max_rank, label)
+        else:
+            saved = tuple(m + "." for m in config.modules_to_save or ())
+            host = self._read_lora(name, config, {k: v for k, v in state.items() if not k.startswith(saved)})
+        for module, update in whole.items():
+            if module in host:
+                raise AdapterError(f"{label}: {module!r} is both adapted and trained whole")
+            host[module] = update
+        return host
+
+    def _read_lora(self, name: str, config: AdapterConfig, state: dict[str, torch.Tensor]) -> HostAdapter:
         factors: dict[str, dict[str, torch.Tensor]] = {}
         for key in sorted(state):
             module, sep, tensor = key.rpartition(".lora_")
@@ -259,6 +275,16 @@ class AdapterPool:
                 slots.pop(slot, None)
             else:
                 slots[slot] = update.block
+        for path, slots in self.rows.items():
+            update = host.get(path)
+            if update is None:
+                slots.pop(slot, None)
+                continue
+            weight = self.tables[path].weight
+            ids, values = update.rows
+            index = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)  # (V,) id -> row or -1
+            index[ids.to(weight.device)] = torch.arange(len(ids), device=weight.device)
+            slots[slot] = (index, ids.to(weight.device), values.to(weight.device))
 
     # ---- the low-rank path ----------------------------------------------------------------------
     def add_delta(self, module: str, x: torch.Tensor, y: torch.Tensor, batch: LoRABatch, kernel: str = "auto") -> None:

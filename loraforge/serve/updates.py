@@ -6,6 +6,9 @@
     dense    y_t += x_t dWᵀ                    an update of higher rank (RandLoRA, Bone-Bat), kept whole per adapter
     block    y_t  = block(x_t)                 a method that replaces a whole block the engine runs as one
                                                (MixLoRA's FFN: router and experts), on its own tokens only
+    rows     E[v] or H[v] = the adapter's row  modules_to_save of the input embedding or the output head
+                                               (tied: both), kept as just the rows the adapter changed
+A whole Linear in modules_to_save is the update W' - W0 of that layer, factors or dense as above.
 
 Plain LoRA adapters are read straight from their tensors (AdapterPool._read). Any other method that
 merges is rebuilt by its own code: its layers are attached to a shell module that shares the base's
@@ -23,6 +26,7 @@ rank stays within its rank.
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +53,7 @@ class HostUpdate:
     gain: torch.Tensor | None = None  # (d_out,): DoRA's m / n, multiplied in after the LoRA path
     dense: torch.Tensor | None = None  # (d_out, d_in): an update whose rank exceeds max_rank
     block: nn.Module | None = None  # the adapter's own module in place of a whole block (an FFN), loaded
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids (k,), rows (k, H)) of an embedding or head
 
 
 PROBE_RANK = 4
@@ -80,14 +85,15 @@ def _probe_rank(method: Method) -> int:
 
 
 @torch.no_grad()
-def read_updates(modules: dict[str, nn.Linear], blocks: dict[str, nn.Module], path: Path, config: AdapterConfig,
-                 max_rank: int, label: str) -> dict[str, HostUpdate]:
+def read_updates(modules: dict[str, nn.Linear], blocks: dict[str, nn.Module], tables: dict[str, nn.Module], path: Path,
+                 config: AdapterConfig, max_rank: int, label: str) -> dict[str, HostUpdate]:
     """{module path: HostUpdate} of the adapter saved at `path` (a method other than plain LoRA);
-    `blocks` are the paths the engine runs as one module (FFNs), which a method may replace whole."""
+    `blocks` are the paths the engine runs as one module (FFNs), which a method may replace whole;
+    modules_to_save (read by `read_whole_modules`) load into copies here."""
     if serving_path(config.method) == "no":
         raise AdapterError(f"{label} is a {config.method!r} adapter, which retrains the base itself rather than "
                            "adding an update: it cannot be served beside others (serve its merged model instead)")
-    shell = _shell(modules, blocks)
+    shell = _shell(modules, blocks, {name: (modules | tables)[name] for name in config.modules_to_save or []})
     load_adapter(shell, path)
     try:
         updates = {}
@@ -118,23 +124,57 @@ def _factors_or_dense(delta: torch.Tensor, max_rank: int, dtype: torch.dtype) ->
     return HostUpdate(lora_a[:rank].to(dtype), lora_b[:, :rank].to(dtype))
 
 
-def _shell(modules: dict[str, nn.Linear], blocks: dict[str, nn.Module]) -> nn.Module:
+@torch.no_grad()
+def read_whole_modules(config: AdapterConfig, state: dict[str, torch.Tensor], modules: dict[str, nn.Linear],
+                       tables: dict[str, nn.Module], max_rank: int, label: str) -> dict[str, HostUpdate]:
+    """{path: HostUpdate} of the adapter's modules_to_save: the rows it changed of the embedding or
+    output head (`tables`; with tied weights, of both), or a Linear's W' - W0. Anything else is refused."""
+    updates = {}
+    tied = len({id(t.weight) for t in tables.values()}) < len(tables)
+    for name in config.modules_to_save or []:
+        keys = {k.removeprefix(name + "."): t for k, t in state.items() if k.startswith(name + ".")}
+        if name in tables:
+            base = tables[name].weight
+            saved = keys.get("weight")
+            if set(keys) != {"weight"} or saved is None or saved.shape[1:] != base.shape[1:]:
+                raise AdapterError(f"{label}: modules_to_save {name!r} holds {sorted(keys)}, not one weight of the base's width")
+            if saved.shape[0] != base.shape[0]:
+                raise AdapterError(f"{label}: {name!r} has {saved.shape[0]} rows, the base {base.shape[0]}: added tokens "
+                                   "need the tokenizer they were trained with, which the served base does not have")
+            rows = (saved.to(base.device) != base).any(1).nonzero().flatten()  # (k,) the rows the adapter trained
+            update = HostUpdate(rows=(rows.cpu(), saved[rows.cpu()].to(base.dtype)))
+            for path in (tables if tied else [name]):
+                updates[path] = update
+        elif name in modules:
+            if set(keys) != {"weight"} or keys["weight"].shape != modules[name].weight.shape:
+                raise AdapterError(f"{label}: modules_to_save {name!r} holds {sorted(keys)}; a Linear's weight alone "
+                                   "(of the base's shape) is served")
+            weight = modules[name].weight
+            updates[name] = _factors_or_dense(keys["weight"].to(weight.device).float() - weight.float(), max_rank,
+                                              weight.dtype)
+        else:
+            raise AdapterError(f"{label}: modules_to_save {name!r} is neither the embedding, the output head nor a "
+                               "projection the engine adapts: not servable beside other adapters")
+    return updates
+
+
+def _shell(modules: dict[str, nn.Linear], blocks: dict[str, nn.Module], copied: dict[str, nn.Module]) -> nn.Module:
     """A module tree holding the base's Linear modules at their paths, its blocks' activation
-    (`act_fn`, what makes an FFN an FFN to MixLoRA) and nothing else: attaching to it changes
-    only the shell, never the served model."""
+    (`act_fn`, what makes an FFN an FFN to MixLoRA), copies of `copied` (modules_to_save, which
+    loading writes to) and nothing else: attaching to it changes only the shell, never the served model."""
     root = nn.Module()
 
     def container(path: str) -> nn.Module:
         parent = root
-        for part in path.split("."):
+        for part in path.split(".") if path else []:
             if part not in parent._modules:
                 parent.add_module(part, nn.Module())
             parent = parent._modules[part]
         return parent
 
-    for path, linear in modules.items():
+    for path, module in (modules | {p: copy.deepcopy(m) for p, m in copied.items()}).items():
         parent_path, _, leaf = path.rpartition(".")
-        container(parent_path).add_module(leaf, linear)
+        container(parent_path).add_module(leaf, module)
     for path, block in blocks.items():
         if hasattr(block, "act_fn"):
             container(path).act_fn = block.act_fn
