@@ -54,7 +54,7 @@ class ABMLLConfig:
     inner_lr: float = 5e-3
     outer_lr: float = 1e-3
     samples: int = 8  # S weight samples for prediction
-    max_length: int = 128
+    max_length: int = 256  # an SST-2 row and its answer fit whole
     seed: int = 0
 
 

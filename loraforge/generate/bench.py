@@ -166,7 +166,7 @@ def _multitask(zoo: Zoo, family: str, config: ZooConfig, model: Any, tokenizer: 
     atomic_write_text(folder / "train.jsonl", "\n".join(lines) + "\n")
     result = train(TrainConfig(model=config.model, data=str(folder / "train.jsonl"), out=str(folder),
                                rank=config.rank, alpha=config.alpha, targets=config.targets, steps=config.steps,
-                               lr=config.lr, batch_size=config.batch_size, seed=config.seed, max_length=64,
+                               lr=config.lr, batch_size=config.batch_size, seed=config.seed, max_length=config.max_length,
                                log_every=10), model, tokenizer, progress=progress)
     detach(result.model)
     return str(folder / "adapter")

@@ -57,7 +57,7 @@ class HypernetConfig:
     tasks_per_step: int = 4
     batch_size: int = 8  # rows of each task per step
     l2: float = 1e-4  # lambda
-    max_length: int = 64
+    max_length: int = 256  # an SST-2 row and its answer fit whole
     encoder: str = "minilm-l6"
     prompts: int = 8  # task vectors (condition "examples")
     shots: int = 4

@@ -48,6 +48,7 @@ class ZooConfig:
     batch_size: int = 16
     n_train: int = 600
     n_test: int = 100
+    max_length: int = 256  # tokens per row: an SST-2 sentence and its answer fit whole
     data: str | None = None  # folder holding sst2/train.tsv (labels family); None: $LORAFORGE_DATA
     seed: int = 0  # one adapter init for every task
 
@@ -167,7 +168,7 @@ def build_zoo(config: ZooConfig, progress: bool = True) -> Path:
         entry = _write_data(root, task, config)
         train_config = TrainConfig(model=config.model, data=str(root / entry.train), rank=config.rank,
                                    alpha=config.alpha, targets=config.targets, steps=config.steps, lr=config.lr,
-                                   batch_size=config.batch_size, seed=config.seed, max_length=64, log_every=10)
+                                   batch_size=config.batch_size, seed=config.seed, max_length=config.max_length, log_every=10)
         for k in range(config.checkpoints):
             run = Path(task.id) / f"ckpt-{k}"
             if k > 0:  # a restart of the adapter the model carries
