@@ -2,7 +2,7 @@
 
 import json
 
-from loraforge.generate.bench import GENERATORS, GenerateBench, bench_generate
+from loraforge.generate.bench import GENERATORS, GenerateBench, bench_generate, summary_table
 from loraforge.testing import tiny_llama, tiny_tokenizer
 
 SYSTEMS = {"base", "oracle", "nearest", "zoo-average", "icm-lora", "sg-lora", "hypernet", "abmll", "multitask-lora",
@@ -17,11 +17,12 @@ def test_bench_generate_scores_every_system(tmp_path):
     model = tmp_path / "tiny"
     tiny_llama().save_pretrained(model)
     tiny_tokenizer().save_pretrained(model)
-    bench = GenerateBench(model=str(model), out=str(tmp_path / "out"), data=str(tmp_path / "data"),
+    bench = GenerateBench(model=str(model), out=str(tmp_path / "out"), json=str(tmp_path / "out.json"),
+                          data=str(tmp_path / "data"),
                           offset_values="1,3", offset_held_out="2", label_pairs="good/bad,yes/no",
                           label_held_out="up/down", steps=1, checkpoints=1, rank=2, n_train=16, n_test=4, cvae_steps=2,
                           channels="4,4,4,4,4,4,4,4,4,4,4,4", hypernet_steps=2, meta_steps=1, examples=4, few_shot=2)
-    result = bench_generate(bench, json_path=str(tmp_path / "out.json"), progress=False)
+    result = bench_generate(bench, progress=False)
     assert json.loads((tmp_path / "out.json").read_text()) == json.loads(json.dumps(result))
     assert [(t["family"], t["value"]) for t in result["tasks"]] == [("offset", "2"), ("labels", "up/down")]
     offset, labels = result["tasks"]
@@ -31,6 +32,8 @@ def test_bench_generate_scores_every_system(tmp_path):
     assert offset["cosine_to_oracle"]["nearest"] > -1.0001
     assert {*GENERATORS, "abmll", "zoo_bytes"} <= set(result["generators"])
     assert all((tmp_path / "out" / "generators" / kind / "generator.json").is_file() for kind in GENERATORS)
+    table = summary_table(result)
+    assert "| offset 2 |" in table and "| labels up/down |" in table and "| hypernet |" in table
     # A second run reuses the zoo, the oracles and the multi-task LoRAs.
     index = (tmp_path / "out" / "zoo" / "index.json").read_text()
     bench_generate(bench, progress=False)

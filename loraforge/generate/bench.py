@@ -58,6 +58,7 @@ GENERATORS = ("icm-lora", "sg-lora", "hypernet")
 class GenerateBench:
     model: str = opt("smollm2-135m", "base model: embedded name or local Hugging Face folder")
     out: str = opt("runs/bench-generate", "where the zoo, oracles, generators, prior and adapters go")
+    json: str | None = opt(None, "also write the figures to this JSON file")
     quick: bool = opt(False, "offset k in 2..20 step 2 (held out 7, 13), 4 training label pairs (2 held out)")
     data: str | None = opt(None, "folder holding sst2/train.tsv; default $LORAFORGE_DATA")
     offset_values: str | None = opt(None, "comma-separated zoo offsets (default: the standard or quick zoo)")
@@ -88,7 +89,8 @@ class GenerateBench:
         return [g.split(",") if g else [str(v) for v in d] for g, d in zip(given, (zoo, held))]
 
 
-def bench_generate(bench: GenerateBench, json_path: str | None = None, progress: bool = True) -> dict[str, Any]:
+def bench_generate(bench: GenerateBench, progress: bool = True) -> dict[str, Any]:
+    """Run the benchmark; the figures (also in bench.json when given) as the issue's JSON keys."""
     from loraforge.core.models import default_device, load_model
 
     out = Path(bench.out)
@@ -128,9 +130,24 @@ def bench_generate(bench: GenerateBench, json_path: str | None = None, progress:
     zoo_bytes = sum(_bytes(Path(a)) for t in zoo.tasks for a in t.adapters)
     result = {"tasks": tasks, "generators": {**generators, "zoo_bytes": zoo_bytes},
               "adapt_seconds": seconds, "config": dataclasses.asdict(bench)}
-    if json_path:
-        atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
+    if bench.json:
+        atomic_write_text(bench.json, json.dumps(result, indent=2) + "\n")
     return result
+
+
+def summary_table(result: dict[str, Any]) -> str:
+    """A markdown table: one row per held-out task, one column per system (exact match, or accuracy / ECE)."""
+    systems = list(result["tasks"][0]["scores"]) if result["tasks"] else []
+    lines = ["| task | " + " | ".join(systems) + " |", "|---|" + "---:|" * len(systems)]
+    for task in result["tasks"]:
+        cells = [f"{s['exact_match']:.2f}" if "exact_match" in s else f"{s['accuracy']:.2f} / {s['ece']:.2f}"
+                 for s in task["scores"].values()]
+        lines.append(f"| {task['family']} {task['value']} | " + " | ".join(cells) + " |")
+    sizes = result["generators"]
+    lines += ["", "| generator | bytes | x zoo | train s |", "|---|---:|---:|---:|"]
+    lines += [f"| {kind} | {v['bytes']:,} | {v['bytes'] / sizes['zoo_bytes']:.3f} | {v['train_seconds']:.0f} |"
+              for kind, v in sizes.items() if kind != "zoo_bytes"]
+    return "\n".join(lines) + "\n"
 
 
 def _train_generators(bench: GenerateBench, zoo: Zoo, model: Any, tokenizer: Any, encoder: Any, out: Path,

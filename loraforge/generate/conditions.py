@@ -52,11 +52,18 @@ def examples_vector(model: nn.Module, tokenizer: Any, path: str, prompts: int = 
 
 
 def load_text_encoder(name: str = "minilm-l6") -> tuple[nn.Module, Any]:
+    from transformers.utils import logging
+
     from loraforge.core.models import load_model
 
     if name not in TEXT_ENCODERS:
         raise LoraforgeError(f"unknown text encoder {name!r}: choose one of {', '.join(TEXT_ENCODERS)}")
-    model, tokenizer = load_model(name, task="classification")
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # the classification head it reports as newly initialised is never used
+    try:
+        model, tokenizer = load_model(name, task="classification")
+    finally:
+        logging.set_verbosity(level)
     return model.base_model.eval(), tokenizer  # the encoder without the (untrained) classification head
 
 
