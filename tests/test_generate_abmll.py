@@ -18,7 +18,7 @@ from loraforge.generate.abmll import (
     set_mode,
     task_kl,
 )
-from loraforge.generate.calibration import accuracy_and_ece, answer_words, label_probs
+from loraforge.generate.calibration import accuracy_and_ece, answer_words, label_probs, prompt_and_first_tokens
 from loraforge.generate.meta import adapt_meta, load_adapted, train_meta
 from loraforge.generate.zoo import ZooConfig, build_zoo, load_zoo
 from loraforge.methods.base import adapter_layers
@@ -124,6 +124,16 @@ def test_label_probs_score_the_answer_words(labels_zoo):
     one_at_a_time, _ = label_probs(tiny_llama(), tiny_tokenizer(), rows, ["bad", "good"], batch_size=1)
     torch.testing.assert_close(probs, one_at_a_time, atol=1e-5, rtol=1e-4)  # left padding changes nothing
     assert labels.tolist() == [["bad", "good"].index(r["messages"][-1]["content"]) for r in rows]
+
+
+def test_label_probs_read_the_last_answer_after_few_shot_turns():
+    tokenizer = tiny_tokenizer()
+    turns = [("a", "yes"), ("b", "no")]
+    row = {"messages": [{"role": role, "content": text} for pair in turns
+                        for role, text in zip(("user", "assistant"), pair)]}
+    prompt, firsts = prompt_and_first_tokens(row, ["no", "yes"], tokenizer)
+    assert tokenizer.decode(prompt).endswith("b<|im_end|>\n<|im_start|>assistant\n")  # up to the last answer
+    assert firsts == tokenizer.convert_tokens_to_ids(["n", "y"])
 
 
 def test_meta_train_adapt_and_predict(labels_zoo, tmp_path):

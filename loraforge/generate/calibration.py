@@ -29,7 +29,7 @@ def answer_words(rows: list[dict]) -> list[str]:
     return words
 
 
-def _prompt_and_first_tokens(row: dict, words: list[str], tokenizer: Any) -> tuple[list[int], list[int]]:
+def prompt_and_first_tokens(row: dict, words: list[str], tokenizer: Any) -> tuple[list[int], list[int]]:
     prompt, firsts = None, []
     for word in words:
         messages = row["messages"][:-1] + [{"role": "assistant", "content": word}]
@@ -47,7 +47,7 @@ def _prompt_and_first_tokens(row: dict, words: list[str], tokenizer: Any) -> tup
 def label_probs(model: nn.Module, tokenizer: Any, rows: list[dict], words: list[str], samples: int = 1,
                 batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """(probs (N, W) over `words`, labels (N,) the index of each row's answer)."""
-    prompts, firsts = zip(*(_prompt_and_first_tokens(r, words, tokenizer) for r in rows))
+    prompts, firsts = zip(*(prompt_and_first_tokens(r, words, tokenizer) for r in rows))
     labels = torch.tensor([words.index(r["messages"][-1]["content"]) for r in rows])
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id or 0

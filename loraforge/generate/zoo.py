@@ -161,11 +161,11 @@ def build_zoo(config: ZooConfig, progress: bool = True) -> Path:
     todo = [t for t in tasks if t.id not in done]
     if not todo:
         return root
+    entries = [_write_data(root, task, config) for task in todo]  # bad data fails here, before any model loads
     model, tokenizer = load_model(config.model, task="causal-lm")
-    for n, task in enumerate(todo):
+    for n, (task, entry) in enumerate(zip(todo, entries)):
         if progress:
             print(f"zoo: task {task.id} ({n + 1}/{len(todo)}): {task.description}")
-        entry = _write_data(root, task, config)
         train_config = TrainConfig(model=config.model, data=str(root / entry.train), rank=config.rank,
                                    alpha=config.alpha, targets=config.targets, steps=config.steps, lr=config.lr,
                                    batch_size=config.batch_size, seed=config.seed, max_length=config.max_length, log_every=10)
