@@ -1,4 +1,4 @@
-"""Every method's adapter in the three forms the adapter pool computes in a mixed batch.
+"""Every method's adapter in the forms the adapter pool computes in a mixed batch.
 
     factors  y_t += (x_t Aᵀ) (s B)ᵀ            LoRA; any method whose update has rank k <= max_rank
     gain     y_t  = g ⊙ (x_t W0ᵀ + s (x_t Aᵀ) Bᵀ) DoRA (arXiv 2402.09353, eq. 5): g = m / ||W0 + s B A||_row,
@@ -10,12 +10,13 @@
                                                (tied: both), kept as just the rows the adapter changed
 A whole Linear in modules_to_save is the update W' - W0 of that layer, factors or dense as above.
 
-Plain LoRA adapters are read straight from their tensors (AdapterPool._read). Any other method that
-merges is rebuilt by its own code: its layers are attached to a shell module that shares the base's
-Linear modules (the served model itself is never touched), the saved state is loaded, and each layer
-gives its update (or, for a whole block, is kept as it is). A low-rank update becomes factors through its truncated SVD at its numerical rank
-k (dW = U S Vᵀ, A = S^½ Vᵀ[:k], B = U[:, :k] S^½: exact to rounding, whatever the method's own
-structure: LoRA-XS's B R A, LoLDU's L diag(z) U, Block-LoRA's shared blocks, Comp-LoRA, Bone).
+Plain LoRA adapters are read straight from their tensors (AdapterPool._read). Any other method is
+rebuilt by its own code: its layers are attached to a shell module that shares the base's Linear
+modules (the served model itself is never touched), the saved state is loaded, and each layer gives
+its update (a whole block is kept as it is). A low-rank update becomes factors through its
+truncated SVD at its numerical rank k (dW = U S Vᵀ, A = S^½ Vᵀ[:k], B = U[:, :k] S^½: exact to
+rounding, whatever the method's own structure: LoRA-XS's B R A, LoLDU's L diag(z) U, Block-LoRA's
+shared blocks, Comp-LoRA, Bone).
 DoRA keeps its direction's factors and adds g; n is taken as its layer takes it in inference.
 Full fine-tuning, which retrains the base itself, is refused.
 
@@ -61,7 +62,7 @@ PROBE_RANK = 4
 
 @functools.lru_cache(maxsize=None)
 def serving_path(name: str) -> str:
-    """'native' (factors, or DoRA's factors and gain), 'dense' (a whole dW per adapter) or 'no'."""
+    """'native' (factors, DoRA's factors and gain, or a whole block), 'dense' (a dW per adapter) or 'no'."""
     method = get_method(name)
     if method.trains_base:
         return "no"
@@ -93,7 +94,8 @@ def read_updates(modules: dict[str, nn.Linear], blocks: dict[str, nn.Module], ta
     if serving_path(config.method) == "no":
         raise AdapterError(f"{label} is a {config.method!r} adapter, which retrains the base itself rather than "
                            "adding an update: it cannot be served beside others (serve its merged model instead)")
-    shell = _shell(modules, blocks, {name: (modules | tables)[name] for name in config.modules_to_save or []})
+    whole = modules | tables
+    shell = _shell(modules, blocks, {name: whole[name] for name in config.modules_to_save or [] if name in whole})
     load_adapter(shell, path)
     try:
         updates = {}
