@@ -528,3 +528,29 @@ def test_the_flower_apps_default_data_is_a_name_read_under_LORAFORGE_DATA(tmp_pa
     monkeypatch.setenv("LORAFORGE_DATA", str(tmp_path))
     held_out, shards = split_rows(cfg)
     assert len(held_out) == 4 and sum(len(s) for s in shards) == 36 and len(shards) == cfg.clients
+
+
+@pytest.mark.parametrize("strategy,ranks", [("flora", "2,4"), ("fedavg", "2")])
+def test_every_client_starts_a_round_from_the_model_the_server_evaluated(fed_setup, flower_identity, strategy, ranks):
+    """FLoRA's clients merge the global adapter (stacked factors and the averaged head) into their base
+    and attach a fresh LoRA; FedAvg's train the global adapter itself. Either way a client's starting
+    model is the one the server scored (bench fed's FLoRA lag under label skew is not a lost update)."""
+    import torch
+
+    from loraforge.federated.flower import FedRunConfig, base_model, prepare, server_main, with_global
+
+    cfg = FedRunConfig(model=str(fed_setup / "base"), data=str(fed_setup / "data.tsv"), out=str(fed_setup / "run"),
+                       clients=2, partition="dirichlet:0.5", rounds=1, local_steps=3, strategy=strategy, ranks=ranks,
+                       batch_size=4, eval_fraction=0.2, lr=5e-2)
+    prepare(cfg)
+    server_main(LocalGrid(2, {}), None, cfg)
+    glob = read_client(fed_setup / "run" / "global")
+    cfg.num_labels = 2
+    client, tokenizer = with_global(cfg, glob, trainable=True)
+    server, _ = with_global(cfg, glob, trainable=False)
+    base, _ = base_model(cfg)
+    batch = tokenizer(["good nice a", "bad poor b", "fine c"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ours, theirs, before = (m.eval()(**batch).logits for m in (client, server, base))
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert (theirs - before).abs().max() > 1e-3  # the round changed the model
