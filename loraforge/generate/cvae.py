@@ -99,11 +99,16 @@ class CVAE(nn.Module):
 
 
 def train_cvae(x: torch.Tensor, c: torch.Tensor, config: CVAEConfig, progress: bool = True) -> tuple[CVAE, list[dict]]:
-    """Fit a CVAE to flat adapters x (N, D) under conditions c (N, cond); returns it (eval mode) and its log."""
+    """Fit a CVAE to flat adapters x (N, D) under conditions c (N, cond); returns it (eval mode, on the CPU)
+    and its log."""
     from tqdm.auto import tqdm
 
+    from loraforge.core.models import default_device
+
     torch.manual_seed(config.seed)
-    model = CVAE(x.shape[1], c.shape[1], config)
+    device = default_device()  # the GPU where there is one: the reference CVAE is ~16 GFLOP per SmolLM2 adapter
+    model = CVAE(x.shape[1], c.shape[1], config).to(device)
+    x, c = x.to(device), c.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
     rng = torch.Generator().manual_seed(config.seed)
@@ -123,7 +128,7 @@ def train_cvae(x: torch.Tensor, c: torch.Tensor, config: CVAEConfig, progress: b
             history.append({"step": step + 1, "loss": loss.item(), "mse": mse.item(), "kl": kld.item()})
             bar.set_postfix(mse=f"{mse.item():.4f}", kl=f"{kld.item():.2f}")
     recalibrate_batchnorm(model, x, c)
-    return model, history
+    return model.cpu(), history
 
 
 @torch.no_grad()
