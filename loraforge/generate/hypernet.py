@@ -9,7 +9,8 @@ Hypernetworks" (arXiv 2511.03156), as Text-to-LoRA (arXiv 2506.06105) does for L
     loss = LM loss of the frozen model with {A_l, B_l}, on the task's own data
            + lambda * sum_l (||A_l||^2 + ||B_l||^2)       the paper's L2 on H's outputs, on the tensors
 
-trained over the zoo's tasks (end to end through the frozen LM, no imitation of the zoo's adapters).
+trained over the zoo's tasks (end to end through the frozen LM, no imitation of the zoo's adapters); a
+step's batch holds rows of several tasks, each row through its own task's predicted adapter (per_row_adapters).
 H's last layer starts with zero weights and the zoo's mean adapter as its bias: LoRA with A = B = 0 has
 zero gradient in both, so a start at zero output could not learn; at the mean adapter every task starts
 where the zoo's tasks are, on average. An all-zero H gives A = B = 0: the base model, exactly.
@@ -17,10 +18,11 @@ where the zoo's tasks are, on average. An all-zero H gives A = B = 0: the base m
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -41,6 +43,7 @@ from loraforge.generate.generator import (
     unprefixed,
 )
 from loraforge.generate.zoo import Zoo
+from loraforge.methods.base import adapter_layers
 from loraforge.training.data import collate, load_dataset, read_rows
 from loraforge.training.loss import mean_batch_loss
 
@@ -88,6 +91,28 @@ class Hypernetwork(nn.Module):
     def adapter(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
         """One condition (C,) -> LoRA tensors keyed by model path (differentiable in H)."""
         return self.spec.unflatten(self(c[None])[0], normalise=False)
+
+
+@contextlib.contextmanager
+def per_row_adapters(model: nn.Module, states: list[dict[str, torch.Tensor]]) -> Iterator[None]:
+    """For the duration, row b of a batch runs through the attached LoRA layers with states[b]'s A and B
+    (the hypernetwork's outputs for that row's task): several tasks in one forward."""
+    hooks = []
+    for name, layer in adapter_layers(model).items():
+        a = torch.stack([s[f"{name}.lora_A.weight"] for s in states])  # (B, r, d_in)
+        b = torch.stack([s[f"{name}.lora_B.weight"] for s in states])  # (B, d_out, r)
+
+        def add_rows(module: nn.Module, inputs: tuple, output: torch.Tensor, a=a, b=b) -> torch.Tensor:
+            x = inputs[0].to(a.dtype)  # (B, T, d_in)
+            return output + module.scaling * (x @ a.transpose(1, 2)) @ b.transpose(1, 2)  # (B, T, d_out)
+
+        hooks.append(layer.register_forward_hook(add_rows))
+    try:  # the layers' own A and B are zero meanwhile: each row gets its own update only
+        with tensors_replaced(model, {k: torch.zeros_like(v) for k, v in states[0].items()}):
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def l2_of(state: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -146,15 +171,17 @@ def _fit(hyper: Hypernetwork, model: Any, tokenizer: Any, zoo: Zoo, conditions: 
     bar = tqdm(range(config.steps), disable=not progress, desc="hypernet", unit="step")
     for step in bar:
         chosen = rng.sample(range(len(zoo.tasks)), min(config.tasks_per_step, len(zoo.tasks)))
-        lm_sum, l2_sum = 0.0, 0.0
-        for i in chosen:
-            state = hyper.adapter(scaler(conditions[i]))
-            rows = [datasets[i][j] for j in rng.sample(range(len(datasets[i])), min(config.batch_size, len(datasets[i])))]
-            with tensors_replaced(model, state):
-                lm = mean_batch_loss(model, collate(rows, pad_id), "causal-lm")
-            l2 = l2_of(state)
-            ((lm + config.l2 * l2) / len(chosen)).backward()
-            lm_sum, l2_sum = lm_sum + lm.item() / len(chosen), l2_sum + l2.item() / len(chosen)
+        states = [hyper.adapter(scaler(conditions[i])) for i in chosen]
+        rows, row_states = [], []
+        for i, state in zip(chosen, states):  # every chosen task's rows in one batch, each with its own adapter
+            picked = rng.sample(range(len(datasets[i])), min(config.batch_size, len(datasets[i])))
+            rows += [datasets[i][j] for j in picked]
+            row_states += [state] * len(picked)
+        with per_row_adapters(model, row_states):
+            lm = mean_batch_loss(model, collate(rows, pad_id), "causal-lm")
+        l2 = sum(l2_of(state) for state in states) / len(states)
+        (lm + config.l2 * l2).backward()
+        lm_sum, l2_sum = lm.item(), l2.item()
         torch.nn.utils.clip_grad_norm_(hyper.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
