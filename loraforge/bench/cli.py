@@ -91,6 +91,20 @@ def _speed(values: dict[str, Any], command: str, report: Path | None) -> object:
     return bench_speed(_build(SpeedRun, values), values["json"], command=command, report=report)
 
 
+def _generate(values: dict[str, Any], command: str, report: Path | None) -> object:
+    from loraforge.bench import append_section
+    from loraforge.generate.bench import GenerateBench, bench_generate, summary_table
+
+    bench = _build(GenerateBench, values)
+    result = bench_generate(bench)
+    table = summary_table(result)
+    if report:
+        append_section(report, f"bench generate{' --quick' if bench.quick else ''}: adapters for held-out tasks, "
+                               f"{bench.model}", command, table)
+    print(table)
+    return result
+
+
 def _class(module: str, name: str) -> type:
     return getattr(importlib.import_module(module), name)
 
@@ -116,6 +130,8 @@ BENCHES: dict[str, Bench] = {
                    "loraforge.bench.fed", "FedBench", "bench_fed"),
     "serve": _single("multi-adapter serving throughput against PEFT and merging; --load: HTTP load test",
                      "loraforge.bench.serve", "ServeBench", "bench_serve"),
+    "generate": Bench("adapters for held-out tasks: zoo neighbours, generators, ABMLL, multi-task LoRA, few-shot",
+                      lambda: (_class("loraforge.generate.bench", "GenerateBench"),), _generate),
 }
 
 
