@@ -9,7 +9,7 @@ from peft import PeftModel
 import loraforge as lf
 from loraforge.adapters.convert import REPORT_NAME, convert_to_lora, truncated_lora
 from loraforge.cli import main
-from loraforge.testing import tiny_llama, tiny_tokenizer
+from loraforge.testing import tiny_bert, tiny_llama, tiny_tokenizer
 
 IDS = torch.tensor([[5, 17, 33, 60, 71, 9, 44, 12]])
 
@@ -106,3 +106,23 @@ def test_cli_converts_and_reports(tmp_path, capsys):
     assert summary["method"] == "dora" and summary["rank"] == 2 and "per_layer" not in summary
     assert main(argv[:4] + ["0"] + argv[5:]) == 2
     assert "--rank must be a positive integer" in capsys.readouterr().err
+
+
+def test_a_classifier_converts_with_its_head(tmp_path, capsys):
+    """A sequence classifier: the head (modules_to_save) travels unchanged, the logits compared are the labels'."""
+    tiny_bert(num_labels=3).save_pretrained(tmp_path / "bert")
+    tiny_tokenizer().save_pretrained(tmp_path / "bert")
+    model = lf.attach(tiny_bert(num_labels=3), lf.AdapterConfig(method="lora-xs", rank=4, seed=0))
+    with torch.no_grad():
+        for layer in lf.adapter_layers(model).values():
+            layer.lora_R.normal_(std=0.1)
+        model.classifier.weight.normal_()
+    lf.save_adapter(model, tmp_path / "cls")
+    want = logits(lf.load_adapter(tiny_bert(num_labels=3), tmp_path / "cls"))
+    assert main(["convert", "--to", "lora", "--rank", "4", str(tmp_path / "cls"), "--out", str(tmp_path / "lora"),
+                 "--model", str(tmp_path / "bert")]) == 0
+    report = json.loads((tmp_path / "lora" / REPORT_NAME).read_text())
+    assert report["positions"] == 4 and report["exact_layers"] == report["layers"] and report["logits_relative_error"] < 1e-5
+    converted = lf.load_adapter(tiny_bert(num_labels=3), tmp_path / "lora")
+    assert converted.loraforge_config.modules_to_save == ["classifier"]
+    torch.testing.assert_close(logits(converted), want, atol=1e-5, rtol=1e-5)

@@ -143,15 +143,17 @@ def _report(method: str, rank: int, layers: list[LayerError], base: torch.Tensor
         "logits_relative_error": lost / adapter.norm().item(),
         "logits_error_of_adapter_effect": lost / effect if effect > 0 else None,
         "top1_agreement": (lora.argmax(-1) == adapter.argmax(-1)).float().mean().item(),
-        "prompt_tokens": int(adapter.shape[0]),
+        "positions": int(adapter.shape[0]),  # prompt tokens (a classifier: prompts) the logits were compared on
         "per_layer": [dataclasses.asdict(layer) for layer in layers],
     }
 
 
 @torch.no_grad()
 def _logits(model: nn.Module, inputs: Any) -> torch.Tensor:
-    """(tokens, vocab) float32: the logits of every prompt's real (non-padding) tokens, one forward."""
-    return model(**inputs).logits[inputs.attention_mask.bool()].float()
+    """(tokens, vocab) float32: the logits of every prompt's real (non-padding) tokens, one forward;
+    (prompts, labels) for a classifier."""
+    logits = model(**inputs).logits
+    return (logits[inputs.attention_mask.bool()] if logits.dim() == 3 else logits).float()
 
 
 def _dense(module: nn.Module) -> torch.Tensor:

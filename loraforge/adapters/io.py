@@ -145,6 +145,17 @@ def load_pretrained(model_name: str, adapter_dir: str | Path | None = None, task
                     num_labels: int | None = None) -> tuple[nn.Module, Any]:
     """Base model (+ adapter) ready for inference. The adapter's config says which task and how
     many labels its head has, so `--task` / `--num-labels` are only needed without an adapter."""
+    model, tokenizer = load_base(model_name, adapter_dir, task, num_labels)
+    if adapter_dir is not None:
+        load_adapter(model, adapter_dir)
+    model.eval()
+    return model, tokenizer
+
+
+def load_base(model_name: str, adapter_dir: str | Path | None = None, task: str | None = None,
+              num_labels: int | None = None) -> tuple[nn.Module, Any]:
+    """The base model `adapter_dir` was trained on, without the adapter: a classification adapter's
+    config and head give the task and the number of labels."""
     from loraforge.core.models import load_model
 
     if adapter_dir is not None:
@@ -153,11 +164,7 @@ def load_pretrained(model_name: str, adapter_dir: str | Path | None = None, task
             task = task or "classification"
             heads = [t for k, t in state.items() if k.split(".")[0] in HEAD_NAMES and t.ndim == 2]
             num_labels = num_labels or (heads[-1].shape[0] if heads else None)
-    model, tokenizer = load_model(model_name, task=task, num_labels=num_labels)
-    if adapter_dir is not None:
-        load_adapter(model, adapter_dir)
-    model.eval()
-    return model, tokenizer
+    return load_model(model_name, task=task, num_labels=num_labels)
 
 
 def _has_module(model: nn.Module, name: str) -> bool:

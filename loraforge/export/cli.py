@@ -29,11 +29,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from loraforge.adapters.convert import REPORT_NAME, convert_to_lora
-    from loraforge.core.models import default_device, load_model
+    from loraforge.adapters.io import load_base
+    from loraforge.core.models import default_device
 
     if args.rank < 1:
         raise LoraforgeError(f"--rank must be a positive integer, got {args.rank}")
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_base(args.model, args.adapter)  # a classification adapter: its task and head
     report = convert_to_lora(model.to(default_device()), tokenizer, args.adapter, args.rank, args.out)
     summary = {k: v for k, v in report.items() if k != "per_layer"}
     print(json.dumps(summary, indent=2))
