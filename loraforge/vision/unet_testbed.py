@@ -1,0 +1,143 @@
+"""The testbed's text-to-image model: a pixel-space `UNet2DConditionModel` on the CLIP text tower.
+
+DDPM (Ho et al., arXiv 2006.11239, Eq. 14) with classifier-free guidance (Ho & Salimans, arXiv
+2207.12598): the UNet learns eps from x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps given the
+caption's text-tower states (the empty caption 10% of the time), and samples with
+
+    eps_hat = eps(x_t, "") + g * (eps(x_t, c) - eps(x_t, ""))
+
+Images are 16x16, so there is no VAE: the UNet works on pixels in [-1, 1]. Saved as diffusers
+component folders (`unet/`, `scheduler/`) beside `text_encoder/` and `tokenizer/` (transformers'),
+the layout of a Stable Diffusion folder less its VAE; each loads with `from_pretrained(folder,
+subfolder=...)`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel
+
+from loraforge.vision.glyphs import CHARACTERS, COLOURS, ImageSet, caption, class_name
+
+CAPTION_DROPOUT = 0.1
+
+
+@dataclass
+class UNetSize:
+    channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    head_dim: int = 8
+
+
+def new_unet(size: UNetSize, image_size: int, text_hidden: int) -> tuple[UNet2DConditionModel, DDPMScheduler]:
+    unet = UNet2DConditionModel(
+        sample_size=image_size, in_channels=3, out_channels=3, layers_per_block=size.layers_per_block,
+        block_out_channels=size.channels, down_block_types=("CrossAttnDownBlock2D",) * len(size.channels),
+        up_block_types=("CrossAttnUpBlock2D",) * len(size.channels), cross_attention_dim=text_hidden,
+        attention_head_dim=size.head_dim, norm_num_groups=8)
+    return unet, DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+
+
+def text_states(text_encoder: CLIPTextModel, tokenizer: object, prompts: list[str]) -> torch.Tensor:
+    """The text tower's last hidden states (B, L, D), padded to the tokenizer's max length (fixed L)."""
+    batch = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt")
+    return text_encoder(input_ids=batch["input_ids"].to(text_encoder.device)).last_hidden_state
+
+
+@torch.no_grad()
+def sample(unet: UNet2DConditionModel, scheduler_config: dict, text_encoder: CLIPTextModel, tokenizer: object,
+           prompts: list[str], guidance: float, steps: int = 25, seed: int = 0) -> torch.Tensor:
+    """(B, H, W, 3) uint8 images for `prompts`, DDIM with classifier-free guidance `guidance`."""
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(steps)
+    cond = text_states(text_encoder, tokenizer, prompts)  # (B, L, D)
+    states = torch.cat([text_states(text_encoder, tokenizer, [""] * len(prompts)), cond])
+    size = unet.config.sample_size
+    x = torch.randn(len(prompts), 3, size, size, generator=torch.Generator().manual_seed(seed)).to(unet.device)
+    for t in scheduler.timesteps:
+        eps_uncond, eps_cond = unet(torch.cat([x, x]), t, encoder_hidden_states=states).sample.chunk(2)
+        x = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, x).prev_sample
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def nearest_attributes(images: torch.Tensor, reference: ImageSet) -> list[dict[str, str]]:
+    """The independent check: each image's nearest training glyph (pixel L2) and its attributes."""
+    a = images.flatten(1).float()
+    b = reference.images.flatten(1).float()
+    nearest = torch.cdist(a, b).argmin(1)
+    return [reference.attributes[i] for i in nearest.tolist()]
+
+
+def sanity_prompts(n: int, seed: int) -> tuple[list[str], list[dict[str, str]]]:
+    """`n` prompts "a red letter K": every character in turn, colours at random."""
+    rng = np.random.default_rng(seed)
+    attrs = [{"char": CHARACTERS[i % len(CHARACTERS)], "colour": str(rng.choice(list(COLOURS)))} for i in range(n)]
+    return [f"a {a['colour']} {class_name(a['char'])}" for a in attrs], attrs
+
+
+def agreement(images: torch.Tensor, asked: list[dict[str, str]], judge: Callable[[torch.Tensor], list[dict[str, str]]]) -> float:
+    """Share of images whose judged character and colour are both the asked ones."""
+    judged = judge(images)
+    return sum(j["char"] == a["char"] and j["colour"] == a["colour"] for j, a in zip(judged, asked)) / max(1, len(asked))
+
+
+def train_unet(unet: UNet2DConditionModel, scheduler: DDPMScheduler, text_encoder: CLIPTextModel, tokenizer: object,
+               train: ImageSet, minutes: float, batch: int = 64, lr: float = 1e-3, seed: int = 0,
+               eval_every: int = 200, judge: Callable[[torch.Tensor], list[dict[str, str]]] | None = None,
+               sample_steps: int = 25, log: Callable[[str], None] = print) -> list[dict[str, float]]:
+    """Train the UNet in place for `minutes`; the text encoder stays frozen. Returns the curve of
+    (minutes, step, loss, agreement of guidance-2 samples by `judge`)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    text_encoder.requires_grad_(False).eval()
+    x0_all = train.images.permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, H, W) in [-1, 1]
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    prompts, asked = sanity_prompts(len(CHARACTERS), seed)
+    curve, start, step, running = [], time.monotonic(), 0, None
+    unet.train()
+    while True:
+        elapsed = (time.monotonic() - start) / 60
+        if step and (step % eval_every == 0 or elapsed >= minutes):
+            entry = {"minutes": round(elapsed, 2), "step": step, "loss": round(running, 4)}
+            if judge is not None:
+                unet.eval()
+                images = sample(unet, scheduler.config, text_encoder, tokenizer, prompts, guidance=2.0,
+                                steps=sample_steps, seed=seed)
+                entry["agreement"] = agreement(images, asked, judge)
+                unet.train()
+            curve.append(entry)
+            log(f"unet step {step} {elapsed:.1f} min: loss {running:.4f}"
+                + (f" samples right {entry['agreement']:.2f}" if "agreement" in entry else ""))
+        if elapsed >= minutes:
+            return curve
+        index = rng.integers(0, len(train), batch)
+        captions = ["" if rng.random() < CAPTION_DROPOUT else caption(train.attributes[i]) for i in index.tolist()]
+        x0 = x0_all[torch.from_numpy(index)]
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
+        with torch.no_grad():
+            states = text_states(text_encoder, tokenizer, captions)
+        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=states).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        step += 1
+
+
+def save_diffusion(folder: str | Path, unet: UNet2DConditionModel, scheduler: DDPMScheduler,
+                   text_encoder: CLIPTextModel, tokenizer: object) -> None:
+    folder = Path(folder)
+    unet.save_pretrained(folder / "unet")
+    scheduler.save_pretrained(folder / "scheduler")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    tokenizer.save_pretrained(folder / "tokenizer")

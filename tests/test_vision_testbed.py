@@ -1,0 +1,76 @@
+"""The glyph data, the caption tokenizer and the testbed build, on tiny configs."""
+
+import json
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from transformers import AutoImageProcessor, CLIPModel, CLIPTextModel, CLIPTokenizer
+from vision_helpers import TINY_PRESET
+
+from loraforge.cli import main
+from loraforge.vision.clip_testbed import vocabulary_texts
+from loraforge.vision.glyphs import CHARACTERS, HELDOUT_FONT, build_glyphs, caption, digits, load_glyphs, make_split
+from loraforge.vision.testbed import GUIDANCES, build_testbed
+from loraforge.vision.vocab import caption_tokenizer
+
+
+def test_glyphs_are_deterministic_and_hold_out_a_font(tmp_path):
+    a, b = make_split(30, ("sans", "mono"), seed=3), make_split(30, ("sans", "mono"), seed=3)
+    assert torch.equal(a.images, b.images) and a.attributes == b.attributes
+    assert not torch.equal(a.images, make_split(30, ("sans", "mono"), seed=4).images)
+    assert a.images.shape == (30, 16, 16, 3) and a.images.dtype == torch.uint8
+    splits = build_glyphs(tmp_path / "g", n_train=60, n_test=20, seed=0)
+    assert HELDOUT_FONT not in {x["font"] for x in splits["train"].attributes + splits["test"].attributes}
+    assert {x["font"] for x in splits["heldout_font"].attributes} == {HELDOUT_FONT}
+    back = load_glyphs(tmp_path / "g", "heldout_font")
+    assert torch.equal(back.images, splits["heldout_font"].images) and torch.equal(back.labels, splits["heldout_font"].labels)
+    assert back.classes[:10] == [f"digit {d}" for d in range(10)] and len(back.classes) == len(CHARACTERS) == 20
+    # glyphs differ: an image is not its background alone
+    assert (a.images.float().flatten(1).std(1) > 5).all()
+
+
+def test_caption_reads_like_the_issue():
+    attrs = {"char": "K", "colour": "red", "weight": "bold", "background": "grey"}
+    assert caption(attrs) == "a red bold letter K on a grey background"
+    assert caption(attrs, {"colour": False, "background": False, "weight": False}) == "a letter K"
+    assert caption(attrs, {"char": False, "background": False, "weight": False}) == "a red character"
+
+
+def test_digits_in_glyph_style():
+    data = digits()
+    assert data.images.shape == (1797, 16, 16, 3) and sorted(data.labels.unique().tolist()) == list(range(10))
+    assert (data.images[:, 0, 0] == torch.tensor([110, 110, 110], dtype=torch.uint8)).all()  # grey corner
+
+
+def test_caption_tokenizer_is_a_standard_clip_one_with_whole_words(tmp_path):
+    tokenizer = caption_tokenizer(vocabulary_texts(), tmp_path, max_length=16)
+    reread = CLIPTokenizer.from_pretrained(str(tmp_path))  # vocab.json + merges.txt only
+    for word in {w for t in vocabulary_texts() for w in t.lower().split()}:
+        assert len(reread(word, add_special_tokens=False)["input_ids"]) == 1, word
+    ids = tokenizer("a red bold letter K on a grey background")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id and len(ids) == 11
+    assert tokenizer.unk_token_id not in tokenizer("zebra quartz")["input_ids"][1:-1]  # spelt letter by letter
+    assert len(tokenizer) < 700
+
+
+def test_build_testbed_writes_standard_folders(tmp_path):
+    report = build_testbed(tmp_path / "tb", TINY_PRESET, log=lambda line: None)
+    out = tmp_path / "tb"
+    clip = CLIPModel.from_pretrained(str(out / "clip"))
+    assert AutoImageProcessor.from_pretrained(str(out / "clip")).crop_size["height"] == 16
+    assert (out / "clip" / "vocab.json").is_file() and (out / "clip" / "merges.txt").is_file()
+    unet = UNet2DConditionModel.from_pretrained(str(out / "diffusion"), subfolder="unet")
+    assert unet.config.cross_attention_dim == clip.config.text_config.hidden_size
+    DDPMScheduler.from_pretrained(str(out / "diffusion"), subfolder="scheduler")
+    text = CLIPTextModel.from_pretrained(str(out / "diffusion"), subfolder="text_encoder")
+    torch.testing.assert_close(text.embeddings.token_embedding.weight, clip.text_model.embeddings.token_embedding.weight)
+    saved = json.loads((out / "testbed.json").read_text())
+    assert saved["clip_zero_shot"] == report["clip_zero_shot"]
+    assert set(saved["clip_zero_shot"]) == {"character", "colour", "digits", "heldout_font"}
+    assert set(saved["diffusion_clip_agreement"]) == {str(g) for g in GUIDANCES}
+    assert saved["clip_curve"] and saved["clip_curve"][0]["step"] == 0
+
+
+def test_cli_refuses_fewshot_on_a_missing_clip(tmp_path, capsys):
+    assert main(["fewshot", "--clip", str(tmp_path / "nope"), "--data", "digits"]) == 2
+    assert "not a CLIP folder" in capsys.readouterr().err
