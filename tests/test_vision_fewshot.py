@@ -56,6 +56,6 @@ def test_png_folder_data_and_json(tmp_path):
     assert main(["fewshot", "--clip", str(clip), "--data", str(tmp_path / "data"), "--shots", "1,2", "--seeds", "2",
                  "--steps-per-shot", "2", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert {(r["shots"], r["system"]) for r in result["rows"]} == {(s, n) for s in (1, 2) for n in ("lora", "linear-probe")}
+    assert {(r["shots"], r["system"]) for r in result["rows"]} == {(s, n) for s in (1, 2) for n in ("lora", "linear-probe", "zero-shot")}
     lora = next(r for r in result["rows"] if r["system"] == "lora")
     assert lora["params"] > 0 and len(lora["per_seed"]) == 2 and 0 <= lora["accuracy"] <= 1

@@ -166,8 +166,16 @@ def train_adapter(model: torch.nn.Module, tokenizer: object, prompts: list[str],
     return model.eval()
 
 
-def run_fewshot(settings: FewShotSettings, log: Callable[[str], None] = print) -> dict:
-    """Zero-shot once; then per shot count, linear probe and the method, averaged over seeds."""
+def system_name(method: str, regularizer: str) -> str:
+    """The benchmark's name of a system: the method, with "-glad" for LoRA + GLAD."""
+    return method + (f"-{regularizer}" if regularizer else "")
+
+
+def run_fewshot(settings: FewShotSettings, systems: list[tuple[str, str]] | None = None,
+                log: Callable[[str], None] = print) -> dict:
+    """Zero-shot once; then per shot count and seed, the linear probe and each (method, regularizer)
+    of `systems` (default: the settings' own) on the same shots. Rows hold seed-averaged accuracy."""
+    systems = systems or [(settings.method, settings.regularizer)]
     shot_counts = [int(s) for s in settings.shots.split(",") if s]
     base, processor, tokenizer = load_clip(settings.clip)
     split = load_split(settings.data, settings.testbed or None)
@@ -175,27 +183,31 @@ def run_fewshot(settings: FewShotSettings, log: Callable[[str], None] = print) -
     prompts = [settings.template.format(c) for c in split.pool.classes]
     pool_px, test_px = pixels(processor, split.pool.images), pixels(processor, test.images)
     zero_shot = zero_shot_accuracy(base, tokenizer, test_px, test.labels, prompts)
-    log(f"zero-shot: {zero_shot:.3f} ({len(test)} test images, {len(prompts)} classes)")
-    system = settings.method + (f"-{settings.regularizer}" if settings.regularizer else "")
+    log(f"{settings.data} zero-shot: {zero_shot:.3f} ({len(test)} test images, {len(prompts)} classes)")
+    probe_params = len(prompts) * (base.config.projection_dim + 1)
     rows = []
     for shots in shot_counts:
-        runs: dict[str, list[float]] = {"linear-probe": [], system: []}
-        params, seconds = 0, 0.0
+        accuracy: dict[str, list[float]] = {"linear-probe": []}
+        params, seconds = {"zero-shot": 0, "linear-probe": probe_params}, {"zero-shot": 0.0, "linear-probe": 0.0}
         for seed in range(settings.seeds):
             index = draw_shots(split.pool.labels, shots, seed)
             train_px, train_y = pool_px[index], split.pool.labels[index]
-            runs["linear-probe"].append(linear_probe(base, train_px, train_y, test_px, test.labels))
             start = time.monotonic()
-            model = train_adapter(copy.deepcopy(base), tokenizer, prompts, train_px, train_y, settings, seed)
-            seconds += time.monotonic() - start
-            params = trainable_parameters(model)
-            runs[system].append(zero_shot_accuracy(model, tokenizer, test_px, test.labels, prompts))
-        for name, accs in runs.items():
+            accuracy["linear-probe"].append(linear_probe(base, train_px, train_y, test_px, test.labels))
+            seconds["linear-probe"] += time.monotonic() - start
+            for method, regularizer in systems:
+                name = system_name(method, regularizer)
+                run = dataclasses.replace(settings, method=method, regularizer=regularizer)
+                start = time.monotonic()
+                model = train_adapter(copy.deepcopy(base), tokenizer, prompts, train_px, train_y, run, seed)
+                seconds[name] = seconds.get(name, 0.0) + time.monotonic() - start
+                params[name] = trainable_parameters(model)
+                accuracy.setdefault(name, []).append(zero_shot_accuracy(model, tokenizer, test_px, test.labels, prompts))
+        accuracy["zero-shot"] = [zero_shot]
+        for name, accs in accuracy.items():
             rows.append({"data": settings.data, "shots": shots, "system": name, "accuracy": float(np.mean(accs)),
-                         "per_seed": accs, "params": params if name == system else len(prompts) * (base.config.projection_dim + 1),
-                         "seconds": seconds / settings.seeds if name == system else None})
-        log(f"{shots} shots: linear probe {np.mean(runs['linear-probe']):.3f}, {system} {np.mean(runs[system]):.3f} "
-            f"({params} trainable parameters, {seconds / settings.seeds:.1f} s per seed)")
+                         "per_seed": accs, "params": params[name], "seconds": seconds[name] / settings.seeds})
+        log(f"{settings.data} {shots} shots: " + ", ".join(f"{n} {np.mean(a):.3f}" for n, a in accuracy.items()))
     return {"settings": dataclasses.asdict(settings), "zero_shot": zero_shot, "rows": rows}
 
 

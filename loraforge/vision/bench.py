@@ -1,0 +1,72 @@
+"""`loraforge bench vision`: CLIP few-shot on the testbed, every system on the same shots.
+
+For the handwritten digits and the held-out glyph font, at 1/4/16 shots, seed-averaged: zero-shot,
+linear probe, LoRA, Block-LoRA, Comp-LoRA and LoRA + GLAD (`fewshot.run_fewshot`), with trainable
+parameter counts and seconds, plus the testbed's own sanity figures from its testbed.json.
+DataDream's two systems are not in it yet (no `loraforge datadream`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from loraforge.core.configs import opt
+from loraforge.core.errors import LoraforgeError
+from loraforge.core.files import atomic_write_text
+from loraforge.vision.fewshot import FewShotSettings, run_fewshot
+from loraforge.vision.glyphs import testbed_dir
+
+SYSTEMS = [("lora", ""), ("block-lora", ""), ("comp-lora", ""), ("lora", "glad")]
+DATA = ("digits", "glyphs:font")
+ROW_KEYS = ("data", "shots", "system", "accuracy", "params", "seconds")
+
+
+@dataclass
+class VisionBench:
+    quick: bool = opt(False, "the quick testbed (testbed build glyphs --quick), 2 seeds, 400 test images")
+    testbed: str = opt("", "testbed folder (default: the one `loraforge testbed build glyphs [--quick]` built)")
+    json: str | None = opt(None, "also write the figures to this JSON file")
+    shots: str = opt("1,4,16", "shot counts per class")
+    seeds: int = opt(3, "seeds averaged per shot count (--quick: at most 2)")
+    steps_per_shot: int = opt(25, "optimizer steps per shot for every adapter")
+    lr: float = opt(1e-3, "AdamW learning rate for every adapter")
+
+
+def bench_vision(bench: VisionBench, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Rows of (data, shots, system, accuracy, params, seconds) and the testbed's figures."""
+    testbed = Path(bench.testbed) if bench.testbed else testbed_dir(bench.quick)
+    if not (testbed / "testbed.json").is_file():
+        raise LoraforgeError(f"{testbed}: no testbed; build it with `loraforge testbed build glyphs"
+                             f"{' --quick' if bench.quick else ''}`")
+    built = json.loads((testbed / "testbed.json").read_text())
+    rows = []
+    for data in DATA:
+        settings = FewShotSettings(clip=str(testbed / "clip"), data=data, testbed=str(testbed), shots=bench.shots,
+                                   seeds=min(bench.seeds, 2) if bench.quick else bench.seeds, lr=bench.lr,
+                                   steps_per_shot=bench.steps_per_shot, test_limit=400 if bench.quick else 0)
+        for row in run_fewshot(settings, SYSTEMS, log)["rows"]:
+            rows.append({k: row[k] for k in ROW_KEYS})
+    result = {"rows": rows, "testbed": {"clip_zero_shot": built["clip_zero_shot"],
+                                        "diffusion_clip_agreement": built["diffusion_clip_agreement"]},
+              "config": asdict(bench)}
+    if bench.json:
+        atomic_write_text(bench.json, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def summary_table(result: dict[str, Any]) -> str:
+    """A markdown table: one row per (data, shots), one column per system (accuracy), then parameters."""
+    systems = list(dict.fromkeys(r["system"] for r in result["rows"]))
+    cells: dict[tuple[str, int], dict[str, float]] = {}
+    params: dict[str, int] = {}
+    for r in result["rows"]:
+        cells.setdefault((r["data"], r["shots"]), {})[r["system"]] = r["accuracy"]
+        params[r["system"]] = r["params"]
+    lines = ["| data | shots | " + " | ".join(systems) + " |", "|---|---:|" + "---:|" * len(systems)]
+    lines += [f"| {data} | {shots} | " + " | ".join(f"{acc.get(s, float('nan')):.3f}" for s in systems) + " |"
+              for (data, shots), acc in cells.items()]
+    lines.append("| trainable parameters | | " + " | ".join(f"{params[s]:,}" for s in systems) + " |")
+    return "\n".join(lines) + "\n"
