@@ -2,8 +2,9 @@
 
 For the handwritten digits and the held-out glyph font, at 1/4/16 shots, seed-averaged: zero-shot,
 linear probe, LoRA, Block-LoRA, Comp-LoRA and LoRA + GLAD (`fewshot.run_fewshot`), with trainable
-parameter counts and seconds, plus the testbed's own sanity figures from its testbed.json.
-DataDream's two systems are not in it yet (no `loraforge datadream`).
+parameter counts and seconds; DataDream and its ablation (synthetic images from the unadapted
+diffusion model), their CLIP LoRA trained as the others on the same shots plus the generated images;
+and the testbed's own sanity figures from its testbed.json.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Callable
 from loraforge.core.configs import opt
 from loraforge.core.errors import LoraforgeError
 from loraforge.core.files import atomic_write_text
+from loraforge.vision.datadream import DataDreamSettings, run_datadream
 from loraforge.vision.fewshot import FewShotSettings, run_fewshot
 from loraforge.vision.glyphs import testbed_dir
 
@@ -33,6 +35,10 @@ class VisionBench:
     seeds: int = opt(3, "seeds averaged per shot count (--quick: at most 2)")
     steps_per_shot: int = opt(25, "optimizer steps per shot for every adapter")
     lr: float = opt(1e-3, "AdamW learning rate for every adapter")
+    images_per_class: int = opt(20, "DataDream's generated images per class (--quick: at most 10)")
+    unet_steps: int = opt(200, "DataDream's diffusion LoRA steps")
+    sample_steps: int = opt(25, "DataDream's DDIM steps per generated image")
+    out: str = opt("runs/bench-vision", "where DataDream's adapters, contact sheets and reports go")
 
 
 def bench_vision(bench: VisionBench, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -49,12 +55,30 @@ def bench_vision(bench: VisionBench, log: Callable[[str], None] = print) -> dict
                                    steps_per_shot=bench.steps_per_shot, test_limit=400 if bench.quick else 0)
         for row in run_fewshot(settings, SYSTEMS, log)["rows"]:
             rows.append({k: row[k] for k in ROW_KEYS})
+        rows += datadream_rows(bench, testbed, data, log)
     result = {"rows": rows, "testbed": {"clip_zero_shot": built["clip_zero_shot"],
                                         "diffusion_clip_agreement": built["diffusion_clip_agreement"]},
               "config": asdict(bench)}
     if bench.json:
         atomic_write_text(bench.json, json.dumps(result, indent=2) + "\n")
     return result
+
+
+def datadream_rows(bench: VisionBench, testbed: Path, data: str, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """DataDream and DataDream on the unadapted model, one seed (the generation is the cost)."""
+    rows = []
+    for shots in (int(s) for s in bench.shots.split(",") if s):
+        for system, unadapted in (("datadream", False), ("datadream-unadapted", True)):
+            settings = DataDreamSettings(
+                diffusion=str(testbed / "diffusion"), clip=str(testbed / "clip"), data=data, testbed=str(testbed),
+                shots=shots, images_per_class=min(bench.images_per_class, 10) if bench.quick else bench.images_per_class,
+                unadapted=unadapted, unet_steps=bench.unet_steps, sample_steps=bench.sample_steps, clip_steps_per_shot=bench.steps_per_shot,
+                clip_lr=bench.lr, out=str(Path(bench.out) / f"{system}-{data.replace(':', '-')}-{shots}"))
+            report = run_datadream(settings, log)
+            params = sum(report["diffusion_adapter_params"].values())
+            rows.append({"data": data, "shots": shots, "system": system, "accuracy": report["accuracy"],
+                         "params": params, "seconds": report["seconds"]})
+    return rows
 
 
 def summary_table(result: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""`loraforge testbed build glyphs` and `loraforge fewshot`: the vision stage on the command line."""
+"""`loraforge testbed build glyphs`, `loraforge fewshot` and `loraforge datadream`: the vision stage on the command line."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("fewshot", help="CLIP few-shot classification with an adapter on both towers "
                                               "(loraforge fewshot --help lists its flags)", add_help=False)
     p.set_defaults(run=cmd_fewshot, config_flags=True)
+    p = subparsers.add_parser("datadream", help="DataDream: LoRA a text-to-image model on the shots, generate a "
+                                                "training set, tune CLIP on it (loraforge datadream --help)", add_help=False)
+    p.set_defaults(run=cmd_datadream, config_flags=True)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -50,4 +53,14 @@ def cmd_fewshot(flags: list[str]) -> int:
         atomic_write_text(settings.json, json.dumps(result, indent=2) + "\n")
     print(json.dumps({"zero_shot": result["zero_shot"], "rows": [
         {k: r[k] for k in ("shots", "system", "accuracy")} for r in result["rows"]]}, indent=2))
+    return 0
+
+
+def cmd_datadream(flags: list[str]) -> int:
+    from loraforge.vision.datadream import DataDreamSettings, run_datadream
+
+    settings = DataDreamSettings(**parse_flags(DataDreamSettings, flags, prog="loraforge datadream",
+                                               description=run_datadream.__doc__ or ""))
+    report = run_datadream(settings, log=lambda line: print(line, file=sys.stderr))
+    print(json.dumps({k: report[k] for k in ("accuracy", "real_only_accuracy", "zero_shot", "seconds")}, indent=2))
     return 0
