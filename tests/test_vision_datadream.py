@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from peft import PeftModel
+from PIL import Image
 from vision_helpers import TINY_PRESET
 
 from loraforge.cli import main
