@@ -10,7 +10,7 @@ from vision_helpers import TINY_PRESET
 from loraforge.cli import main
 from loraforge.vision.clip_testbed import vocabulary_texts
 from loraforge.vision.glyphs import CHARACTERS, HELDOUT_FONT, build_glyphs, caption, digits, load_glyphs, make_split
-from loraforge.vision.testbed import GUIDANCES, build_testbed
+from loraforge.vision.testbed import GUIDANCES, PRESETS, build_testbed
 from loraforge.vision.vocab import caption_tokenizer
 
 
@@ -74,3 +74,13 @@ def test_build_testbed_writes_standard_folders(tmp_path):
 def test_cli_refuses_fewshot_on_a_missing_clip(tmp_path, capsys):
     assert main(["fewshot", "--clip", str(tmp_path / "nope"), "--data", "digits"]) == 2
     assert "not a CLIP folder" in capsys.readouterr().err
+
+
+def test_cli_builds_the_quick_testbed_with_overrides(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(PRESETS, "quick", TINY_PRESET)
+    assert main(["testbed", "build", "glyphs", "--quick", "--out", str(tmp_path / "tb"), "--clip-minutes", "0.001"]) == 0
+    out = capsys.readouterr().out
+    printed = json.loads(out[out.index("{\n"):])  # after any library's warnings
+    assert printed["out"] == str(tmp_path / "tb") and set(printed["clip_zero_shot"]) >= {"character", "colour"}
+    saved = json.loads((tmp_path / "tb" / "testbed.json").read_text())
+    assert saved["preset"]["clip_minutes"] == 0.001 and saved["preset"]["n_train"] == TINY_PRESET.n_train
