@@ -10,6 +10,13 @@ import sys
 from loraforge.core.configs import parse_flags
 from loraforge.core.files import atomic_write_text
 
+FEWSHOT_HELP = ("CLIP few-shot classification, class-name prompts as the classifier: zero-shot, a linear probe and "
+                "an adapter on both towers (--method, --regularizer), accuracy on the test split per shot count, "
+                "averaged over seeds.")
+DATADREAM_HELP = ("DataDream: LoRA on the diffusion UNet and text encoder from the real shots, images generated "
+                  "with it, CLIP LoRA-tuned on them and the shots; OUT gets the adapters, contact_sheet.png and "
+                  "report.json.")
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     testbed = subparsers.add_parser("testbed", help="build the vision testbed: glyph images, a small CLIP and a "
@@ -47,7 +54,7 @@ def cmd_fewshot(flags: list[str]) -> int:
     from loraforge.vision.fewshot import FewShotSettings, run_fewshot
 
     settings = FewShotSettings(**parse_flags(FewShotSettings, flags, prog="loraforge fewshot",
-                                             description=run_fewshot.__doc__ or ""))
+                                             description=FEWSHOT_HELP))
     result = run_fewshot(settings, log=lambda line: print(line, file=sys.stderr))
     if settings.json:
         atomic_write_text(settings.json, json.dumps(result, indent=2) + "\n")
@@ -60,7 +67,7 @@ def cmd_datadream(flags: list[str]) -> int:
     from loraforge.vision.datadream import DataDreamSettings, run_datadream
 
     settings = DataDreamSettings(**parse_flags(DataDreamSettings, flags, prog="loraforge datadream",
-                                               description=run_datadream.__doc__ or ""))
+                                               description=DATADREAM_HELP))
     report = run_datadream(settings, log=lambda line: print(line, file=sys.stderr))
     print(json.dumps({k: report[k] for k in ("accuracy", "real_only_accuracy", "zero_shot", "seconds")}, indent=2))
     return 0
