@@ -50,6 +50,6 @@ def test_datadream_per_class_and_unadapted(testbed, tmp_path):
 def test_contact_sheet_places_real_then_generated():
     real = [torch.full((1, 2, 2, 3), 10, dtype=torch.uint8)]
     made = [torch.full((3, 2, 2, 3), 200, dtype=torch.uint8)]
-    sheet = torch.from_numpy(np.asarray(contact_sheet(real, made, columns=2, scale=1)))
+    sheet = torch.from_numpy(np.array(contact_sheet(real, made, columns=2, scale=1)))
     assert sheet.shape == (2, 2 * 4, 3)
     assert (sheet[:, :2] == 10).all() and (sheet[:, 2:4] == 255).all() and (sheet[:, 4:] == 200).all()
