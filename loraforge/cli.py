@@ -54,9 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="loss, perplexity, accuracy or exact match of a model (+ adapter) on data")
     add_model_flags(p)
     p.add_argument("--data", required=True)
+    p.add_argument("--metric", choices=("loss", "accuracy", "exact-match", "facts"), default=None,
+                   help="what to measure: loss (and perplexity), accuracy (classification), exact-match "
+                        "(generated answer = the last assistant turn, stripped; by number after '####'), "
+                        "facts (the demo's held-out questions); default: accuracy for classification, loss otherwise")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--limit", type=int, default=None, help="generate answers for at most N rows (exact match)")
+    p.add_argument("--limit", type=int, default=None, help="generate answers for at most N rows (exact-match, facts)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.set_defaults(run=cmd_eval)
@@ -142,20 +146,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from loraforge.adapters.io import load_pretrained
     from loraforge.core.models import default_device
     from loraforge.training.data import load_dataset
-    from loraforge.training.evaluate import ANSWER_RE, evaluate_dataset, exact_match
+    from loraforge.training.evaluate import check_metric, default_metric, evaluate_dataset, exact_match
 
     model, tokenizer = load_pretrained(args.model, args.adapter, task=args.task, num_labels=args.num_labels)
-    model.to(default_device())
     task = args.task or ("classification" if classification_head(model) else "causal-lm")
-    data = load_dataset(args.data, tokenizer, task=task, max_length=args.max_length, num_labels=args.num_labels)
-    metrics: dict[str, Any] = evaluate_dataset(model, data, batch_size=args.batch_size, pad_id=tokenizer.pad_token_id or 0, progress=True)
-    if task == "causal-lm" and ANSWER_RE.search(Path(args.data).read_text()):
+    metric = args.metric or default_metric(task)
+    check_metric(metric, task)
+    model.to(default_device())
+    if metric == "facts":  # held-out questions, not training rows: no loss to compute
+        metrics: dict[str, Any] = _fact_metrics(model, tokenizer, Path(args.data), args)
+    else:
+        data = load_dataset(args.data, tokenizer, task=task, max_length=args.max_length, num_labels=args.num_labels)
+        metrics = evaluate_dataset(model, data, batch_size=args.batch_size, pad_id=tokenizer.pad_token_id or 0, progress=True)
+    if metric == "exact-match":
         metrics.update(exact_match(model, tokenizer, args.data, max_new_tokens=args.max_new_tokens,
                                    batch_size=args.batch_size, limit=args.limit))
     print(json.dumps(metrics, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
     return 0
+
+
+def _fact_metrics(model: Any, tokenizer: Any, path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Fact accuracy on rows of the demo's heldout.jsonl (one EvalItem per line), graded as the demo does."""
+    from loraforge.core.errors import DataError
+    from loraforge.demo import DemoSettings, ask
+    from loraforge.demo.advising import EvalItem
+
+    if not path.is_file():
+        raise DataError(path, None, "file not found")
+    items = []
+    for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            items.append(EvalItem(**json.loads(text)))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise DataError(path, line, f"not a held-out question (keys of loraforge.demo.advising.EvalItem): {e}") from None
+    if not items:
+        raise DataError(path, None, "no held-out questions")
+    settings = DemoSettings(max_new_tokens=args.max_new_tokens, eval_batch_size=args.batch_size)
+    return ask(model, tokenizer, items[:args.limit], settings)[1]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

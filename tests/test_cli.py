@@ -34,7 +34,7 @@ def test_train_eval_generate_merge(workspace, capsys):
     assert json.loads((out / "config.json").read_text())["adapter"]["target_modules"] == ["q_proj", "v_proj"]
 
     assert main(["eval", "--model", str(workspace / "model"), "--adapter", str(out / "adapter"),
-                 "--data", str(workspace / "gsm.jsonl"), "--max-new-tokens", "4", "--json", str(workspace / "m.json")]) == 0
+                 "--data", str(workspace / "gsm.jsonl"), "--metric", "exact-match", "--max-new-tokens", "4", "--json", str(workspace / "m.json")]) == 0
     metrics = json.loads((workspace / "m.json").read_text())
     assert {"loss", "perplexity", "exact_match"} <= set(metrics) and metrics["perplexity"] > 1
 

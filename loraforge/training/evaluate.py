@@ -3,8 +3,11 @@
 - `evaluate_dataset`: loss and perplexity over the label tokens (causal LM), loss and accuracy
   (classification).
 - `generate`: batched generation with the chat template applied (left padding, greedy by default).
-- `exact_match`: for answers ending in `#### N` (GSM8K's form), the share of generated answers
-  whose final number equals N.
+- `exact_match`: the share of generated answers equal to the reference (the last assistant turn of
+  any prompt/completion, alpaca or chat row), both stripped and compared whole; a reference ending
+  in `#### N` (GSM8K's form, Cobbe et al. 2021) is compared by its number instead.
+- `default_metric`: what `loraforge eval` measures unless `--metric` says otherwise; the choice
+  depends on the task only, never on the file's content.
 - `merge_to_folder`: fold the adapter into the base and write a plain Hugging Face folder.
 """
 
@@ -27,6 +30,26 @@ from loraforge.training.loss import batch_loss
 
 ANSWER_RE = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 NUMBER_RE = re.compile(r"-?\d[\d,]*\.?\d*")
+METRICS = ("loss", "accuracy", "exact-match", "facts")
+DEFAULT_METRIC = {"classification": "accuracy", "causal-lm": "loss"}
+
+
+def default_metric(task: str) -> str:
+    """The metric of a task when none is asked for: accuracy for classification, loss (and
+    perplexity) for causal LM, where exact match would need a generation per row."""
+    return DEFAULT_METRIC[task]
+
+
+def check_metric(metric: str, task: str) -> None:
+    """Refuse a metric the task cannot give, before the model is run."""
+    if metric not in METRICS:
+        raise LoraforgeError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if task == "classification" and metric in ("exact-match", "facts"):
+        raise LoraforgeError(f"--metric {metric} needs generated answers: a classification model gives "
+                             "loss and accuracy only (use --metric accuracy or loss)")
+    if task == "causal-lm" and metric == "accuracy":
+        raise LoraforgeError("--metric accuracy needs a classification model and labelled data; "
+                             "for a causal LM use --metric exact-match, facts or loss")
 
 
 @torch.no_grad()
@@ -89,20 +112,30 @@ def final_number(text: str) -> str | None:
     return found.replace(",", "").rstrip(".") if found else None
 
 
+def same_answer(answer: str, reference: str) -> bool:
+    """Whole-string equality of the stripped texts; by number when the reference ends in `#### N`."""
+    if ANSWER_RE.search(reference):
+        return final_number(answer) == final_number(reference)
+    return answer.strip() == reference.strip()
+
+
 def exact_match(model: nn.Module, tokenizer: Any, path: str | Path, max_new_tokens: int = 256,
                 batch_size: int = 16, limit: int | None = None) -> dict[str, float]:
+    """Generate an answer to every row's conversation up to its last assistant turn; the share equal
+    to that turn (see `same_answer`)."""
     rows = read_rows(path)[:limit]
     conversations, expected = [], []
     for row in rows:
         messages = row["messages"]
-        reference = final_number(messages[-1]["content"]) if ANSWER_RE.search(messages[-1]["content"]) else None
-        if reference is not None:
-            conversations.append(messages[:-1])
-            expected.append(reference)
+        if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+            raise LoraforgeError(f"{path}:{row['line']}: the last turn must be a non-empty assistant answer "
+                                 "to compare generated answers with")
+        conversations.append(messages[:-1])
+        expected.append(messages[-1]["content"])
     if not expected:
-        raise LoraforgeError(f"{path}: no answer ends in '#### N', so exact match cannot be measured")
+        raise LoraforgeError(f"{path}: no rows, so exact match cannot be measured")
     answers = generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True)
-    hits = sum(final_number(a) == e for a, e in zip(answers, expected))
+    hits = sum(same_answer(a, e) for a, e in zip(answers, expected))
     return {"exact_match": hits / len(expected), "exact_match_n": len(expected)}
 
 
