@@ -75,6 +75,16 @@ class TrainConfig:
     save_every: int = opt(0, "0: a checkpoint only at the end")
     eval_every: int = opt(0, "0: evaluate only at the end (when eval_data is given)")
     resume: bool = opt(False, "continue from --out's checkpoint")
+    # dead-run detection, once per optimizer step (training/health.py); a failed check stops the run, exit 2
+    health_check: bool = opt(True, "stop a dead run (vanishing gradients, weights beyond bounds, loss far above "
+                                   "its start, non-finite values) keeping the last good checkpoint")
+    health_window: int = opt(5, "steps in a row with a gradient norm at most --health-min-grad-norm that stop the "
+                                "run (0: never)")
+    health_min_grad_norm: float = opt(1e-10, "a gradient norm at most this counts as vanished")
+    health_max_growth: float = opt(1e4, "the adapter weights' RMS may reach at most this many times its start "
+                                        "(a start below 0.1 counts as 0.1)")
+    health_max_update: float = opt(10.0, "one step may change the weights' norm by at most this many times it")
+    health_max_loss: float = opt(10.0, "the loss may reach at most this many times the first step's loss")
 
     def __post_init__(self) -> None:
         # The Python API may name a plug-in (`optimizer="lora-plus"`) or give its {name, settings} mapping.
@@ -115,6 +125,9 @@ class TrainConfig:
                 registry.check(chosen)
         if not 0 <= self.warmup < 1:
             raise LoraforgeError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        for name in ("health_window", "health_min_grad_norm", "health_max_growth", "health_max_update", "health_max_loss"):
+            if not getattr(self, name) >= 0:  # NaN fails too
+                raise LoraforgeError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         sink_names(self.log)  # refuses an unknown sink, naming the registered ones
 
 

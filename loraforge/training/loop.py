@@ -36,6 +36,7 @@ from loraforge.core.errors import TrainingError
 from loraforge.training.checkpoint import CHECKPOINT_DIR, save_checkpoint
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import TokenizedDataset, count_label_tokens
+from loraforge.training.health import HealthCheck
 from loraforge.training.loader import to_device
 from loraforge.training.loss import auxiliary_loss
 from loraforge.training.metrics import MetricsLogger, plot_loss, read_metrics
@@ -97,6 +98,7 @@ def fit(run: Run) -> TrainResult:
     bar = tqdm(total=config.steps, initial=run.start, disable=not run.progress or not runtime.is_main, unit="step",
                desc=f"train {run.n_trainable} params")
     batches = iter(run.batches)
+    health = HealthCheck(config, run.params, runtime, out / CHECKPOINT_DIR)
     for step in range(run.start, config.steps):
         t0 = time.perf_counter()
         selected = run.selector.before_step(step, model, optimizer) if run.selector is not None else {}
@@ -138,8 +140,14 @@ def fit(run: Run) -> TrainResult:
         grad_norm = runtime.clip_grad_norm(run.params, config.max_grad_norm if config.max_grad_norm > 0 else math.inf)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        grad_norm, weight_rms = health.read(grad_norm)  # the step's read of the gradient norm
+        try:
+            health.check(step + 1, loss_sum, grad_norm, weight_rms)
+        except TrainingError:
+            bar.close()
+            raise
         seconds = time.perf_counter() - t0  # rank 0's step, which waited for the slowest rank's gradients
-        row = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm),
+        row = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
                "samples_per_s": n_rows / seconds, "tokens_per_s": tokens / seconds,
                "state_mb": runtime.bytes_held(model, optimizer) / 2**20}  # rank 0's weights + optimizer state
         if aux_sum:
