@@ -70,7 +70,11 @@ class AdapterLayer(nn.Module):
         self._set_w0(wide(self._w0().detach()) + sign * update)
 
     def _w0(self) -> torch.Tensor:
-        """The frozen weight W0 as (d_out, d_in), a view of the base layer's."""
+        """The frozen weight W0 as (d_out, d_in), a view of the base layer's; on a 4-bit base
+        (quant/nf4.py) the weight dequantised for this call, as its own forward does."""
+        dense = getattr(self.base_layer, "dense_weight", None)
+        if dense is not None:
+            return dense()
         return linear_weight(self.base_layer)
 
     def _set_w0(self, w0: torch.Tensor) -> None:

@@ -122,7 +122,8 @@ def quantize_base(model: nn.Module) -> int:
     """Replace the frozen linear layers of `model` by 4-bit ones, in place; returns how many.
 
     Kept dense: the output head (tied to the embeddings in most small LMs), anything that trains
-    (the adapters' own A/B, a classification head in modules_to_save). Attach the adapter first:
+    (the adapters' own A/B, a classification head in modules_to_save, a base weight full
+    fine-tuning unfroze). Attach the adapter first:
     attach() wraps nn.Linear layers, and its init reads the full-precision weights.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -131,7 +132,10 @@ def quantize_base(model: nn.Module) -> int:
     adapters = [name for name, m in model.named_modules() if isinstance(m, AdapterLayer)]
     replaced = 0
     for name, module in list(model.named_modules()):
+        # Attaching freezes the base: a weight that still trains is one the method trains (full fine-tuning).
         if type(module) is not nn.Linear or module is head or any(_under(name, t) for t in trained):
+            continue
+        if config is not None and module.weight.requires_grad:
             continue
         if any(_under(name, a) and name != a + ".base_layer" for a in adapters):
             continue  # an adapter's own factor, not the frozen layer it wraps
@@ -140,7 +144,9 @@ def quantize_base(model: nn.Module) -> int:
         setattr(parent, child, NF4Linear(module))
         replaced += 1
     if not replaced:
-        raise LoraforgeError(f"{type(model).__name__} has no frozen nn.Linear layer to quantise")
+        raise LoraforgeError(f"{type(model).__name__} has no frozen nn.Linear layer to quantise (a method that "
+                             "trains the base weights, such as full fine-tuning, has nothing to hold in 4 bits): "
+                             "drop --quant")
     return replaced
 
 
