@@ -182,8 +182,22 @@ def test_log_flag_and_unknown_sinks(tmp_path):
     from loraforge.cli import train_config_from_argv
 
     assert train_config_from_argv(["--log", "tensorboard,jsonl"])[0].log == "tensorboard,jsonl"
-    with pytest.raises(lf.LoraforgeError, match="unknown metric sink 'wandb'; registered: jsonl, tensorboard"):
-        TrainConfig(log="jsonl,wandb").validate()
+    with pytest.raises(lf.LoraforgeError, match="unknown metric sink 'mlflow'; registered: jsonl, tensorboard, wandb"):
+        TrainConfig(log="jsonl,mlflow").validate()
+
+
+def test_wandb_sink_writes_an_offline_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="the optional wandb sink: pip install 'loraforge[wandb]'")
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline is the sink's own default, with no network
+    out = run(tmp_path, steps=2, log="jsonl,wandb").out
+    [record] = (out / "wandb").glob("offline-run-*/*.wandb")
+    assert b"grad_norm" in record.read_bytes()  # the trainer's rows reached the run's history
+
+
+def test_wandb_sink_without_wandb_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(lf.LoraforgeError, match=r"pip install 'loraforge\[wandb\]'"):
+        run(tmp_path, steps=1, log="wandb")
 
 
 def test_tensorboard_sink_without_tensorboard_says_what_to_install(tmp_path, monkeypatch):

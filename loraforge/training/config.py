@@ -71,7 +71,8 @@ class TrainConfig:
     # bookkeeping
     log_every: int = opt(1, "steps between metrics.jsonl rows")
     log: str = opt("jsonl", "where metrics go, comma-separated: jsonl (metrics.jsonl, what --resume reads), "
-                            "tensorboard (out/tensorboard; pip install 'loraforge[tensorboard]')")
+                            "tensorboard (out/tensorboard; pip install 'loraforge[tensorboard]'), "
+                            "wandb (offline run in out/wandb; pip install 'loraforge[wandb]')")
     save_every: int = opt(0, "0: a checkpoint only at the end")
     eval_every: int = opt(0, "0: evaluate only at the end (when eval_data is given)")
     resume: bool = opt(False, "continue from --out's checkpoint")
