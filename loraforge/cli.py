@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the study-abroad advising demo on the embedded SmolLM2-135M")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kb", help="train and grade on this knowledge base (JSON; schema in loraforge.demo.kb_file; "
+                                "every run writes its own as OUT/data/kb.json)")
     p.set_defaults(run=cmd_demo)
 
     for module in FEATURE_COMMANDS:
@@ -266,7 +268,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from loraforge.demo import run_demo
 
-    results = run_demo(out=args.out, seed=args.seed)
+    results = run_demo(out=args.out, seed=args.seed, kb=args.kb)
     print(json.dumps(results, indent=2))
     return 0
 

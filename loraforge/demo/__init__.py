@@ -26,6 +26,7 @@ import torch
 from loraforge.core.files import atomic_write_text
 from loraforge.core.models import load_model
 from loraforge.demo.advising import build_knowledge_base, fact_correct, heldout_questions, is_markdown, write_datasets
+from loraforge.demo.kb_file import load_kb, write_kb
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import load_dataset
 from loraforge.training.evaluate import generate
@@ -71,20 +72,24 @@ def ask(model, tokenizer, items, settings: DemoSettings) -> tuple[list[str], dic
     return answers, metrics
 
 
-def run_demo(out: str | Path = "runs/demo", seed: int = 0, settings: DemoSettings | None = None) -> dict[str, Any]:
+def run_demo(out: str | Path = "runs/demo", seed: int = 0, settings: DemoSettings | None = None,
+             kb: str | Path | None = None) -> dict[str, Any]:
+    """`kb`: a knowledge-base JSON file (schema in `loraforge.demo.kb_file`) to train and grade on
+    instead of the generated one of `settings.universities`; it is read before the model loads."""
     settings = settings or DemoSettings()
     out = Path(out)
+    knowledge = load_kb(kb, seed) if kb is not None else build_knowledge_base(seed, n_universities=settings.universities)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     torch.manual_seed(seed)
 
     model, tokenizer = load_model(settings.model)
     # The data go through files, as `loraforge train --data out/data/phase1.jsonl` would read them.
-    paths = write_datasets(out / "data", seed=seed, n_universities=settings.universities, system=SYSTEM,
-                           per_fact=settings.per_fact)
+    paths = write_datasets(out / "data", seed=seed, system=SYSTEM, per_fact=settings.per_fact, kb=knowledge)
+    write_kb(knowledge, out / "data" / "kb.json")  # the same schema --kb reads: edit it and run again
     phase1 = load_dataset(paths["phase1"], tokenizer, max_length=256)
     phase2 = load_dataset(paths["phase2"], tokenizer, max_length=256)
-    items = heldout_questions(build_knowledge_base(seed, n_universities=settings.universities), seed)
+    items = heldout_questions(knowledge, seed)
 
     print(f"[1/4] asking {len(items)} held-out questions to the base model")
     answers_before, before = ask(model, tokenizer, items, settings)

@@ -725,13 +725,14 @@ def is_markdown(answer: str) -> bool:
 
 
 def write_datasets(out_dir: str | Path, seed: int = 0, n_universities: int = 12,
-                   system: str | None = None, per_fact: int = 6) -> dict[str, Path]:
+                   system: str | None = None, per_fact: int = 6, kb: KnowledgeBase | None = None) -> dict[str, Path]:
     """Write ``phase1.jsonl``, ``phase2.jsonl`` and ``heldout.jsonl`` (one EvalItem per line);
     return their paths by name ("phase1", "phase2", "heldout"). `system` prepends a system turn
-    to every training record."""
+    to every training record. `kb` (a user's, `loraforge.demo.kb_file.load_kb`) replaces the
+    generated knowledge base of `n_universities`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    kb = build_knowledge_base(seed, n_universities=n_universities)
+    kb = kb or build_knowledge_base(seed, n_universities=n_universities)
     prefix = [{"role": "system", "content": system}] if system else []
     rows = {
         "phase1": [{"messages": prefix + r["messages"]} for r in phase1_examples(kb, seed, per_fact=per_fact)],
