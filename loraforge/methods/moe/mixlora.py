@@ -12,6 +12,14 @@ Li et al. (arXiv 2404.15159). For a token h (d) of a LLaMA-style block with E ex
 W_g h and W_u h are computed once per token; only the rank-r terms are per expert. With every
 B = 0 (init) each expert is the frozen FFN, so y is its output whatever the router says.
 
+Non-gated FFNs (BERT, GPT-2: y = W_d act(W_u h)) get the same mixture without the gate term:
+z_e = act((W_u + s B^u_e A^u_e) h), experts on the up and down projections, the router on the FFN
+input h. GPT-2's MLP holds c_fc, act and c_proj (Conv1D) in one module, which is wrapped whole.
+BERT splits the FFN in two modules: `intermediate` (dense + act) and `output` (dense, dropout,
+LayerNorm with the residual). There the `intermediate` is wrapped (router, up experts: it returns
+sum_S w_e z_e) and `output.dense` by an `ExpertDown` that adds sum_S w_e s B^d_e A^d_e z_e from
+the assignments its partner handed it in the same forward; the LayerNorm and residual run as before.
+
 Load balance, the reference code's Mixtral form (aux_norm="mixtral"): pooled over the real
 (non-padding) tokens of every MoE layer of one forward, f[j, e] = share of tokens whose j-th
 choice is e, P_e = mean p_e, L_aux = E sum_j sum_e f[j, e] P_e (= k when balanced). "switch"
@@ -23,7 +31,7 @@ Decisions where the spec is open:
   each MoE layer takes its last T columns (a KV cache puts the past first). Without a usable
   mask (None, or a call outside the model) every token counts.
 - `target_modules` chooses the plain-LoRA layers outside the FFNs (q/k/v/o_proj in LLaMA); every
-  gated FFN becomes a mixture with experts on gate, up and down. rank/alpha/dropout are shared;
+  FFN becomes a mixture with experts on gate (gated FFNs only), up and down. rank/alpha/dropout are shared;
   rank_pattern / alpha_pattern reach expert LoRA through the projection path ("mlp.down_proj").
 - L_aux is formed in training mode only; expert loads are counted always (padding excluded).
   The pool restarts when a layer reports twice (a new forward); the first FFN carries aux_loss.
@@ -46,12 +54,30 @@ from torch import nn
 
 from loraforge.core.config import AdapterConfig
 from loraforge.core.errors import AdapterError
-from loraforge.core.modules import find_targets, replace_module
+from loraforge.core.modules import LINEAR_TYPES, find_targets, linear_weight, replace_module
 from loraforge.core.registry import option, read_options, register
 from loraforge.methods.base import AdapterLayer, branch_dropout, rank_and_scale
 from loraforge.methods.lora import LoRALinear, lora_init_
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class FFNLayout:
+    """Where an FFN keeps its parts: attribute names on the wrapped module. `down` None: the down
+    projection sits elsewhere (BERT's `output.dense`). `dropout`: applied after the down projection
+    inside the module (GPT-2's MLP)."""
+
+    up: str
+    act: str
+    gate: str | None = None
+    down: str | None = None
+    dropout: str | None = None
+
+
+GATED = FFNLayout(up="up_proj", act="act_fn", gate="gate_proj", down="down_proj")
+GPT2 = FFNLayout(up="c_fc", act="act", down="c_proj", dropout="dropout")
+BERT = FFNLayout(up="dense", act="intermediate_act_fn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +104,7 @@ class ExpertLoRA(nn.Module):
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, name: str):
         super().__init__()
         experts = read_options(MixLoRAOptions, config).num_experts
-        d_out, d_in = base_layer.weight.shape
+        d_out, d_in = linear_weight(base_layer).shape
         self.rank, self.scaling = rank_and_scale(config, name)
         self.dropout = branch_dropout(config.dropout)
         device = base_layer.weight.device
@@ -158,21 +184,26 @@ class LoadBalance:
 
 
 class MixLoRAFFN(AdapterLayer):
-    """A frozen gated FFN (`base_layer`) turned into E LoRA experts behind a top-k router."""
+    """A frozen FFN (`base_layer`, parts as `layout` says) turned into E LoRA experts behind a top-k router."""
 
-    def __init__(self, mlp: nn.Module, config: AdapterConfig, name: str, balance: LoadBalance | None = None):
+    def __init__(self, mlp: nn.Module, config: AdapterConfig, name: str, balance: LoadBalance | None = None,
+                 layout: FFNLayout = GATED, down: "ExpertDown | None" = None):
         # An AdapterLayer by protocol (base_layer, merged / disabled: detach, adapter_disabled and
         # saving work unchanged), but its base is a whole FFN, so the Linear-only __init__ is skipped.
         nn.Module.__init__(self)
         options = read_options(MixLoRAOptions, config)
         self.base_layer, self.merged, self.disabled, self.fan_in_fan_out = mlp, False, False, False
-        self.in_features = self.out_features = mlp.gate_proj.in_features
+        self.layout = layout
+        up = getattr(mlp, layout.up)
+        self.in_features = self.out_features = linear_weight(up).shape[1]
         self.num_experts, self.top_k = options.num_experts, options.top_k
-        device = mlp.gate_proj.weight.device
+        device = up.weight.device
         self.router = nn.Linear(self.in_features, self.num_experts, bias=False, device=device)  # G (E, d)
         with torch.no_grad():
             self.router.weight.normal_(0.0, options.router_init_std)
-        self.experts = nn.ModuleDict({p: ExpertLoRA(getattr(mlp, p), config, f"{name}.{p}") for p in PROJECTIONS})
+        parts = [p for p in (layout.gate, layout.up, layout.down) if p is not None]
+        self.experts = nn.ModuleDict({p: ExpertLoRA(getattr(mlp, p), config, f"{name}.{p}") for p in parts})
+        self.down = None if down is None else weakref.ref(down)  # a sibling module: held weakly, saved there
         self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.long, device=device),
                              persistent=False)
         self.balance = balance or LoadBalance(options, self)
@@ -185,7 +216,7 @@ class MixLoRAFFN(AdapterLayer):
         return probs, weights / weights.sum(-1, keepdim=True), chosen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mlp = self.base_layer
+        mlp, layout = self.base_layer, self.layout
         if self.disabled:
             return mlp(x)
         h = x.reshape(-1, x.shape[-1])  # (N, d)
@@ -195,14 +226,22 @@ class MixLoRAFFN(AdapterLayer):
         token, w = order // self.top_k, weights.flatten()[order, None]  # (N k,), (N k, 1)
         counts = torch.bincount(chosen.flatten(), minlength=self.num_experts).tolist()
         h_s = h.index_select(0, token)  # (N k, d): each token once per chosen expert
-        # The frozen W_g h and W_u h once per token (N, d_ff), copied to its k assignments.
-        gate = mlp.gate_proj(h).index_select(0, token) + self.experts["gate_proj"].grouped(h_s, counts)
-        up = mlp.up_proj(h).index_select(0, token) + self.experts["up_proj"].grouped(h_s, counts)
-        z = mlp.act_fn(gate) * up  # (N k, d_ff): z_e of every assignment
+        # The frozen W_u h (and W_g h) once per token (N, d_ff), copied to its k assignments.
+        up = getattr(mlp, layout.up)(h).index_select(0, token) + self.experts[layout.up].grouped(h_s, counts)
+        act = getattr(mlp, layout.act)
+        if layout.gate is None:
+            z = act(up)  # (N k, d_ff)
+        else:
+            gate = getattr(mlp, layout.gate)(h).index_select(0, token) + self.experts[layout.gate].grouped(h_s, counts)
+            z = act(gate) * up  # (N k, d_ff): z_e of every assignment
         mixed = z.new_zeros(h.shape[0], z.shape[1]).index_add_(0, token, w.to(z.dtype) * z)  # (N, d_ff)
-        delta = w * self.experts["down_proj"].grouped(z, counts)  # (N k, d)
-        out = mlp.down_proj(mixed)  # (N, d)
-        return out.index_add(0, token, delta.to(out.dtype)).reshape(x.shape)
+        if layout.down is None:  # the down projection is a sibling's (BERT): it adds the expert terms
+            self.down().pending = (z, token, w, counts)
+            return mixed.reshape(*x.shape[:-1], -1)
+        delta = w * self.experts[layout.down].grouped(z, counts)  # (N k, d)
+        out = getattr(mlp, layout.down)(mixed)  # (N, d)
+        out = out.index_add(0, token, delta.to(out.dtype)).reshape(x.shape)
+        return getattr(mlp, layout.dropout)(out) if layout.dropout else out
 
     def _account(self, probs: torch.Tensor, chosen: torch.Tensor, lead_shape: torch.Size) -> None:
         real = self.balance.real_tokens(lead_shape)
@@ -219,29 +258,75 @@ class MixLoRAFFN(AdapterLayer):
         return f"d={self.in_features}, experts={self.num_experts}, top_k={self.top_k}"
 
 
-def gated_ffns(model: nn.Module) -> dict[str, nn.Module]:
-    """LLaMA-style FFNs: down(act(gate(h)) * up(h)) with Linear gate_proj / up_proj / down_proj."""
-    return {name: m for name, m in model.named_modules()
-            if all(isinstance(getattr(m, p, None), nn.Linear) for p in PROJECTIONS) and callable(getattr(m, "act_fn", None))}
+class ExpertDown(AdapterLayer):
+    """The down projection of a split FFN (BERT's `output.dense`): W_d m + sum_S w_e s B^d_e A^d_e z_e,
+    with m = sum_S w_e z_e its input and (z, assignments) what the FFN's MixLoRAFFN handed over."""
+
+    def __init__(self, base_layer: nn.Module, config: AdapterConfig, name: str):
+        super().__init__(base_layer, config, name)
+        self.experts = ExpertLoRA(base_layer, config, name)
+        self.pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        pending, self.pending = self.pending, None  # one hand-over per forward of the FFN
+        if pending is None or self.disabled:
+            return out
+        z, token, w, counts = pending
+        delta = w * self.experts.grouped(z, counts)  # (N k, d)
+        return out.reshape(-1, out.shape[-1]).index_add(0, token, delta.to(out.dtype)).reshape(out.shape)
+
+    def merge(self) -> None:
+        """Nothing to fold: the expert terms depend on the routing (see MixLoRAFFN.merge)."""
+
+
+def find_ffns(model: nn.Module) -> dict[str, tuple[FFNLayout, str | None]]:
+    """Every FFN MixLoRA can turn into a mixture: path -> (its layout, the path of a down
+    projection held by a sibling module, or None). LLaMA-style gated FFNs, GPT-2's MLP
+    (c_fc, act, c_proj) and BERT's intermediate + output.dense."""
+    found: dict[str, tuple[FFNLayout, str | None]] = {}
+    for name, m in model.named_modules():
+        if all(isinstance(getattr(m, p, None), nn.Linear) for p in PROJECTIONS) and callable(getattr(m, "act_fn", None)):
+            found[name] = (GATED, None)
+        elif (all(isinstance(getattr(m, p, None), LINEAR_TYPES) for p in ("c_fc", "c_proj"))
+              and callable(getattr(m, "act", None))):
+            found[name] = (GPT2, None)
+        elif isinstance(getattr(m, "dense", None), nn.Linear) and callable(getattr(m, "intermediate_act_fn", None)):
+            parent = name.rpartition(".")[0]
+            down = f"{parent}.output.dense" if parent else "output.dense"
+            try:
+                sibling = model.get_submodule(down)
+            except AttributeError:
+                continue
+            if isinstance(sibling, nn.Linear):
+                found[name] = (BERT, down)
+    return found
 
 
 def attach_mixlora(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """The registry's attach hook: plain LoRA outside the FFNs, a MixLoRAFFN in place of each FFN."""
-    ffns = gated_ffns(model)
+    """The registry's attach hook: plain LoRA outside the FFNs, a MixLoRAFFN in place of each FFN
+    (and an ExpertDown on the down projection of a split one)."""
+    ffns = find_ffns(model)
     if not ffns:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        raise AdapterError(f"mixlora needs LLaMA-style gated FFNs (gate_proj, up_proj, down_proj Linear layers and "
-                           f"act_fn); {type(model).__name__} (model_type {model_type!r}) has none")
-    plain = _plain_lora_targets(model, config, list(ffns))
+        raise AdapterError(f"mixlora needs FFNs it knows: LLaMA-style gated (gate_proj, up_proj, down_proj and "
+                           f"act_fn), GPT-2's MLP (c_fc, act, c_proj) or BERT's intermediate.dense + output.dense; "
+                           f"{type(model).__name__} (model_type {model_type!r}) has none")
+    downs = [down for _, down in ffns.values() if down is not None]
+    plain = _plain_lora_targets(model, config, list(ffns) + downs)
     for name in plain:
         replace_module(model, name, LoRALinear(model.get_submodule(name), config, name))
     balance = None
-    for name, mlp in ffns.items():
-        block = MixLoRAFFN(mlp, config, name, balance)
+    for name, (layout, down_path) in ffns.items():
+        down = None
+        if down_path is not None:
+            down = ExpertDown(model.get_submodule(down_path), config, down_path)
+            replace_module(model, down_path, down)
+        block = MixLoRAFFN(model.get_submodule(name), config, name, balance, layout, down)
         balance = block.balance  # one pool for the model; the first FFN carries aux_loss
         replace_module(model, name, block)
     getattr(model, "base_model", model).register_forward_pre_hook(balance.mask_hook(), with_kwargs=True)
-    return plain + list(ffns)
+    return plain + list(ffns) + downs
 
 
 def expert_load(model: nn.Module, reset: bool = False) -> dict[str, torch.Tensor]:
