@@ -26,12 +26,13 @@ import torch
 from loraforge.core.files import atomic_write_text
 from loraforge.core.models import load_model
 from loraforge.demo.advising import build_knowledge_base, fact_correct, heldout_questions, is_markdown, write_datasets
-from loraforge.demo.kb_file import load_kb, write_kb
+from loraforge.demo.kb_file import kb_to_json, load_kb, write_kb
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import load_dataset
 from loraforge.training.evaluate import generate
 from loraforge.training.loop import TrainResult, train
 from loraforge.training.metrics import plot_loss
+from loraforge.training.retrieval import BM25, kb_pages, recall_at_k
 
 SYSTEM = "You are a study-abroad advisor."
 
@@ -70,6 +71,15 @@ def ask(model, tokenizer, items, settings: DemoSettings) -> tuple[list[str], dic
         "fact_accuracy_by_type": {t: sum(v) / len(v) for t, v in by_type.items()},
     }
     return answers, metrics
+
+
+def retrieval_recall(knowledge, items, ks=(1, 2, 3)) -> dict[str, float]:
+    """BM25's recall@k over the knowledge base's pages for the held-out questions, by k: whether
+    retrieval can find the page a question is about (`loraforge.training.retrieval`)."""
+    names = [u.name for u in knowledge.universities]
+    bm25 = BM25(kb_pages(kb_to_json(knowledge)))
+    questions, relevant = [i.question for i in items], [names.index(i.university) for i in items]
+    return {str(k): recall_at_k(bm25, questions, relevant, k) for k in ks}
 
 
 def run_demo(out: str | Path = "runs/demo", seed: int = 0, settings: DemoSettings | None = None,
@@ -122,6 +132,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, settings: DemoSetting
         "samples_per_s": samples / train_seconds,
         "seconds": time.perf_counter() - start,
         "facts": len(items),
+        "retrieval_recall_at_k": retrieval_recall(knowledge, items),
         "train_rows": {"phase1": len(phase1), "phase2": len(phase2)},
         "settings": dataclasses.asdict(settings),
     }
@@ -154,6 +165,9 @@ def render_report(summary: dict[str, Any], items, before: list[str], after: list
         "",
         "Fact accuracy after training, by fact type: "
         + ", ".join(f"{t} {v:.2f}" for t, v in s["fact_accuracy_by_type_after"].items()) + ".",
+        "",
+        "BM25 recall@k over the knowledge base's pages, held-out questions: "
+        + ", ".join(f"k={k} {v:.2f}" for k, v in s["retrieval_recall_at_k"].items()) + ".",
         "",
         "![loss](loss.png)",
         "",
