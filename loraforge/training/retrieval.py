@@ -74,3 +74,9 @@ def kb_pages(data: dict[str, Any]) -> list[str]:
             f"show €{country['visa_funds']:,} in a bank account",
         ]))
     return pages
+
+
+def with_pages(question: str, pages: list[str]) -> str:
+    """The user message that carries retrieved pages before the question: one layout for every
+    caller (demo training, chat, server), since an adapter learns to read the layout it was trained on."""
+    return "Knowledge base:\n\n" + "\n\n".join(pages) + f"\n\nQuestion: {question}"
