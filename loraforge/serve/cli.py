@@ -27,6 +27,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="vllm: start vLLM's OpenAI server on the same base and adapters (other methods converted "
                         "to LoRA of --max-lora-rank first); for GPUs")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="--engine vllm: GPUs to shard the model over")
+    p.add_argument("--kb", default=None, help="knowledge base JSON (loraforge demo --kb schema): each chat request's "
+                                              "last user message goes behind its BM25 top-k university pages")
+    p.add_argument("--top-k", type=int, default=2, help="--kb: pages per request")
     p.set_defaults(run=cmd_serve)
 
 
@@ -35,6 +38,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"loraforge: warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)
     if args.engine == "vllm":
+        if args.kb:
+            raise LoraforgeError("--kb grounds requests in loraforge's own server: drop --engine vllm or --kb")
         return _exec_vllm(args)
     try:
         import uvicorn
@@ -44,12 +49,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise LoraforgeError(f"`loraforge serve` needs the serve extra: pip install 'loraforge[serve]' ({exc})") from exc
     from loraforge.core.models import load_model
     from loraforge.serve.engine import Engine
+    from loraforge.serve.grounding import Grounding, load_pages
 
+    pages = load_pages(args.kb) if args.kb else None  # a bad file is refused before the model loads
     model, tokenizer = load_model(args.model, task="causal-lm")
     engine = Engine(model, tokenizer, adapters_dir=args.adapters, max_loaded=args.max_loaded,
                     max_rank=args.max_lora_rank, max_batch=args.max_batch, max_kv_tokens=args.max_kv_tokens,
                     model_name=args.model)
     app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    if args.kb:
+        app = Grounding(app, pages, top_k=args.top_k)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
