@@ -89,7 +89,7 @@ def test_an_adapter_unloaded_while_queued_fails_only_its_request(root):
     engine.pool.unregister("n0")
     while not other.done.is_set():
         engine.step()
-    assert doomed.finish_reason.startswith("error: unknown adapter 'n0'") and other.finish_reason == "length"
+    assert doomed.finish_reason.startswith("refused: unknown adapter 'n0'") and other.finish_reason == "length"
     assert engine.kv.free_blocks == engine.kv.num_blocks
 
 

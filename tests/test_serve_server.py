@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import loraforge as lf  # noqa: E402
-from loraforge.serve import Engine  # noqa: E402
+from loraforge.serve import Engine, SamplingParams  # noqa: E402
 from loraforge.serve.server import create_app  # noqa: E402
 from loraforge.testing import tiny_llama, tiny_tokenizer  # noqa: E402
 
@@ -41,7 +41,7 @@ def adapters_dir(tmp_path_factory):
 def served(adapters_dir):
     engine = Engine(tiny_llama(), tiny_tokenizer(), adapters_dir=adapters_dir, max_loaded=2, block_size=4,
                     model_name="tiny")
-    with TestClient(create_app(engine, api_key=KEY, max_body_bytes=4096)) as client:
+    with TestClient(create_app(engine, api_key=KEY, max_body_bytes=16384)) as client:
         yield engine, client
 
 
@@ -79,7 +79,7 @@ def test_completion_stream_equals_completion_and_engine(served):
     ("/v1/completions", {"model": "alpha", "prompt": "x" * 300}, 400, "context holds 256"),
     ("/v1/completions", {"model": "alpha", "prompt": "hi", "top_p": 2}, 400, "top_p"),
     ("/v1/completions", {"model": "alpha"}, 422, "prompt"),
-    ("/v1/completions", {"model": "alpha", "prompt": "x" * 5000}, 413, "larger than 4096"),
+    ("/v1/completions", {"model": "alpha", "prompt": "x" * 20000}, 413, "larger than 16384"),
     ("/v1/load_lora_adapter", {"lora_name": "up", "lora_path": "../elsewhere"}, 400, "outside the adapters folder"),
     ("/v1/load_lora_adapter", {"lora_name": "up", "lora_path": "/etc"}, 400, "outside the adapters folder"),
     ("/v1/load_lora_adapter", {"lora_name": "../x", "lora_path": "alpha"}, 400, "bad adapter name"),
@@ -96,7 +96,7 @@ def test_bad_input_gets_a_clear_error(served, path, body, status, needle):
 def test_malformed_json_and_api_key(served):
     _, client = served
     resp = client.post("/v1/completions", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"})
-    assert resp.status_code == 422
+    assert resp.status_code == 400 and "not valid JSON" in resp.json()["error"]["message"]
     assert client.get("/v1/models").status_code == 401
     assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
 
@@ -152,3 +152,67 @@ def test_client_disconnect_mid_stream_frees_slot_and_blocks(served):
     assert len(aborted[0].output_ids) < 250
     assert not engine.running and engine.kv.free_blocks == engine.kv.num_blocks
     assert not any(engine.pool.refs.values())
+
+
+def _idle(engine, timeout: float = 10.0) -> bool:
+    """The engine drained: no request, every KV block free, no adapter reference held."""
+    deadline = time.monotonic() + timeout
+    while engine.has_work() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return (not engine.has_work() and engine.kv.free_blocks == engine.kv.num_blocks
+            and not any(engine.pool.refs.values()))
+
+
+@pytest.mark.parametrize("path, raw, status, needle", [
+    ("/v1/completions", b"[" * 3000 + b"]" * 3000, 400, "nested too deeply"),
+    ("/v1/completions", b'{"model": "alpha", "prompt": "hi", "x": ' + b"[" * 1800 + b"]" * 1800 + b"}", 400,
+     "nested too deeply"),
+    ("/v1/completions", b'{"model": "alpha", "prompt": "\xff\xfe hi"}', 400, "not valid UTF-8"),
+    ("/v1/completions", b'{"model": "alpha", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", 400,
+     "not valid JSON"),
+    ("/v1/completions", b'{"model": "alpha", "prompt": "\\ud800 hi"}', 400, "lone surrogate"),
+    ("/v1/chat/completions", b'{"model": "alpha", "messages": [{"role": "user", "content": "\\udfff"}]}', 400,
+     "lone surrogate"),
+    ("/v1/completions", b'{"model": "alpha", "prompt": "hi", "seed": 1e400}', 422, "seed"),
+    ("/v1/completions", b'{"model": "alpha", "prompt": "hi", "seed": 100000000000000000000000000}', 400, "seed must"),
+    ("/v1/completions", b'{"model": "alpha", "prompt": "hi", "max_tokens": -3}', 400, "max_tokens"),
+    ("/v1/completions", b'{"model": "alpha", "prompt": "hi", "temperature": NaN}', 400, "temperature"),
+    ("/v1/completions", b'{"model": "alpha", "prompt": "hi", "stream": [1]}', 422, "body.stream"),
+    ("/v1/completions", b'{"model": ["alpha"], "prompt": "hi"}', 422, "body.model"),
+    ("/v1/completions", b"[]", 422, "dictionary"),
+    ("/v1/load_lora_adapter", b'{"lora_name": "x", "lora_path": "alpha\\u0000"}', 400, "null byte"),
+    ("/v1/load_lora_adapter", b'{"lora_name": "x", "lora_path": "' + b"a" * 3000 + b'"}', 400, "cannot be read"),
+    ("/v1/load_lora_adapter", b'{"lora_name": "x", "lora_path": "alpha/../../.."}', 400, "outside the adapters"),
+    ("/v1/nowhere", b"{}", 404, "Not Found"),
+])
+def test_hostile_body_gets_a_4xx_and_leaves_the_engine_idle(served, path, raw, status, needle):
+    engine, client = served
+    resp = client.post(path, content=raw, headers={**AUTH, "Content-Type": "application/json"})
+    assert resp.status_code == status and needle in resp.json()["error"]["message"], resp.text
+    assert _idle(engine)
+
+
+def test_huge_max_tokens_is_cut_to_the_context(served):
+    engine, client = served
+    body = {"model": "alpha", "prompt": "Hello", "max_tokens": 10 ** 30, "ignore_eos": True, "temperature": 0}
+    resp = post(client, "/v1/completions", body).json()
+    assert resp["choices"][0]["finish_reason"] == "length" and resp["usage"]["total_tokens"] == 256
+    assert _idle(engine)
+
+
+def test_unload_while_a_request_runs_on_the_adapter_is_a_conflict(served):
+    engine, client = served
+    assert post(client, "/v1/load_lora_adapter", {"lora_name": "busy", "lora_path": "alpha"}).status_code == 200
+    params = SamplingParams(max_tokens=250, temperature=0, ignore_eos=True)
+    req = engine.add_request("Hello", "busy", params)
+    deadline = time.monotonic() + 10
+    while req not in engine.running and time.monotonic() < deadline:
+        time.sleep(0.005)
+    for path, body in [("/v1/unload_lora_adapter", {"lora_name": "busy"}),
+                       ("/v1/load_lora_adapter", {"lora_name": "busy", "lora_path": "beta"})]:
+        resp = post(client, path, body)
+        assert resp.status_code == 409 and "in use" in resp.json()["error"]["message"]
+    engine.abort(req)
+    assert req.done.wait(10) and _idle(engine)
+    assert post(client, "/v1/unload_lora_adapter", {"lora_name": "busy"}).status_code == 200
+    assert post(client, "/v1/completions", {"model": "busy", "prompt": "hi"}).status_code == 404

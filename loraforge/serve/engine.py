@@ -64,6 +64,8 @@ class SamplingParams:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if any(not isinstance(s, str) or not s for s in self.stop) or len(self.stop) > 16:
             raise RequestError("stop must be at most 16 non-empty strings")
+        if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 64:  # torch's seed range
+            raise RequestError(f"seed must be in [-2**63, 2**64), got {self.seed}")
 
 
 @dataclass(eq=False)
@@ -78,7 +80,7 @@ class Request:
     decoded: str = ""  # output_ids[:read_offset] as text, grown token by token (`detokenize`)
     prefix_offset: int = 0
     read_offset: int = 0
-    finish_reason: str | None = None  # "stop", "length", "abort" or "error: ..."
+    finish_reason: str | None = None  # "stop", "length", "abort", "refused: ..." or "error: ..."
     slot: int = 0
     blocks: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose keys/values are in the cache
@@ -126,6 +128,8 @@ class Engine:
                     on_event: Callable[[Request, str], None] | None = None) -> Request:
         """Check and queue a request (thread-safe); it joins the batch at the next step."""
         params = params or SamplingParams()
+        if isinstance(prompt, str) and not is_utf8(prompt):
+            raise RequestError("the prompt is not valid Unicode (a lone surrogate such as \\ud800)")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise RequestError("the prompt is empty")
@@ -198,7 +202,7 @@ class Engine:
                 slot = self.pool.acquire(req.adapter)
             except AdapterError as exc:  # unloaded or changed on disk since it was queued: only this one fails
                 self.kv.release(self.waiting.popleft().blocks)
-                self._finish(req, f"error: {exc}")
+                self._finish(req, f"refused: {exc}")  # the client's doing (HTTP 409), not a server fault
                 continue
             if slot is None:  # every adapter slot is held by running requests
                 self.kv.release(req.blocks)
@@ -390,6 +394,15 @@ def detokenize(tokenizer: Any, req: Request) -> str:
         req.decoded += after[len(before):]
         req.prefix_offset, req.read_offset = req.read_offset, len(ids)
     return req.decoded
+
+
+def is_utf8(text: str) -> bool:
+    """False for text with lone surrogates (JSON's "\\ud800"), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _as_list(value: Any) -> list:

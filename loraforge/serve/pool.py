@@ -127,10 +127,13 @@ class AdapterPool:
             raise AdapterError(f"bad adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
         if self.adapters_dir is None:
             raise AdapterError("no adapters folder was given: adapters cannot be loaded")
-        resolved = (self.adapters_dir / path).resolve()
-        if not resolved.is_relative_to(self.adapters_dir):
-            raise AdapterError(f"adapter path {str(path)!r} is outside the adapters folder")
-        host = self._read(name, resolved)
+        try:
+            resolved = (self.adapters_dir / path).resolve()
+            if not resolved.is_relative_to(self.adapters_dir):
+                raise AdapterError(f"adapter path {str(path)!r} is outside the adapters folder")
+            host = self._read(name, resolved)
+        except (OSError, ValueError) as exc:  # a NUL byte, a name too long for the file system
+            raise AdapterError(f"adapter path {str(path)[:200]!r} cannot be read: {exc}") from exc
         with self._lock:
             if name in self.known and self.refs.get(name):
                 raise AdapterBusyError(f"adapter {name!r} is in use by running requests")

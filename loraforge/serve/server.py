@@ -28,9 +28,10 @@ from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
 
 from loraforge.core.errors import AdapterError
-from loraforge.serve.engine import Engine, Request, RequestError, SamplingParams
+from loraforge.serve.engine import Engine, Request, RequestError, SamplingParams, is_utf8
 from loraforge.serve.pool import AdapterBusyError, UnknownAdapterError
 
 
@@ -103,6 +104,10 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
     async def api_error(_: HttpRequest, exc: ApiError) -> JSONResponse:
         return _error(exc.status, exc.message)
 
+    @app.exception_handler(HTTPException)  # FastAPI's own refusals (unknown route, wrong method) in our shape
+    async def http_error(_: HttpRequest, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_: HttpRequest, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
@@ -165,7 +170,12 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
         if not getattr(engine.tokenizer, "chat_template", None):
             raise ApiError(400, "the base model's tokenizer has no chat template: use /v1/completions")
         messages = [m.model_dump() for m in body.messages]
-        ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if not all(is_utf8(m["role"] + m["content"]) for m in messages):
+            raise ApiError(400, "messages are not valid Unicode (a lone surrogate such as \\ud800)")
+        try:
+            ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # noqa: BLE001  the template refuses these messages (raise_exception, bad roles)
+            raise ApiError(400, f"the chat template refused these messages: {exc}") from exc
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         return await _generate(body, list(ids), chat=True)
 
@@ -205,6 +215,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
         if body.stream:
             return StreamingResponse(_sse(deltas(), req, meta, chat), media_type="text/event-stream")
         text = "".join([d async for d in deltas()])
+        if req.finish_reason.startswith("refused"):  # its adapter was unloaded while it waited
+            raise ApiError(409, f"request {req.finish_reason}")
         if req.finish_reason.startswith("error"):
             raise ApiError(500, f"generation failed ({req.finish_reason})")
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
@@ -243,13 +255,28 @@ async def _pool_call(fn: Any, *args: Any) -> None:
         raise ApiError(400, str(exc)) from exc
 
 
+def _json_problem(body: bytes) -> str | None:
+    """Why `body` is not UTF-8 JSON, or None if it is."""
+    try:
+        json.loads(body.decode("utf-8"))  # decoded first: json.loads would guess UTF-16 or UTF-32 from bytes
+    except UnicodeDecodeError as exc:
+        return f"the body is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+    except RecursionError:
+        return "the JSON body is nested too deeply"
+    except ValueError as exc:  # syntax, and integers longer than Python's 4300-digit limit
+        return f"the body is not valid JSON: {exc}"
+    return None
+
+
 def _error(status: int, message: str) -> JSONResponse:
     kind = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large"}.get(status, "invalid_request_error")
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes gets 413 before any handler reads it."""
+    """ASGI middleware: a request body over `limit` bytes gets 413 before any handler reads it, and one
+    that is not UTF-8 JSON (or nests too deeply for the parser) a 400 that says which, in place of
+    FastAPI's bare 'error parsing the body'."""
 
     def __init__(self, app: Any, limit: int):
         self.app, self.limit = app, limit
@@ -267,6 +294,9 @@ class BodyLimit:
             if size > self.limit:
                 return await _error(413, f"request body larger than {self.limit} bytes")(scope, receive, send)
         body, replayed = b"".join(chunks), False
+        problem = _json_problem(body) if scope["method"] == "POST" and body else None
+        if problem:
+            return await _error(400, problem)(scope, receive, send)
 
         async def replay() -> dict:
             nonlocal replayed
