@@ -1,5 +1,5 @@
 """The bad-input matrix (issue 19, item 10): each case is a user mistake given to the `loraforge`
-command; each must end with a named error on one line, exit status 2, no traceback, and leave every
+command (serve's cases fail before a port is opened); each must end with a named error on one line, exit status 2, no traceback, and leave every
 file already saved as it was. The table in docs/reliability.md is written from CASES by this test."""
 
 import hashlib
@@ -59,6 +59,8 @@ CASES = [
     ("analyze: adapter folder missing", "analyze --model {w}/llama --adapter {w}/nowhere --out {w}/report", "nowhere"),
     ("convert: corrupt safetensors", "convert --to lora --rank 2 {w}/corrupt --model {w}/llama --out {w}/conv",
      "corrupt"),
+    ("serve: adapters folder missing", "serve --model {w}/llama --adapters {w}/nowhere --port 1", "does not exist"),
+    ("serve: unknown model name", "serve --model no-such-model --adapters {w}/adapter --port 1", "no-such-model"),
     ("fed aggregate: mismatched ranks", "fed aggregate --strategy fedavg --adapters {w}/adapter {w}/adapter-r8 "
      "--out {w}/agg", ""),
     ("fed aggregate: weights not summing to 1", "fed aggregate --strategy fedavg --adapters {w}/adapter {w}/adapter "
