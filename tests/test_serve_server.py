@@ -192,11 +192,13 @@ def test_hostile_body_gets_a_4xx_and_leaves_the_engine_idle(served, path, raw, s
     assert _idle(engine)
 
 
-def test_huge_max_tokens_is_cut_to_the_context(served):
+def test_huge_max_tokens_is_refused_and_the_context_is_still_usable(served):
     engine, client = served
     body = {"model": "alpha", "prompt": "Hello", "max_tokens": 10 ** 30, "ignore_eos": True, "temperature": 0}
-    resp = post(client, "/v1/completions", body).json()
-    assert resp["choices"][0]["finish_reason"] == "length" and resp["usage"]["total_tokens"] == 256
+    resp = post(client, "/v1/completions", body)
+    assert resp.status_code == 400 and "exceed the context of 256" in resp.json()["error"]["message"]
+    full = post(client, "/v1/completions", {**body, "max_tokens": 251}).json()  # 5 prompt tokens: the whole context
+    assert full["choices"][0]["finish_reason"] == "length" and full["usage"]["total_tokens"] == 256
     assert _idle(engine)
 
 

@@ -22,7 +22,6 @@ embedding, projections and MLP are theirs), so only the Llama family is served (
 from __future__ import annotations
 
 import collections
-import dataclasses
 import itertools
 import threading
 import time
@@ -135,7 +134,9 @@ class Engine:
             raise RequestError("the prompt is empty")
         if len(ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(ids)} tokens; the context holds {self.max_model_len}")
-        params = dataclasses.replace(params, max_tokens=min(params.max_tokens, self.max_model_len - len(ids)))
+        if len(ids) + params.max_tokens > self.max_model_len:  # refused as vLLM does, not cut: the client asked for it
+            raise RequestError(f"{len(ids)} prompt + {params.max_tokens} new tokens exceed the context of "
+                               f"{self.max_model_len} tokens: lower max_tokens")
         if self.kv.blocks_for(len(ids) + params.max_tokens) > self.kv.num_blocks:
             raise RequestError(f"{len(ids)} prompt + {params.max_tokens} new tokens do not fit the KV cache")
         if adapter is not None and adapter != self.model_name:
