@@ -78,6 +78,23 @@ def test_load_test_passes_with_zero_errors_and_an_idle_engine_after(model_dir):
     assert result["requests"] == 24 and result["p50_ms"] <= result["p99_ms"]
 
 
+def test_soak_gets_no_5xx_every_hostile_kind_a_4xx_and_the_engine_back_to_idle(model_dir):
+    from loraforge.bench.serve_soak import KINDS
+
+    torch.manual_seed(0)
+    result = bench_serve(settings(model_dir, soak=True, load_requests=120, load_concurrency=8, load_adapters=3,
+                                  load_max_tokens=4))
+    assert result["passed"] and result["server_errors_5xx"] == 0 and result["engine_idle_after"]
+    assert result["kv_free_after"] == result["kv_free_before"] == result["kv_blocks"]
+    by_kind = result["by_kind"]
+    assert set(KINDS) - {"reload"} <= set(by_kind) and {"unload", "load"} <= set(by_kind)
+    for kind in ("oversized", "nested", "bad_utf8", "huge_max_tokens", "negative_max_tokens", "traversal",
+                 "wrong_type"):
+        assert set(by_kind[kind]) <= {"400", "413", "422"}, (kind, by_kind[kind])
+    assert by_kind["valid"] == {"200": sum(by_kind["valid"].values())}
+    assert result["client_errors_4xx"] >= sum(sum(by_kind[k].values()) for k in ("oversized", "nested", "bad_utf8"))
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(distributions="zipf"), "uniform and power"),
     (dict(adapters="0"), "positive"),

@@ -20,7 +20,8 @@ the level before the system ran. `--load` is the load test instead: the HTTP ser
 `load_requests` requests at `load_concurrency` over `load_adapters` adapters through
 /v1/completions, after one unmeasured pass of the same requests (warm-up); it passes with zero
 errors, the engine back to idle (no request running, every KV block and adapter slot free) and
-resident memory back within 5% of its level after the warm-up. The table is printed; `--report
+resident memory back within 5% of its level after the warm-up. `--soak` mixes the same load with
+dropped streams, hostile bodies and adapter reloads (serve_soak.py): 0 5xx, 4xx counted by kind. The table is printed; `--report
 PATH` appends it, with its figure, to that Markdown file.
 """
 
@@ -68,6 +69,8 @@ class ServeBench:
     load_concurrency: int = opt(32, "load test: requests in flight")
     load_adapters: int = opt(32, "load test: adapters served")
     load_max_tokens: int = opt(8, "load test: tokens per request")
+    soak: bool = opt(False, "run the hostile soak instead: the load test's requests mixed with disconnects, "
+                            "bad bodies and adapter reloads (0 5xx, engine and memory back to idle)")
 
     def counts(self) -> list[int]:
         try:
@@ -358,28 +361,61 @@ def write_section(bench: ServeBench, rows: list[dict[str, Any]], command: str, p
 
 
 # ---- the load test ------------------------------------------------------------------------------
-def load_test(bench: ServeBench, base: Any, tokenizer: Any, folder: Path) -> dict[str, Any]:
-    """The HTTP server on loopback under `load_requests` requests at `load_concurrency`."""
-    import httpx
+def start_server(app: Any) -> tuple[Any, threading.Thread, str]:
+    """uvicorn serving `app` on a free loopback port in a thread: (server, thread, base URL)."""
     import uvicorn
 
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # loopback only, a free port
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def load_engine(bench: ServeBench, base: Any, tokenizer: Any, folder: Path) -> tuple[Any, list[str]]:
+    """The load test's engine over `load_adapters` generated adapters, and their names."""
     from loraforge.serve import Engine
-    from loraforge.serve.server import create_app
 
     names = make_adapters(bench.model, bench.load_adapters, [int(r) for r in bench.ranks.split(",")], folder,
                           bench.seed)
     engine = Engine(base, tokenizer, adapters_dir=str(folder), max_loaded=min(len(names), bench.load_concurrency),
                     max_rank=max(int(r) for r in bench.ranks.split(",")), max_batch=bench.load_concurrency,
-                    max_kv_tokens=bench.load_concurrency * (bench.prompt_max + bench.load_max_tokens + 32),
+                    max_kv_tokens=bench.load_concurrency * (bench.prompt_max + 4 * bench.load_max_tokens + 32),
                     model_name=bench.model)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # loopback only, a free port
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    return engine, names
+
+
+def soak_test(bench: ServeBench, base: Any, tokenizer: Any, folder: Path) -> dict[str, Any]:
+    """The server under `load_requests` hostile and valid requests at `load_concurrency` (serve_soak.py)."""
+    from loraforge.bench.serve_soak import BODY_LIMIT, SWAP, soak, soak_plan
+    from loraforge.serve.server import create_app
+
+    engine, names = load_engine(bench, base, tokenizer, folder)
+    engine.pool.register(SWAP, names[0])
+    prompts = [tokenizer.decode(w.prompt) for w in workload(
+        dataclasses.replace(bench, requests=64, prompt_max=min(bench.prompt_max, 64)), None, "uniform",
+        base.config.vocab_size)]
+    plan = soak_plan(bench.load_requests, names, prompts, bench.load_max_tokens, bench.seed)
+    map_large_blocks()  # freed tensors leave RSS at once: what stays after the soak is memory in use
+    server, thread, url = start_server(create_app(engine, max_body_bytes=BODY_LIMIT))
+    try:
+        return soak(engine, url, plan, bench.load_concurrency, names[0], MEMORY_SLACK)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def load_test(bench: ServeBench, base: Any, tokenizer: Any, folder: Path) -> dict[str, Any]:
+    """The HTTP server on loopback under `load_requests` requests at `load_concurrency`."""
+    import httpx
+
+    from loraforge.serve.server import create_app
+
+    engine, names = load_engine(bench, base, tokenizer, folder)
+    server, thread, url = start_server(create_app(engine))
     work = workload(dataclasses.replace(bench, requests=bench.load_requests, max_tokens=bench.load_max_tokens,
                                         prompt_max=min(bench.prompt_max, 64)), names, "uniform", base.config.vocab_size)
 
@@ -443,6 +479,16 @@ def bench_serve(bench: ServeBench, command: str = "", report: Path | None = None
     bench.check()
     base, tokenizer = load_model(bench.model, task="causal-lm")
     folder = Path(bench.out) / f"adapters-{Path(bench.model).name}"
+    if bench.soak:
+        result = soak_test(bench, base, tokenizer, folder)
+        if report:
+            append_section(report, f"bench serve --soak: {bench.model}", command,
+                           f"```json\n{json.dumps(result, indent=2)}\n```")
+        if not result["passed"]:
+            raise LoraforgeError(f"soak failed: {result['server_errors_5xx']} 5xx/transport errors, engine idle "
+                                 f"after: {result['engine_idle_after']}, RSS {result['idle_rss_mb']} -> "
+                                 f"{result['after_rss_mb']} MB (first failures: {result['first_failures']})")
+        return result
     if bench.load:
         result = load_test(bench, base, tokenizer, folder)
         if report:
