@@ -16,7 +16,8 @@ once per optimizer step, never per micro-batch:
 
 The weights' squared norm is read in the same device-to-host copy as the gradient norm, which the
 loop reads anyway, so a step with the check on waits for the device no more often than without.
-The check runs before the step's checkpoint is written, so the checkpoint on disk holds weights
+Not run under FSDP or ZeRO (`--fsdp`, `--zero-stage`): their parameters are shards. The check runs
+before the step's checkpoint is written, so the checkpoint on disk holds weights
 that passed it (the loss of a step's update shows one step later).
 """
 
@@ -40,7 +41,11 @@ class HealthCheck:
 
     def __init__(self, config: TrainConfig, params: Sequence[nn.Parameter], runtime, checkpoint: Path):
         self.config, self.params, self.runtime, self.checkpoint = config, list(params), runtime, checkpoint
-        self.on = config.health_check and bool(self.params)
+        # Sharded engines (FSDP2, ZeRO) hold parameters as shards or empty placeholders whose norms do
+        # not read as the weights' own: the check is not run there yet.
+        sharded = config.fsdp or config.zero_stage or any(hasattr(p, "ds_id") or hasattr(p, "to_local")
+                                                          for p in self.params)  # also under `accelerate launch`
+        self.on = config.health_check and bool(self.params) and not sharded
         self.first_loss: float | None = None
         self.quiet_steps = 0
         if self.on:
