@@ -1,0 +1,77 @@
+"""Synthetic task inputs from a handful of seeds (Trans-LoRA, arXiv 2405.17258, section 3: the data
+synthesiser), by plain few-shot completion: every model that generates text can do it, base models
+without a chat template included, and nothing depends on the model's tokenizer but its own prompt.
+
+Each prompt lists the seeds' inputs in a shuffled order, then opens one more item:
+
+    Inputs of one task, one per item.
+
+    Input: <seed input>
+    Input: <seed input>
+    Input:
+
+The candidate is the continuation up to the next "Input:" line, cut at the real inputs' line count.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+HEADER = "Inputs of one task, one per item.\n\n"
+ITEM = "Input:"
+
+
+def few_shot_prompt(inputs: list[str]) -> str:
+    return HEADER + "".join(f"{ITEM} {text}\n" for text in inputs) + ITEM
+
+
+def cut_candidate(continuation: str, max_lines: int) -> str:
+    """The new input in a continuation: up to the next item, at most `max_lines` lines, stripped."""
+    text = continuation.split("\n" + ITEM)[0]
+    return "\n".join(text.strip().split("\n")[:max_lines]).strip()
+
+
+def token_budget(tokenizer: Any, texts: list[str]) -> int:
+    """New tokens to allow a candidate: twice the longest seed in this tokenizer's tokens, plus 8 (a
+    candidate may be longer than every seed, but not ramble on)."""
+    return 2 * max(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts) + 8
+
+
+@torch.no_grad()
+def complete(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int, temperature: float,
+             seed: int, batch_size: int = 16, progress: bool = True) -> list[str]:
+    """Raw continuations of `prompts` (no chat template), sampled at `temperature` (0: greedy) from a
+    generator seeded by `seed`, in batches, left-padded."""
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"  # generation appends on the right
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {"do_sample": False}
+    outputs: list[str] = []
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="synthesise", unit="batch"):
+            # add_special_tokens: the model's own bos where it wants one (Gemma needs it, SmolLM2 has none).
+            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, **sampling)
+            outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return outputs
+
+
+def synthesize_inputs(model: nn.Module, tokenizer: Any, seeds: list[str], n: int, max_lines: int,
+                      temperature: float = 1.0, seed: int = 0, shots: int = 8, progress: bool = True) -> list[str]:
+    """`n` candidate inputs (some may be empty or repeat: the filter and the caller see all of them)."""
+    rng = random.Random(seed)
+    prompts = [few_shot_prompt(rng.sample(seeds, min(shots, len(seeds)))) for _ in range(n)]
+    continuations = complete(model, tokenizer, prompts, token_budget(tokenizer, seeds), temperature, seed,
+                             progress=progress)
+    return [cut_candidate(c, max_lines) for c in continuations]
