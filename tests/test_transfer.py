@@ -229,3 +229,19 @@ def test_prepare_refuses_multi_turn_data(setup, tmp_path, capsys):
                  str(setup["root"] / "source_run" / "adapter"), "--data", str(data), "--out", str(tmp_path / "kit")])
     assert code == 2 and f"{data}:1: turns user/assistant/user/assistant" in capsys.readouterr().err
     assert not (tmp_path / "kit").exists()
+
+
+def test_bench_transfer_reports_every_system(setup, tmp_path):
+    from loraforge.transfer.bench import SYSTEMS, TransferBench, bench_transfer, table
+
+    rows = [json.loads(line) for line in setup["real"].read_text().splitlines()]
+    settings = TransferBench(source_model=setup["source"], target_model=setup["target"], n_train=30, n_test=10,
+                             steps=5, targets="all-linear", samples=16, disc_steps=5, json=str(tmp_path / "r.json"))
+    result = bench_transfer(settings, {"offset": (rows[:30], rows[30:])})
+    assert json.loads((tmp_path / "r.json").read_text()) == result
+    (task,) = result["tasks"]
+    assert task["task"] == "offset" and set(task["scores"]) == set(SYSTEMS)
+    assert all(0 <= score <= 1 for score in task["scores"].values())
+    assert task["generated"] == 16 and task["accepted"]["target + Trans-LoRA, no filter"] >= task["accepted"][
+        "target + Trans-LoRA"]
+    assert table(result).count("\n") == len(SYSTEMS) + 3

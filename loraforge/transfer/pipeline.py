@@ -80,6 +80,7 @@ class TransferConfig:
     steps: int = opt(200, "target training steps")
     rank: int = opt(8, "target adapter rank")
     alpha: float = opt(16.0, "target adapter alpha")
+    targets: str = opt("all-linear", "the target adapter's modules: all-linear, comma-separated names, or a regex")
     lr: float = opt(1e-3, "target learning rate")
     batch_size: int = opt(8, "target rows per step")
     temperature: float = opt(1.0, "sampling temperature of the candidates")
@@ -196,8 +197,8 @@ def transfer(config: TransferConfig, progress: bool = True) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     train_config = TrainConfig(model=config.target_model, method=config.target_method, rank=config.rank,
-                               alpha=config.alpha, steps=config.steps, lr=config.lr, batch_size=config.batch_size,
-                               seed=config.seed)
+                               alpha=config.alpha, targets=config.targets, steps=config.steps, lr=config.lr,
+                               batch_size=config.batch_size, seed=config.seed)
     with atomic_dir(config.out) as tmp:
         train_config.out = str(tmp)
         data = from_records([{"messages": row["messages"]} for row in rows], tokenizer)
