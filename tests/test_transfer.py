@@ -232,15 +232,15 @@ def test_prepare_refuses_multi_turn_data(setup, tmp_path, capsys):
 
 
 def test_bench_transfer_reports_every_system(setup, tmp_path):
-    from loraforge.transfer.bench import SYSTEMS, TransferBench, bench_transfer, table
+    from loraforge.transfer.bench import SYSTEMS, BenchTask, TransferBench, bench_transfer, table
 
     rows = [json.loads(line) for line in setup["real"].read_text().splitlines()]
     settings = TransferBench(source_model=setup["source"], target_model=setup["target"], n_train=30, n_test=10,
                              steps=5, targets="all-linear", samples=16, disc_steps=5, json=str(tmp_path / "r.json"))
-    result = bench_transfer(settings, {"offset": (rows[:30], rows[30:])})
+    result = bench_transfer(settings, [BenchTask("offset", rows[:30], rows[30:])])
     assert json.loads((tmp_path / "r.json").read_text()) == result
     (task,) = result["tasks"]
-    assert task["task"] == "offset" and set(task["scores"]) == set(SYSTEMS)
+    assert task["task"] == "offset" and task["metric"] == "exact_match" and set(task["scores"]) == set(SYSTEMS)
     assert all(0 <= score <= 1 for score in task["scores"].values())
     assert task["generated"] == 16 and task["accepted"]["target + Trans-LoRA, no filter"] >= task["accepted"][
         "target + Trans-LoRA"]

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from loraforge.core.rng import seeded
+
 HEADER = "Inputs of one task, one per item.\n\n"
 ITEM = "Input:"
 
@@ -51,16 +53,16 @@ def complete(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_token
     model.eval()
     tokenizer.padding_side = "left"  # generation appends on the right
     device = next(model.parameters()).device
-    torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {"do_sample": False}
     outputs: list[str] = []
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="synthesise", unit="batch"):
-            # add_special_tokens: the model's own bos where it wants one (Gemma needs it, SmolLM2 has none).
-            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, **sampling)
-            outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        with seeded(seed):  # the draws come from `seed`; the caller's random streams are left where they were
+            for start in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="synthesise", unit="batch"):
+                # add_special_tokens: the model's own bos where it wants one (Gemma needs it, SmolLM2 has none).
+                enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_id=tokenizer.eos_token_id, **sampling)
+                outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
