@@ -232,7 +232,7 @@ def test_prepare_refuses_multi_turn_data(setup, tmp_path, capsys):
 
 
 def test_bench_transfer_reports_every_system(setup, tmp_path):
-    from loraforge.transfer.bench import SYSTEMS, BenchTask, TransferBench, bench_transfer, table
+    from loraforge.transfer.bench import SYSTEMS, BenchTask, TransferBench, bench_transfer, plot, table
 
     rows = [json.loads(line) for line in setup["real"].read_text().splitlines()]
     settings = TransferBench(source_model=setup["source"], target_model=setup["target"], n_train=30, n_test=10,
@@ -245,3 +245,5 @@ def test_bench_transfer_reports_every_system(setup, tmp_path):
     assert task["generated"] == 16 and task["accepted"]["target + Trans-LoRA, no filter"] >= task["accepted"][
         "target + Trans-LoRA"]
     assert table(result).count("\n") == len(SYSTEMS) + 3
+    plot(result, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -170,3 +170,27 @@ def table(result: dict[str, Any]) -> str:
     for key in ("acceptance_rate", "discriminator_accuracy"):
         lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(f"{task[key]:.3f}" for task in result["tasks"]) + " |")
     return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str | Path) -> None:
+    """Bars of every system's headline score, one group per task; the lossless bar dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = result["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        values = [task["scores"][system] for system in SYSTEMS]
+        ax.barh(range(len(SYSTEMS)), values, color=["0.6", "0.4", "0.2", "tab:blue", "tab:cyan"])
+        ax.axvline(max(task["scores"]["source + adapter"], task["scores"]["target base"]) - 0.05, color="k",
+                   linestyle="--", label="max(source + adapter, target base) - 0.05")
+        ax.set(yticks=range(len(SYSTEMS)), yticklabels=SYSTEMS, xlim=(0, 1), xlabel=task["metric"],
+               title=f"{task['task']}: acceptance {task['acceptance_rate']:.2f}, "
+                     f"discriminator {task['discriminator_accuracy']:.2f}")
+        ax.invert_yaxis()
+        ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
