@@ -24,7 +24,7 @@ from loraforge.adapters.inject import detach
 from loraforge.adapters.io import load_adapter, load_pretrained
 from loraforge.core.config import read_adapter_config
 from loraforge.core.configs import opt
-from loraforge.core.errors import LoraforgeError
+from loraforge.core.errors import LoraforgeError, ModelNotFoundError
 from loraforge.core.files import atomic_dir
 from loraforge.core.models import load_model
 from loraforge.core.registry import get_method
@@ -118,7 +118,8 @@ def prepare(config: PrepareConfig, progress: bool = True) -> Kit:
     candidates = synthesize_inputs(source, tokenizer, [user for user, _ in seeds], len(real), input_lines,
                                    config.temperature, config.seed, progress=progress)
     del source
-    synthetic = [c for c in dict.fromkeys(candidates) if c and c not in set(real)]  # a copy of a real input is real
+    real_inputs = set(real)
+    synthetic = [c for c in dict.fromkeys(candidates) if c and c not in real_inputs]  # a copy of a real input is real
     train_rows, held_out = split(real, synthetic, config.seed)
 
     model, clf_tokenizer = load_model(config.model, task="classification", num_labels=2)
@@ -139,7 +140,9 @@ def _load_target(name: str) -> tuple[Any, Any]:
     """The target base, refused up front when it cannot generate text for the trainer to learn from."""
     try:
         model, tokenizer = load_model(name, task="causal-lm")
-    except LoraforgeError as e:
+    except ModelNotFoundError:
+        raise
+    except LoraforgeError as e:  # an encoder, say: no language-model head
         raise LoraforgeError(f"--target-model {name} cannot generate text: {e}") from None
     try:
         render_chat([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], tokenizer)
