@@ -105,6 +105,20 @@ def _generate(values: dict[str, Any], command: str, report: Path | None) -> obje
     return result
 
 
+def _vision(values: dict[str, Any], command: str, report: Path | None) -> object:
+    from loraforge.bench import append_section
+    from loraforge.vision.bench import VisionBench, bench_vision, summary_table
+
+    bench = _build(VisionBench, values)
+    result = bench_vision(bench)
+    table = summary_table(result)
+    if report:
+        append_section(report, f"bench vision{' --quick' if bench.quick else ''}: CLIP few-shot and DataDream on the "
+                               "testbed", command, table)
+    print(table)
+    return result
+
+
 def _class(module: str, name: str) -> type:
     return getattr(importlib.import_module(module), name)
 
@@ -132,6 +146,8 @@ BENCHES: dict[str, Bench] = {
                      "loraforge.bench.serve", "ServeBench", "bench_serve"),
     "generate": Bench("adapters for held-out tasks: zoo neighbours, generators, ABMLL, multi-task LoRA, few-shot",
                       lambda: (_class("loraforge.generate.bench", "GenerateBench"),), _generate),
+    "vision": Bench("CLIP few-shot (LoRA, Block-LoRA, Comp-LoRA, GLAD) and DataDream on the vision testbed",
+                    lambda: (_class("loraforge.vision.bench", "VisionBench"),), _vision),
 }
 
 
