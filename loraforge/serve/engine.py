@@ -39,6 +39,9 @@ from loraforge.serve.pool import AdapterPool, LoRABatch
 
 SERVED_MODEL_TYPES = ("llama",)
 LORA_KERNELS = ("auto", "segment", "padded")  # AdapterPool.add_delta's layouts
+QKV, GATE_UP = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")
+SHARED_INPUT = (QKV, GATE_UP)  # projections of one Llama layer that read the same input
+SINGLE = (("self_attn.o_proj",), ("mlp.down_proj",))
 
 
 class RequestError(LoraforgeError):
@@ -107,9 +110,13 @@ class Engine:
         self.layer_modules = [{n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
                               for layer in model.model.layers]
         modules = {f"model.layers.{i}.{n}": m for i, mods in enumerate(self.layer_modules) for n, m in mods.items()}
+        # the projections that read one input, each group's x Aᵀ one matmul (AdapterPool.add_deltas)
+        self.paths = [{group: tuple(f"model.layers.{i}.{n}" for n in group) for group in SHARED_INPUT + SINGLE}
+                      for i in range(len(self.layer_modules))]
         self.pool = AdapterPool(modules, adapters_dir, max_loaded, max_rank, base_name=model_name,
                                 blocks={f"model.layers.{i}.mlp": layer.mlp for i, layer in enumerate(model.model.layers)},
-                                tables={"model.embed_tokens": model.model.embed_tokens, "lm_head": model.lm_head})
+                                tables={"model.embed_tokens": model.model.embed_tokens, "lm_head": model.lm_head},
+                                groups=[paths[g] for paths in self.paths for g in SHARED_INPUT])
         self.kv = BlockPool(cfg.num_hidden_layers, cfg.num_key_value_heads, self.head_dim,
                             -(-max_kv_tokens // block_size), block_size, w.dtype, w.device)
         eos = {tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)}
@@ -277,18 +284,16 @@ class Engine:
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)  # (T, H)
-            q = self._linear(i, "self_attn.q_proj", h, lora).view(len(ids), -1, self.head_dim)  # (T, nh, hd)
-            k = self._linear(i, "self_attn.k_proj", h, lora).view(len(ids), -1, self.head_dim)  # (T, nkv, hd)
-            v = self._linear(i, "self_attn.v_proj", h, lora).view(len(ids), -1, self.head_dim)  # (T, nkv, hd)
+            q, k, v = (y.view(len(ids), -1, self.head_dim) for y in self._linear(i, QKV, h, lora))  # (T, nh | nkv, hd)
             q, k = apply_rotary_pos_emb(q, k, cos[0], sin[0], unsqueeze_dim=1)
             self.kv.write(i, write_slots, k, v)
             out = torch.empty_like(q)  # (T, nh, hd)
             for group in groups:
                 self._attend(i, attn.scaling, q, out, *group)
-            x = x + self._linear(i, "self_attn.o_proj", out.flatten(1), lora)  # (T, H)
+            x = x + self._linear(i, SINGLE[0], out.flatten(1), lora)[0]  # (T, H)
             h = layer.post_attention_layernorm(x)
-            gate = layer.mlp.act_fn(self._linear(i, "mlp.gate_proj", h, lora)) * self._linear(i, "mlp.up_proj", h, lora)
-            ffn = self._linear(i, "mlp.down_proj", gate, lora)  # (T, H)
+            gate, up = self._linear(i, GATE_UP, h, lora)
+            ffn = self._linear(i, SINGLE[1], layer.mlp.act_fn(gate) * up, lora)[0]  # (T, H)
             own = self.pool.block[f"model.layers.{i}.mlp"]  # slot -> an adapter's own FFN (MixLoRA)
             for slot, start, end in lora.segments:
                 if slot in own:
@@ -302,10 +307,12 @@ class Engine:
                 logits[b, ids] = h[b] @ rows.T  # (k,): its own logits of the ids it changed
         return logits
 
-    def _linear(self, layer: int, name: str, x: torch.Tensor, lora: LoRABatch) -> torch.Tensor:
-        y = self.layer_modules[layer][name](x)  # the shared base matmul, all T tokens at once
-        self.pool.add_delta(f"model.layers.{layer}.{name}", x, y, lora, kernel=self.lora_kernel)
-        return y
+    def _linear(self, layer: int, names: tuple[str, ...], x: torch.Tensor, lora: LoRABatch) -> tuple[torch.Tensor, ...]:
+        """The projections `names` of one layer on the same input x: base matmuls (all T tokens at once), then
+        each token's own adapter."""
+        ys = tuple(self.layer_modules[layer][name](x) for name in names)
+        self.pool.add_deltas(self.paths[layer][names], x, ys, lora, kernel=self.lora_kernel)
+        return ys
 
     def _attend(self, layer: int, scale: float, q: torch.Tensor, out: torch.Tensor, q_index: torch.Tensor,
                 q_valid: torch.Tensor, tables: torch.Tensor, mask: torch.Tensor) -> None:

@@ -89,7 +89,7 @@ class LoRABatch:
 class AdapterPool:
     def __init__(self, modules: dict[str, nn.Linear], adapters_dir: str | Path | None = None, max_loaded: int = 8,
                  max_rank: int = 16, base_name: str = "the base model", blocks: dict[str, nn.Module] | None = None,
-                 tables: dict[str, nn.Module] | None = None):
+                 tables: dict[str, nn.Module] | None = None, groups: list[tuple[str, ...]] | None = None):
         if max_loaded < 1:
             raise AdapterError(f"max_loaded must be at least 1, got {max_loaded}")
         self.modules, self.max_loaded, self.max_rank, self.base_name = modules, max_loaded, max_rank, base_name
@@ -107,7 +107,19 @@ class AdapterPool:
         self._lock = threading.RLock()
         w = next(iter(modules.values())).weight
         slots = max_loaded + 1
-        self.A = {n: w.new_zeros(slots, max_rank, m.in_features) for n, m in modules.items()}
+        # modules that read one input share one buffer of A rows, (slots, max_rank * G, d_in), rank-major:
+        # row k G + i is rank k of module i, so the first r G rows of a slot are ranks < r of all G
+        # modules, and one matmul over that prefix gives all their x Aᵀ
+        grouped = [tuple(g) for g in groups or []]
+        if sorted(m for g in grouped for m in g) != sorted({m for g in grouped for m in g}) or \
+                not {m for g in grouped for m in g} <= set(modules):
+            raise AdapterError("each module goes in at most one group, and groups name the pool's modules")
+        self.groups = grouped + [(n,) for n in modules if not any(n in g for g in grouped)]
+        if any(len({modules[m].in_features for m in g}) > 1 for g in self.groups):
+            raise AdapterError("the modules of a group must share their input width")
+        self.A_group = {g: w.new_zeros(slots, max_rank * len(g), modules[g[0]].in_features) for g in self.groups}
+        self.A = {m: self.A_group[g].view(slots, max_rank, len(g), -1)[:, :, i]  # (slots, max_rank, d_in), a view
+                  for g in self.groups for i, m in enumerate(g)}
         self.Bt = {n: w.new_zeros(slots, max_rank, m.out_features) for n, m in modules.items()}  # s·Bᵀ
         self.rank = {n: [0] * slots for n in modules}
         self.gain = {n: w.new_ones(slots, m.out_features) for n, m in modules.items()}  # DoRA's m / n; 1 for others
@@ -295,30 +307,83 @@ class AdapterPool:
         temporary: in prefill that traffic cost more than the low-rank matmuls). x: (T, d_in), y: (T, d_out).
         kernel: auto | segment | padded. Then dense updates, and DoRA's gain last: y_t = g ⊙ (W0 x_t + s B A x_t)
         (+ bias, which the gain leaves alone)."""
-        if any(self.rank[module][slot] for slot, _, _ in batch.segments):
-            self._add_low_rank(module, x, y, batch, kernel)
-        dense = self.dense[module]
+        self.add_deltas((module,), x, (y,), batch, kernel)
+
+    def add_deltas(self, modules: tuple[str, ...], x: torch.Tensor, ys: tuple[torch.Tensor, ...], batch: LoRABatch,
+                   kernel: str = "auto") -> None:
+        """`add_delta` for modules that read the same x (q, k, v; gate, up): when they are one group of
+        the pool, x Aᵀ of all of them is one matmul per segment (one batched matmul when padded)."""
+        padded = kernel == "padded" or (kernel == "auto" and batch.prefers_padded())
+        if len(modules) > 1 and modules in self.A_group:
+            (self._fused_padded if padded else self._fused_segments)(modules, x, ys, batch)
+        else:
+            for module, y in zip(modules, ys):
+                if any(self.rank[module][slot] for slot, _, _ in batch.segments):
+                    self._add_low_rank(module, x, y, batch, padded)
+        for module, y in zip(modules, ys):
+            self._add_dense_and_gain(module, x, y, batch, padded)
+
+    def _add_dense_and_gain(self, module: str, x: torch.Tensor, y: torch.Tensor, batch: LoRABatch, padded: bool) -> None:
+        dense, gained = self.dense[module], self.gained[module]
         for slot, start, end in batch.segments:
             if slot in dense:
                 y[start:end].addmm_(x[start:end], dense[slot].T)  # (n, d_in) @ (d_in, d_out)
-        if any(self.gained[module][slot] for slot, _, _ in batch.segments):
-            bias = self.modules[module].bias
-            if bias is not None:
-                y.sub_(bias)
-            y.mul_(self.gain[module][batch.token_slots])  # (T, d_out): each token its adapter's gain
-            if bias is not None:
-                y.add_(bias)
+        if not any(gained[slot] for slot, _, _ in batch.segments):
+            return
+        bias = self.modules[module].bias
+        if bias is not None:
+            y.sub_(bias)
+        if padded:  # many short segments: one gather of each token's gain (T, d_out)
+            y.mul_(self.gain[module][batch.token_slots])
+        else:  # long segments: each DoRA segment scaled in place, the others untouched
+            for slot, start, end in batch.segments:
+                if gained[slot]:
+                    y[start:end].mul_(self.gain[module][slot])
+        if bias is not None:
+            y.add_(bias)
 
-    def _add_low_rank(self, module: str, x: torch.Tensor, y: torch.Tensor, batch: LoRABatch, kernel: str) -> None:
+    def _fused_segments(self, modules: tuple[str, ...], x: torch.Tensor, ys: tuple[torch.Tensor, ...],
+                        batch: LoRABatch) -> None:
+        A, n = self.A_group[modules], len(modules)
+        for slot, start, end in batch.segments:
+            ranks = [self.rank[m][slot] for m in modules]
+            r = max(ranks)
+            if not r:
+                continue
+            xa = x[start:end] @ A[slot, :r * n].T  # (T_s, d_in) @ (d_in, r G) -> (T_s, r G), column k G + i
+            for i, (module, y, r_i) in enumerate(zip(modules, ys, ranks)):
+                if r_i:
+                    y[start:end].addmm_(xa[:, i::n][:, :r_i], self.Bt[module][slot, :r_i])  # += (T_s, r_i) @ (r_i, d_out)
+
+    def _fused_padded(self, modules: tuple[str, ...], x: torch.Tensor, ys: tuple[torch.Tensor, ...],
+                      batch: LoRABatch) -> None:
+        lo, hi, n = batch.first_slot, batch.last_slot + 1, len(modules)
+        ranks = [max(self.rank[m][lo:hi]) for m in modules]  # the largest rank in use: padding past it is never read
+        r = max(ranks)
+        if not r:
+            return
+        padded, slot_rows = self._scatter(x, batch)
+        xa = torch.bmm(padded, self.A_group[modules][lo:hi, :r * n].transpose(1, 2))  # (S, L, d_in) @ (S, d_in, r G)
+        for i, (module, y, r_i) in enumerate(zip(modules, ys, ranks)):
+            if r_i:  # (S, L, r_i) @ (S, r_i, d_out), one row per token
+                y += torch.bmm(xa[:, :, i::n][:, :, :r_i], self.Bt[module][lo:hi, :r_i])[slot_rows, batch.offsets]
+
+    @staticmethod
+    def _scatter(x: torch.Tensor, batch: LoRABatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """x's rows in (slots in use, longest segment, d_in), zeros elsewhere, and each token's slot row."""
+        padded = x.new_zeros(batch.last_slot + 1 - batch.first_slot, batch.longest, x.shape[1])  # (S, L, d_in)
+        slot_rows = batch.token_slots - batch.first_slot
+        padded[slot_rows, batch.offsets] = x
+        return padded, slot_rows
+
+    def _add_low_rank(self, module: str, x: torch.Tensor, y: torch.Tensor, batch: LoRABatch, padded: bool) -> None:
         rank = self.rank[module]
         A, Bt = self.A[module], self.Bt[module]
-        if kernel == "padded" or (kernel == "auto" and batch.prefers_padded()):
+        if padded:
             lo, hi = batch.first_slot, batch.last_slot + 1
             r = max(rank[lo:hi])  # the largest rank in use, not max_rank: padding beyond it is never read
-            padded = x.new_zeros(hi - lo, batch.longest, x.shape[1])  # (S, L, d_in)
-            slot_rows = batch.token_slots - lo
-            padded[slot_rows, batch.offsets] = x
-            xa = torch.bmm(padded, A[lo:hi, :r].transpose(1, 2))  # (S, L, d_in) @ (S, d_in, r) -> (S, L, r)
+            rows, slot_rows = self._scatter(x, batch)
+            xa = torch.bmm(rows, A[lo:hi, :r].transpose(1, 2))  # (S, L, d_in) @ (S, d_in, r) -> (S, L, r)
             y += torch.bmm(xa, Bt[lo:hi, :r])[slot_rows, batch.offsets]  # (S, L, r) @ (S, r, d_out), one row per token
             return
         for slot, start, end in batch.segments:
