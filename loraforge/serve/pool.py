@@ -364,9 +364,11 @@ class AdapterPool:
             return
         padded, slot_rows = self._scatter(x, batch)
         xa = torch.bmm(padded, self.A_group[modules][lo:hi, :r * n].transpose(1, 2))  # (S, L, d_in) @ (S, d_in, r G)
-        for i, (module, y, r_i) in enumerate(zip(modules, ys, ranks)):
+        # (G, S, L, r): each module's columns contiguous (bmm on a strided operand was 4x slower)
+        xa = xa.view(*xa.shape[:2], r, n).permute(3, 0, 1, 2).contiguous()
+        for module, y, r_i, part in zip(modules, ys, ranks, xa):
             if r_i:  # (S, L, r_i) @ (S, r_i, d_out), one row per token
-                y += torch.bmm(xa[:, :, i::n][:, :, :r_i], self.Bt[module][lo:hi, :r_i])[slot_rows, batch.offsets]
+                y += torch.bmm(part[:, :, :r_i], self.Bt[module][lo:hi, :r_i])[slot_rows, batch.offsets]
 
     @staticmethod
     def _scatter(x: torch.Tensor, batch: LoRABatch) -> tuple[torch.Tensor, torch.Tensor]:
