@@ -12,7 +12,7 @@ from loraforge.core.plugins import SELECTORS, Component
 from loraforge.select import SearchData, gate_adapter
 from loraforge.select.colora import allocate_ranks, faig, integrated_gradients
 from loraforge.select.diffora import top_modules
-from loraforge.select.flexora import selected_layers
+from loraforge.select.flexora import search_steps, selected_layers
 from loraforge.testing import assert_same_outputs, tiny_llama, tiny_tokenizer
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import from_records
@@ -78,6 +78,21 @@ def test_gate_one_is_the_layer_and_gate_zero_the_base_with_no_adapter_gradient()
 def test_flexora_keeps_the_layers_whose_gate_rose():
     assert selected_layers([0.3, -0.1, 0.0, 0.2], [0, 1, 2, 3]) == [0, 3]
     assert selected_layers([-0.3, -0.1, -0.1, -0.2], [0, 1, 2, 3]) == [1]  # none rose: the top one, first on ties
+
+
+def test_flexora_searches_one_epoch_of_at_most_5000_rows_by_default(tmp_path):
+    # The reference (kithib/Flexora, flexora.yaml): max_samples 5000, one epoch, one gate step per LoRA step.
+    assert search_steps(60, 4, held_out=True) == 12  # 48 rows searched, 12 held out for the gates
+    assert search_steps(60, 4, held_out=False) == 15
+    assert search_steps(100_000, 32, held_out=True) == 157  # ceil(5000 / 32)
+    tok = tiny_tokenizer()
+    data = from_records([{"prompt": f"Q{i}: {i}+{i}?", "completion": f" {2 * i}"} for i in range(60)], tok, max_length=32)
+    config = TrainConfig.from_dict(dict(out=str(tmp_path / "run"), select="flexora", rank=4, alpha=8, steps=1, lr=1e-2,
+                                        batch_size=4, precision="fp32"))
+    result = train(config, model=tiny_llama(), tokenizer=tok, train_data=data, progress=False)
+    assert result.model.loraforge_config.provenance["selection"]["search_steps"] == 12
+    with pytest.raises(lf.LoraforgeError, match="--select-steps must be 0"):
+        SELECTORS.build(Component("flexora", {"select_steps": -1}))
 
 
 def test_flexora_finds_the_blocks_that_need_to_change():

@@ -19,7 +19,10 @@ Decisions, from the reference code (kithib/Flexora, `flora.py`), the paper's own
     its update), as the reference code does; the unrolled one is there for the paper's formulation,
     with eta = the adapter's learning rate (tested against finite differences);
     gate optimiser Adam at `--select-lr` (0.01), adapter AdamW at the run's `--lr`;
-  - one validation batch per gate step (the reference sums 8: pass a larger --batch-size for that);
+  - the search reads one epoch of at most 5,000 training rows (the reference's `max_samples: 5000`,
+    `num_train_epochs: 1`, one gate step per LoRA step): `--select-steps 0`, the default, is
+    ceil(min(5000, search rows) / batch size) steps; a positive value fixes the count;
+  - one validation batch per gate step (the reference sums 8 of one row: a batch of 8 or more covers it);
   - a_l > 0 selects (ties impossible: a strict threshold); if no gate rose, the highest one is kept;
   - the gate multiplies all the layer's adapter modules; it is applied to the layer's output update
     (`gate_adapter`), which for LoRA equals the reference's scaling of the adapter's input.
@@ -46,9 +49,27 @@ def selected_layers(logits: list[float], layer_ids: list[int]) -> list[int]:
     return kept or [layer_ids[max(range(len(logits)), key=lambda i: (logits[i], -i))]]
 
 
+SEARCH_ROWS = 5000  # the reference's max_samples: one epoch over at most this many training rows
+
+
+def search_steps(train_rows: int, batch_size: int, held_out: bool) -> int:
+    """The reference's search length: one pass over min(5000, rows searched) at `batch_size`; without
+    --eval-data, every fifth row is validation (`select.search_data`) and is not searched."""
+    rows = train_rows - train_rows // 5 if held_out else train_rows
+    return max(1, -(-min(SEARCH_ROWS, rows) // batch_size))
+
+
 class Flexora(Selector):
-    def __init__(self, select_steps: int = 20, select_lr: float = 0.01, lr: float = 2e-4, select_order: int = 1):
+    def __init__(self, select_steps: int = 0, select_lr: float = 0.01, lr: float = 2e-4, select_order: int = 1):
+        if select_steps < 0:
+            raise LoraforgeError(f"--select-steps must be 0 (one epoch of at most {SEARCH_ROWS} rows) or positive, got {select_steps}")
         self.steps, self.gate_lr, self.lr, self.order = select_steps, select_lr, lr, select_order
+        self.fixed_steps = select_steps
+
+    def attach_for_run(self, model: nn.Module, config: AdapterConfig, train_data, eval_data, *,
+                       batch_size: int, pad_id: int, task: str, seed: int) -> None:
+        self.steps = self.fixed_steps or search_steps(len(train_data), batch_size, held_out=eval_data is None)
+        super().attach_for_run(model, config, train_data, eval_data, batch_size=batch_size, pad_id=pad_id, task=task, seed=seed)
 
     def attach(self, model: nn.Module, config: AdapterConfig, search: SearchData | None) -> None:
         if search is None:
@@ -65,17 +86,18 @@ class Flexora(Selector):
             return lambda: len(layer_ids) * torch.softmax(logits, 0)[i]
 
         gates = {path: gate(i) for i, layer in enumerate(layer_ids) for path in by_block[layer]}
-        gated_search(model, search, gates, [logits], self.steps, self.lr, self.gate_lr, self.order)
+        steps = self.steps or len(search.train)
+        gated_search(model, search, gates, [logits], steps, self.lr, self.gate_lr, self.order)
         final = logits.detach().tolist()
         kept = selected_layers(final, layer_ids)
         detach(model)
         chosen = dataclasses.replace(
             config, target_modules=sorted(p for layer in kept for p in by_block[layer]),
-            provenance={**config.provenance, "selection": {"method": "flexora", "layers": kept,
+            provenance={**config.provenance, "selection": {"method": "flexora", "layers": kept, "search_steps": steps,
                                                            "gate_logits": dict(zip(map(str, layer_ids), final))}})
         attach(model, chosen)
 
 
 @register_selector("flexora")
-def build_flexora(select_steps: int = 20, select_lr: float = 0.01, lr: float = 2e-4, select_order: int = 1) -> Flexora:
+def build_flexora(select_steps: int = 0, select_lr: float = 0.01, lr: float = 2e-4, select_order: int = 1) -> Flexora:
     return Flexora(select_steps, select_lr, lr, select_order)
