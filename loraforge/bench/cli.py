@@ -119,6 +119,13 @@ def _vision(values: dict[str, Any], command: str, report: Path | None) -> object
     return result
 
 
+def _transfer(values: dict[str, Any], command: str, report: Path | None) -> object:
+    from loraforge.bench.transfer import TransferTasks, run
+    from loraforge.transfer.bench import TransferBench
+
+    return run(_build(TransferBench, values), _build(TransferTasks, values), command, report)
+
+
 def _class(module: str, name: str) -> type:
     return getattr(importlib.import_module(module), name)
 
@@ -148,6 +155,9 @@ BENCHES: dict[str, Bench] = {
                       lambda: (_class("loraforge.generate.bench", "GenerateBench"),), _generate),
     "vision": Bench("CLIP few-shot (LoRA, Block-LoRA, Comp-LoRA, GLAD) and DataDream on the vision testbed",
                     lambda: (_class("loraforge.vision.bench", "VisionBench"),), _vision),
+    "transfer": Bench("Trans-LoRA SmolLM2-135M -> Gemma-3-270M on offset k=9 and the demo's advisor (--quick: offset)",
+                      lambda: (_class("loraforge.transfer.bench", "TransferBench"),
+                               _class("loraforge.bench.transfer", "TransferTasks")), _transfer),
 }
 
 
