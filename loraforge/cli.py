@@ -21,11 +21,11 @@ from loraforge.core.errors import LoraforgeError
 TRAIN_HELP = ("Train an adapter. Every flag is a TrainConfig field. --config FILE reads the same keys from YAML "
               "(flags given with it win); --print-config writes the effective config as YAML and exits, and "
               "--config reads that file back to the same run.")
-COMMANDS = "demo | chat | train | eval | generate | merge | methods | analyze | fed | serve | convert | export | bench | zoo | generator | meta | testbed | fewshot | datadream | transfer"
+COMMANDS = "demo | chat | train | eval | generate | merge | methods | analyze | fed | serve | convert | export | bench | zoo | generator | meta | testbed | fewshot | datadream | transfer | hyper | easyref | sample"
 # Commands that live with their feature: each of these modules has add_parser(subparsers).
 FEATURE_COMMANDS = ("loraforge.analysis.cli", "loraforge.federated.cli", "loraforge.serve.cli", "loraforge.bench.cli",
                     "loraforge.generate.cli", "loraforge.export.cli", "loraforge.vision.cli", "loraforge.demo.chat",
-                    "loraforge.transfer.cli")
+                    "loraforge.transfer.cli", "loraforge.personalize.cli")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""Text-to-image personalisation: hypernetwork LoRA with HM-CFG, DECOR, EasyRef (issue 24)."""
