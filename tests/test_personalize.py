@@ -311,3 +311,33 @@ def test_subject_folders_and_prompts(models):
 
     again = read_subjects(models["subjects"], 16)
     assert [s.name for s in again] == [s.name for s in train] and torch.equal(again[0].images, train[0].images)
+
+
+# --- the benchmark -----------------------------------------------------------------------------------
+
+def test_bench_personalize_rows_json_and_report(models, tmp_path):
+    import shutil
+
+    from loraforge.personalize.bench import SYSTEMS
+
+    testbed = tmp_path / "tb"
+    shutil.copytree(models["diffusion"], testbed / "diffusion")
+    shutil.copytree(models["clip"], testbed / "clip")
+    report = tmp_path / "report.md"
+    assert main(["bench", "personalize", "--testbed", str(testbed), "--json", str(tmp_path / "p.json"),
+                 "--report", str(report), "--train-subjects", "3", "--heldout-subjects", "2",
+                 "--images-per-subject", "3", "--references", "2", "--hyper-steps", "1", "--easyref-steps", "1",
+                 "--lora-steps", "1", "--samples", "1", "--sample-steps", "1"]) == 0
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert [r["system"] for r in result["rows"]] == list(SYSTEMS) == [
+        "subject-lora", "hypernet", "hypernet-hm-cfg", "easyref", "embedding-mean", "group-lora", "subject-lora-decor"]
+    for row in result["rows"]:
+        assert set(row) == {"system", "subject_fidelity", "prompt_alignment", "leakage", "seconds"}
+        assert -1 <= row["subject_fidelity"] <= 1 and -1 <= row["prompt_alignment"] <= 1 and 0 <= row["leakage"] <= 1
+        assert row["seconds"] > 0
+    assert set(result["targets"]) == {"hypernet_under_1s", "hypernet_fidelity_ratio", "hm_cfg_raises_alignment",
+                                      "decor_lowers_leakage", "easyref_beats_mean"}
+    text = report.read_text()
+    assert "bench personalize" in text and "| hypernet-hm-cfg |" in text
+    assert len(list(tmp_path.glob("personalize-sheet-*.png"))) == 1 and len(list(tmp_path.glob("personalize-2*.png"))) == 1
+    assert main(["bench", "personalize", "--testbed", str(tmp_path / "none")]) == 2

@@ -126,6 +126,24 @@ def _transfer(values: dict[str, Any], command: str, report: Path | None) -> obje
     return run(_build(TransferBench, values), _build(TransferTasks, values), command, report)
 
 
+def _personalize(values: dict[str, Any], command: str, report: Path | None) -> object:
+    from loraforge.bench import append_section, figure_line, figure_name
+    from loraforge.personalize.bench import PersonalizeBench, bench_personalize, plot, summary_table
+
+    bench = _build(PersonalizeBench, values)
+    sheet = report.parent / figure_name("personalize-sheet", report.parent) if report else None
+    result = bench_personalize(bench, sheet)
+    table = summary_table(result)
+    if report:
+        body = (table + f"\nContact sheet (rows: {', '.join(result['sheet_rows'])}; subject prompt, then the colour "
+                f"prompt): ![]({sheet.name})\n" + figure_line(plot(result), "personalize", "Fidelity vs alignment",
+                                                                 report.parent))
+        append_section(report, f"bench personalize{' --quick' if bench.quick else ''}: held-out glyph subjects",
+                       command, body)
+    print(table)
+    return result
+
+
 def _class(module: str, name: str) -> type:
     return getattr(importlib.import_module(module), name)
 
@@ -158,6 +176,9 @@ BENCHES: dict[str, Bench] = {
     "transfer": Bench("Trans-LoRA SmolLM2-135M -> Gemma-3-270M on offset k=9 and the demo's advisor (--quick: offset)",
                       lambda: (_class("loraforge.transfer.bench", "TransferBench"),
                                _class("loraforge.bench.transfer", "TransferTasks")), _transfer),
+    "personalize": Bench("hypernetwork LoRA (+ HM-CFG), EasyRef, embedding mean, per-subject / per-group LoRA, DECOR "
+                         "on held-out glyph subjects", lambda: (_class("loraforge.personalize.bench", "PersonalizeBench"),),
+                         _personalize),
 }
 
 
