@@ -247,3 +247,20 @@ def test_bench_transfer_reports_every_system(setup, tmp_path):
     assert table(result).count("\n") == len(SYSTEMS) + 3
     plot(result, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_prepare_then_run(setup, tmp_path, capsys):
+    # `loraforge transfer prepare | run` end to end: the kit, then OUT from it, each command's summary on stdout.
+    adapter = str(setup["root"] / "source_run" / "adapter")
+    assert main(["transfer", "prepare", "--model", setup["source"], "--adapter", adapter, "--data", str(setup["real"]),
+                 "--seeds", "4", "--disc-steps", "10", "--out", str(tmp_path / "kit")]) == 0
+    made = json.loads(capsys.readouterr().out)
+    kit, seeds = read_kit(tmp_path / "kit")
+    assert len(seeds) == 4 and made["discriminator_accuracy"] == kit.discriminator_accuracy
+    assert main(["transfer", "run", "--kit", str(tmp_path / "kit"), "--target-model", setup["target"], "--out",
+                 str(tmp_path / "out"), "--samples", "16", "--steps", "5", "--threshold", "0.3"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary) == {"generated", "accepted", "acceptance_rate", "discriminator_accuracy", "seconds"}
+    assert summary["generated"] == 16 and summary == {k: json.loads((tmp_path / "out" / "report.json").read_text())[k]
+                                                      for k in summary}
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
