@@ -1,6 +1,7 @@
 """The bad-input matrix (issue 19, item 10): each case is a user mistake given to the `loraforge`
 command (serve's cases fail before a port is opened); each must end with a named error on one line, exit status 2, no traceback, and leave every
-file already saved as it was. The table in docs/reliability.md is written from CASES by this test."""
+file already saved as it was. API_CASES are requests to a running server's adapter-load endpoint: a 4xx
+that names the problem, nothing registered. The table in docs/reliability.md is written from CASES by this test."""
 
 import hashlib
 import json
@@ -67,6 +68,60 @@ CASES = [
      "--weights 0.2,0.2 --out {w}/agg", "weights sum to 0.4"),
     ("fed aggregate: a client folder missing", "fed aggregate --strategy fedavg --adapters {w}/adapter {w}/nowhere "
      "--out {w}/agg", "nowhere"),
+    ("merge: NaN in an adapter", "merge --model {w}/llama --adapter {w}/nan --out {w}/merged", "NaN or inf"),
+    ("serve: --max-lora-rank 0", "serve --model {w}/llama --adapters {w}/served --max-lora-rank 0 --port 1",
+     "--max-lora-rank"),
+    ("serve: --max-batch 0", "serve --model {w}/llama --adapters {w}/served --max-batch 0 --port 1", "--max-batch"),
+    ("serve: --max-kv-tokens 0", "serve --model {w}/llama --adapters {w}/served --max-kv-tokens 0 --port 1",
+     "--max-kv-tokens"),
+    ("serve: port out of range", "serve --model {w}/llama --adapters {w}/served --port 70000", "--port"),
+    ("serve: an adapter linking outside the adapters folder", "serve --model {w}/llama --adapters {w}/escaping "
+     "--port 1", "links outside the adapters folder"),
+    ("zoo build: unknown task family", "zoo build --family nope --values 1,2 --out {w}/zoo", "nope"),
+    ("zoo build: zero steps", "zoo build --family offset --values 1,2 --steps 0 --out {w}/zoo", "steps"),
+    ("zoo build: SST-2 missing for the labels family", "zoo build --family labels --values good/bad "
+     "--data {w}/nowhere --out {w}/zoo", "sst2/train.tsv"),
+    ("generator train: zoo folder missing", "generator train --kind icm-lora --zoo {w}/nowhere --out {w}/gen",
+     "index.json"),
+    ("generator sample: an adapter, not a generator", "generator sample --generator {w}/adapter --description x "
+     "--out {w}/sample", "not a generator"),
+    ("meta train: zoo folder missing", "meta train --zoo {w}/nowhere --out {w}/meta", "index.json"),
+    ("meta adapt: an adapter, not a prior", "meta adapt --meta {w}/adapter --examples {w}/good.jsonl --out {w}/m",
+     "not a meta-learnt prior"),
+    ("transfer prepare: data file missing", "transfer prepare --adapter {w}/adapter --model {w}/llama "
+     "--data {w}/missing.jsonl --out {w}/kit", "missing.jsonl"),
+    ("transfer prepare: adapter of another base", "transfer prepare --adapter {w}/gpt2-adapter --model {w}/llama "
+     "--data {w}/good.jsonl --seeds 1 --out {w}/kit", "matches no Linear layer"),
+    ("transfer run: an adapter, not a kit", "transfer run --kit {w}/adapter --out {w}/t", "kit.json"),
+    ("transfer run: threshold out of range", "transfer run --kit {w}/adapter --out {w}/t --threshold 1.5",
+     "--threshold"),
+    ("testbed build: negative minutes", "testbed build glyphs --out {w}/testbed --clip-minutes -1", "--clip-minutes"),
+    ("fewshot: CLIP folder missing", "fewshot --clip {w}/nowhere --shots 1", "not a CLIP folder"),
+    ("fewshot: a language model as the CLIP", "fewshot --clip {w}/llama --shots 1", "not a CLIP"),
+    ("fewshot: zero shots", "fewshot --clip {w}/nowhere --shots 0", "--shots"),
+    ("datadream: a language model as the CLIP", "datadream --diffusion {w}/nowhere --clip {w}/llama --out {w}/dd",
+     "not a CLIP"),
+    ("datadream: zero shots", "datadream --diffusion {w}/nowhere --clip {w}/llama --shots 0 --out {w}/dd", "--shots"),
+    ("export gguf: corrupt safetensors", "export --format gguf --adapter {w}/corrupt --model {w}/llama "
+     "--out {w}/x.gguf", "corrupt"),
+    ("export gguf: adapter of another base", "export --format gguf --adapter {w}/gpt2-adapter --model {w}/llama "
+     "--out {w}/x.gguf", "another base"),
+    ("export gguf: NaN in an adapter", "export --format gguf --adapter {w}/nan --model {w}/llama --out {w}/x.gguf",
+     "NaN or inf"),
+    ("convert: rank 0", "convert --to lora --rank 0 {w}/adapter --model {w}/llama --out {w}/conv", "--rank"),
+    ("convert: adapter of another base", "convert --to lora --rank 2 {w}/gpt2-adapter --model {w}/llama "
+     "--out {w}/conv", "matches no Linear layer"),
+    ("convert: NaN in an adapter", "convert --to lora --rank 2 {w}/nan --model {w}/llama --out {w}/conv",
+     "NaN or inf"),
+]
+
+# The server's load endpoint, in process (no port): (case, request body, a fragment the 4xx message must contain)
+API_CASES = [
+    ("serve API: load a path outside the adapters folder", {"lora_name": "x", "lora_path": "../adapter"},
+     "outside the adapters folder"),
+    ("serve API: an adapter name with a slash", {"lora_name": "a/b", "lora_path": "adapter"}, "bad adapter name"),
+    ("serve API: an absolute path elsewhere", {"lora_name": "x", "lora_path": "{w}/adapter"},
+     "outside the adapters folder"),
 ]
 
 
@@ -100,6 +155,10 @@ def workspace(tmp_path_factory) -> Path:
     first = sorted(tensors)[0]
     tensors[first] = torch.full_like(tensors[first], float("nan"))
     save_file(tensors, str(w / "nan" / "adapter_model.safetensors"))
+    (w / "served").mkdir()
+    shutil.copytree(w / "adapter", w / "served" / "adapter")
+    (w / "escaping").mkdir()
+    (w / "escaping" / "escape").symlink_to(w / "adapter", target_is_directory=True)
     return w
 
 
@@ -111,8 +170,15 @@ def snapshot(root: Path) -> dict[str, str]:
 OUTCOMES: dict[str, str] = {}
 
 
+@pytest.fixture
+def no_port(monkeypatch):
+    """A serve case that is not refused must fail here, not listen."""
+    uvicorn = pytest.importorskip("uvicorn")
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("serve was not refused: it would listen"))
+
+
 @pytest.mark.parametrize("case,argv,fragment", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_a_named_error(case, argv, fragment, workspace, capsys):
+def test_bad_input_is_a_named_error(case, argv, fragment, workspace, capsys, no_port):
     before = snapshot(workspace)
     try:
         code = main(argv.replace(W, str(workspace)).split())
@@ -127,16 +193,46 @@ def test_bad_input_is_a_named_error(case, argv, fragment, workspace, capsys):
     assert snapshot(workspace) == before  # nothing already saved changed (new outputs would appear here too)
 
 
+@pytest.fixture(scope="module")
+def served(workspace):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from loraforge.serve import Engine
+    from loraforge.serve.server import create_app
+
+    engine = Engine(tiny_llama(), tiny_tokenizer(), adapters_dir=workspace / "served", max_loaded=1, block_size=4,
+                    max_kv_tokens=256)
+    with TestClient(create_app(engine)) as client:
+        yield client, engine
+
+
+@pytest.mark.parametrize("case,body,fragment", API_CASES, ids=[c[0] for c in API_CASES])
+def test_bad_load_request_is_a_named_4xx(case, body, fragment, workspace, served):
+    client, engine = served
+    before = snapshot(workspace)
+    body = {k: v.replace(W, str(workspace)) for k, v in body.items()}
+    response = client.post("/v1/load_lora_adapter", json=body)
+    message = response.json()["error"]["message"]
+    OUTCOMES[case] = f"{response.status_code}: {message}".replace(str(workspace), "W")
+    assert 400 <= response.status_code < 500 and fragment in message, OUTCOMES[case]
+    assert engine.pool.names() == ["adapter"]  # nothing registered
+    assert snapshot(workspace) == before
+
+
 def test_the_table_in_docs_reliability_md():
-    assert len(CASES) >= 30 and len({c[0] for c in CASES}) == len(CASES)
-    missing = [c[0] for c in CASES if c[0] not in OUTCOMES]
+    assert len(CASES) >= 30 and len({c[0] for c in CASES + API_CASES}) == len(CASES) + len(API_CASES)
+    missing = [c[0] for c in CASES + API_CASES if c[0] not in OUTCOMES]
     if missing:
         pytest.skip(f"run the whole file to write the table ({len(missing)} cases not run)")
     rows = [f"| {case} | `loraforge {argv.replace(W, 'W')}` | {OUTCOMES[case].replace('|', '/')} |"
             for case, argv, _ in CASES]
-    text = ("# Bad input: what the command says\n\nWritten by `tests/test_bad_inputs.py` (do not edit): each case "
-            "exits with status 2 and one error line, no traceback, and leaves every file already saved "
-            "unchanged. W is the test's workspace.\n\n| case | command | error |\n|---|---|---|\n"
+    rows += [f"| {case} | `POST /v1/load_lora_adapter {json.dumps(body).replace(W, 'W')}` | "
+             f"{OUTCOMES[case].replace('|', '/')} |" for case, body, _ in API_CASES]
+    text = ("# Bad input: what the command says\n\nWritten by `tests/test_bad_inputs.py` (do not edit): each "
+            "command exits with status 2 and one error line, no traceback, and leaves every file already saved "
+            "unchanged; each request to a running server's load endpoint gets a 4xx with the message shown and "
+            "registers nothing. W is the test's workspace.\n\n| case | command | error |\n|---|---|---|\n"
             + "\n".join(rows) + "\n")
     if not DOC.is_file() or DOC.read_text() != text:
         DOC.write_text(text)

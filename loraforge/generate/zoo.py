@@ -152,16 +152,18 @@ def build_zoo(config: ZooConfig, progress: bool = True) -> Path:
     config.validate()
     tasks = [make_task(config.family, str(v)) for v in config.values]  # refuses a bad value before any work
     root = Path(config.out)
-    root.mkdir(parents=True, exist_ok=True)
     index = read_index(root) if (root / INDEX).is_file() else {"model": config.model, "tasks": []}
     if index["model"] != config.model:
         raise LoraforgeError(f"{root}: this zoo's base model is {index['model']!r}, not {config.model!r}")
-    atomic_write_text(root / "zoo_config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     done = {t["id"] for t in index["tasks"]}
     todo = [t for t in tasks if t.id not in done]
+    # bad data fails here, before anything is written and before any model loads
+    rows = [task.rows(config.n_train, config.n_test, config.data) for task in todo]
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / "zoo_config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     if not todo:
         return root
-    entries = [_write_data(root, task, config) for task in todo]  # bad data fails here, before any model loads
+    entries = [_write_data(root, task, *task_rows) for task, task_rows in zip(todo, rows)]
     model, tokenizer = load_model(config.model, task="causal-lm")
     for n, (task, entry) in enumerate(zip(todo, entries)):
         if progress:
@@ -184,8 +186,7 @@ def build_zoo(config: ZooConfig, progress: bool = True) -> Path:
     return root
 
 
-def _write_data(root: Path, task: Task, config: ZooConfig) -> ZooTask:
-    train_rows, test_rows = task.rows(config.n_train, config.n_test, config.data)
+def _write_data(root: Path, task: Task, train_rows: list[dict], test_rows: list[dict]) -> ZooTask:
     folder = root / task.id
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train_rows), ("test", test_rows)):

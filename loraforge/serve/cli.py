@@ -33,7 +33,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_serve)
 
 
+POSITIVE = ("max_loaded", "max_lora_rank", "max_batch", "max_kv_tokens", "max_body_bytes", "tensor_parallel_size", "top_k")
+
+
+def check_sizes(args: argparse.Namespace) -> None:
+    """Refuse a size the server cannot run with, before the model loads or a port opens."""
+    for name in POSITIVE:
+        if getattr(args, name) < 1:
+            raise LoraforgeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.port <= 65535:
+        raise LoraforgeError(f"--port must be 0-65535, got {args.port}")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    check_sizes(args)
     if not _is_loopback(args.host) and args.api_key is None:
         print(f"loraforge: warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)

@@ -95,6 +95,8 @@ class AdapterPool:
                  tables: dict[str, nn.Module] | None = None, groups: list[tuple[str, ...]] | None = None):
         if max_loaded < 1:
             raise AdapterError(f"max_loaded must be at least 1, got {max_loaded}")
+        if max_rank < 1:
+            raise AdapterError(f"max_rank must be at least 1, got {max_rank}")
         self.modules, self.max_loaded, self.max_rank, self.base_name = modules, max_loaded, max_rank, base_name
         self.blocks = blocks or {}  # paths the engine runs as one module (FFNs): an adapter may replace them whole
         self.block: dict[str, dict[int, nn.Module]] = {n: {} for n in self.blocks}  # slot -> the adapter's module
@@ -133,6 +135,9 @@ class AdapterPool:
                 raise AdapterError(f"adapters folder {adapters_dir} does not exist")
             for sub in sorted(self.adapters_dir.iterdir()):
                 if (sub / CONFIG_NAME).is_file() and NAME_RE.fullmatch(sub.name):
+                    # as the load endpoint: nothing served from outside the folder, a link included
+                    if not sub.resolve().is_relative_to(self.adapters_dir):
+                        raise AdapterError(f"adapter {sub.name!r} links outside the adapters folder {adapters_dir}")
                     self.known[sub.name] = sub
 
     # ---- names and the host store ---------------------------------------------------------------

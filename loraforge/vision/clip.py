@@ -12,6 +12,7 @@ real CLIP folder (224 px) and the testbed's (16 px) run the same code.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +23,28 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 from loraforge.core.errors import ModelNotFoundError
 
 
-def load_clip(folder: str | Path) -> tuple[CLIPModel, object, object]:
-    """The CLIPModel of a local folder, its image processor and tokenizer (never downloads)."""
+def check_clip(folder: str | Path) -> None:
+    """Refuse a folder that is not a CLIP's (no config.json, or another model's), without loading it."""
     if not (Path(folder) / "config.json").is_file():
         raise ModelNotFoundError(f"{folder}: not a CLIP folder (no config.json); build one with "
                                  "`loraforge testbed build glyphs`")
-    model = CLIPModel.from_pretrained(str(folder), local_files_only=True)
-    processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    try:
+        kind = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+    except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+        raise ModelNotFoundError(f"{folder}/config.json is not a JSON object ({exc})") from None
+    if kind != "clip":
+        raise ModelNotFoundError(f"{folder}: a {kind!r} model, not a CLIP (model_type 'clip')")
+
+
+def load_clip(folder: str | Path) -> tuple[CLIPModel, object, object]:
+    """The CLIPModel of a local folder, its image processor and tokenizer (never downloads)."""
+    check_clip(folder)
+    try:
+        model = CLIPModel.from_pretrained(str(folder), local_files_only=True)
+        processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:  # a missing processor or tokenizer, truncated weights
+        raise ModelNotFoundError(f"{folder}: not a complete CLIP folder ({str(exc).splitlines()[0]})") from None
     return model.eval(), processor, tokenizer
 
 

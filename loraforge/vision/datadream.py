@@ -35,9 +35,9 @@ from loraforge.adapters.inject import attach, trainable_parameters
 from loraforge.adapters.io import save_adapter
 from loraforge.core.config import AdapterConfig
 from loraforge.core.configs import opt
-from loraforge.core.errors import ModelNotFoundError
+from loraforge.core.errors import LoraforgeError, ModelNotFoundError
 from loraforge.core.files import atomic_dir
-from loraforge.vision.clip import load_clip, pixels, zero_shot_accuracy
+from loraforge.vision.clip import check_clip, load_clip, pixels, zero_shot_accuracy
 from loraforge.vision.fewshot import FewShotSettings, draw_shots, load_split, train_adapter
 from loraforge.vision.unet_testbed import sample, text_states
 
@@ -117,6 +117,12 @@ def contact_sheet(real: list[torch.Tensor], generated: list[torch.Tensor], colum
 def run_datadream(settings: DataDreamSettings, log: Callable[[str], None] = print) -> dict:
     """Steps 1-4 of DataDream; returns report.json's content (accuracy, real-only accuracy, zero-shot)."""
     start = time.monotonic()
+    for flag, value in (("--shots", settings.shots), ("--images-per-class", settings.images_per_class),
+                        ("--rank", settings.rank), ("--unet-steps", settings.unet_steps),
+                        ("--sample-steps", settings.sample_steps), ("--clip-steps-per-shot", settings.clip_steps_per_shot)):
+        if value < 1:
+            raise LoraforgeError(f"{flag} must be at least 1, got {value}")
+    check_clip(settings.clip)  # before the diffusion adapters train, not after
     split = load_split(settings.data, settings.testbed or None)
     classes = split.pool.classes
     prompts = [settings.template.format(c) for c in classes]

@@ -171,12 +171,29 @@ def system_name(method: str, regularizer: str) -> str:
     return method + (f"-{regularizer}" if regularizer else "")
 
 
+def check_settings(settings: FewShotSettings) -> list[int]:
+    """The shot counts; refuses a size that cannot run."""
+    try:
+        shot_counts = [int(s) for s in settings.shots.split(",") if s.strip()]
+    except ValueError:
+        raise LoraforgeError(f"--shots takes comma-separated whole numbers, got {settings.shots!r}") from None
+    if not shot_counts or min(shot_counts) < 1:
+        raise LoraforgeError(f"--shots must be counts of at least 1, got {settings.shots!r}")
+    for flag, value in (("--seeds", settings.seeds), ("--rank", settings.rank), ("--steps-per-shot", settings.steps_per_shot),
+                        ("--batch-size", settings.batch_size), ("--n-blocks", settings.n_blocks)):
+        if value < 1:
+            raise LoraforgeError(f"{flag} must be at least 1, got {value}")
+    if settings.test_limit < 0:
+        raise LoraforgeError(f"--test-limit must be 0 (all) or positive, got {settings.test_limit}")
+    return shot_counts
+
+
 def run_fewshot(settings: FewShotSettings, systems: list[tuple[str, str]] | None = None,
                 log: Callable[[str], None] = print) -> dict:
     """Zero-shot once; then per shot count and seed, the linear probe and each (method, regularizer)
     of `systems` (default: the settings' own) on the same shots. Rows hold seed-averaged accuracy."""
     systems = systems or [(settings.method, settings.regularizer)]
-    shot_counts = [int(s) for s in settings.shots.split(",") if s]
+    shot_counts = check_settings(settings)  # before the CLIP loads
     base, processor, tokenizer = load_clip(settings.clip)
     split = load_split(settings.data, settings.testbed or None)
     test = split.test.subset(range(min(len(split.test), settings.test_limit))) if settings.test_limit else split.test

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Callable
 import torch
 from transformers import CLIPModel, CLIPTextModel
 
+from loraforge.core.errors import LoraforgeError
 from loraforge.core.files import atomic_dir
 from loraforge.vision.clip import class_logits, pixels, text_features, zero_shot_accuracy
 from loraforge.vision.clip_testbed import ClipSize, new_clip, sanity, train_clip
@@ -56,6 +58,11 @@ class TestbedPreset:
     sanity_samples: int = 100  # prompts per guidance value in the final figures
     eval_every: int = 50  # CLIP steps between running sanity figures (the UNet's: 4x as many)
     sample_steps: int = 25  # DDIM steps per sample
+
+    def __post_init__(self) -> None:
+        for flag, minutes in (("--clip-minutes", self.clip_minutes), ("--unet-minutes", self.unet_minutes)):
+            if not 0 < minutes < math.inf:
+                raise LoraforgeError(f"{flag} must be a positive number of minutes, got {minutes}")
 
 
 PRESETS = {
