@@ -110,3 +110,8 @@ def test_trainer_logs_the_blocks_and_resumes_identically(tmp_path, kill_at_step)
         torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0)
     state = json.loads((resumed.out / "config.json").read_text())
     assert state["train"]["select"] == {"name": "lisa", "settings": {"lisa_layers": 2, "lisa_interval": 3}}
+
+
+def test_defaults_are_the_reference_ones():
+    # gamma = 2 (the paper's usual setting), K = 20 (LMFlow's lisa_interval_steps); the seed is the run's.
+    assert SELECTORS.defaults("lisa") == {"lisa_layers": 2, "lisa_interval": 20}
