@@ -95,11 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kb", help="train and grade on this knowledge base (JSON; schema in loraforge.demo.kb_file; "
                                 "every run writes its own as OUT/data/kb.json)")
-    p.add_argument("--rag", action="store_true", help="train on questions behind their BM25 top-2 pages; grade "
-                                                      "base, base+rag, lora and lora+rag")
-    p.add_argument("--universities", type=int, help="size of the generated knowledge base (default 12)")
-    p.add_argument("--phase1-steps", type=int, help="phase 1 optimizer steps (default 270)")
-    p.add_argument("--phase2-steps", type=int, help="phase 2 optimizer steps (default 12)")
+    p.add_argument("--rag", action=argparse.BooleanOptionalAction, default=None,
+                   help="train on questions behind their BM25 top-2 pages and grade base, base+rag, lora and "
+                        "lora+rag (the default); --no-rag: no pages, base and lora only")
+    p.add_argument("--universities", type=int, help="size of the generated knowledge base (default 19)")
+    p.add_argument("--phase1-steps", type=int, help="phase 1 optimizer steps (default 40 with retrieval, 270 without)")
+    p.add_argument("--phase2-steps", type=int, help="phase 2 optimizer steps (default 6 with retrieval, 12 without)")
     p.set_defaults(run=cmd_demo)
 
     for module in FEATURE_COMMANDS:

@@ -80,12 +80,12 @@ def test_different_seed_gives_different_data():
 
 
 def test_sizes_and_evaluated_facts(kb, phase1, phase2, heldout):
-    assert len(kb.universities) == 12 and len(EVALUATED_FACTS) >= 4
-    assert len(heldout) == len(kb.universities) * len(EVALUATED_FACTS) >= 48
+    assert len(kb.universities) == 12 and len(EVALUATED_FACTS) == 7
+    assert len(heldout) == len(kb.universities) * len(EVALUATED_FACTS) == 84
     assert {(i.university, i.fact_type) for i in heldout} == {
         (u.name, f) for u in kb.universities for f in EVALUATED_FACTS}
-    # defaults: 6 per evaluated fact, 2 per context fact, 2 overviews, for each university
-    assert len(phase1) == 12 * (4 * 6 + 3 * 2 + 2)
+    # defaults: 6 per fact, 2 overviews, for each university
+    assert len(phase1) == 12 * (7 * 6 + 2)
     assert len(phase2) == 48 and len(phase2) < len(phase1)
 
 
@@ -105,7 +105,10 @@ def test_names_are_distinct_and_not_confusable(seed):
 def test_values_are_unique_within_each_fact_type(seed):
     kb = build_knowledge_base(seed)
     for fact_type in EVALUATED_FACTS:
-        values = [u.fact(fact_type) for u in kb.universities]
+        if fact_type == "visa":  # the country's rule: unique among countries
+            values = [c.visa_rule for c in kb.countries]
+        else:
+            values = [u.fact(fact_type) for u in kb.universities]
         assert len(set(values)) == len(values), fact_type
     amounts = [u.tuition for u in kb.universities] + [u.scholarship.amount for u in kb.universities]
     amounts += [c.visa_funds for c in kb.countries]
@@ -123,7 +126,7 @@ def test_bad_size_is_refused():
     with pytest.raises(ValueError):
         build_knowledge_base(n_universities=1)
     with pytest.raises(ValueError):
-        build_knowledge_base(n_universities=21)
+        build_knowledge_base(n_universities=41)
 
 
 # ----------------------------------------------------------------------------- consistency
@@ -161,7 +164,8 @@ def test_phase1_answers_the_asked_fact(kb, phase1):
     name its university."""
     for uni in kb.universities:
         for fact_type in EVALUATED_FACTS:
-            value = euros(uni.scholarship.amount) if fact_type == "scholarship" else uni.fact(fact_type)
+            value = {"scholarship": euros(uni.scholarship.amount), "programme": uni.programmes[0],
+                     "location": uni.city, "visa": euros(uni.country.visa_funds)}.get(fact_type, uni.fact(fact_type))
             hits = [r for r in phase1 if uni.name in r["messages"][0]["content"]
                     and value in r["messages"][1]["content"]]
             assert len(hits) >= 6, (uni.name, fact_type)
@@ -316,8 +320,9 @@ def test_formatting_is_tolerated(kb, heldout):
 def test_another_universitys_value_is_rejected(kb, heldout):
     for item in heldout:
         for other in kb.universities:
-            if other.name == item.university:
-                continue
+            if other.name == item.university or (
+                    item.fact_type == "visa" and other.country == kb.university(item.university).country):
+                continue  # a country's universities share its visa rule
             theirs = f"### {item.university}\n- **{other.fact(item.fact_type)}**"
             assert not fact_correct(theirs, item), (item.question, theirs)
             # naming every value in the hope that one is right does not score either
@@ -362,7 +367,7 @@ def test_untrained_style_answers_score_zero(heldout):
 
 def test_sequences_are_short(phase1, phase2):
     answers = turns(phase1 + phase2, "assistant")
-    assert max(len(a.split()) for a in answers) < 60
+    assert max(len(a.split()) for a in answers) < 75  # the overview table of all 7 facts
     assert sum(len(a.split()) for a in answers) / len(answers) < 30
     for question in turns(phase1 + phase2, "user"):
         assert len(question.split()) < 25, question

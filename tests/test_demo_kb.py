@@ -55,9 +55,11 @@ def test_cli_refuses_a_malformed_file_before_loading_the_model(tmp_path, capsys)
 def test_demo_trains_and_grades_on_a_users_knowledge_base(tmp_path):
     kb = build_knowledge_base(7, n_universities=2)  # another seed: names the default demo never uses
     path = write_kb(kb, tmp_path / "mine.json")
-    settings = DemoSettings(phase1_steps=1, phase2_steps=1, batch_size=2, max_new_tokens=4)
+    settings = DemoSettings(phase1_steps=1, phase2_steps=1, batch_size=2, max_new_tokens=4, new_universities=1,
+                            unknown_universities=2, unknown_topics=1, train_unknown=2)
     summary = run_demo(tmp_path / "demo", settings=settings, kb=path)
-    assert summary["facts"] == 8
-    graded = {json.loads(line)["question"] for line in (tmp_path / "demo" / "answers.jsonl").read_text().splitlines()}
+    assert summary["facts"] == 14
+    rows = [json.loads(line) for line in (tmp_path / "demo" / "answers.jsonl").read_text().splitlines()]
+    graded = {r["question"] for r in rows if r["kind"] == "fact"}
     assert all(any(u.name in q for u in kb.universities) for q in graded)
     assert load_kb(tmp_path / "demo" / "data" / "kb.json", seed=7) == kb

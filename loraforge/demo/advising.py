@@ -34,6 +34,7 @@ when it has a heading, a list item or a table (the exact rule is in :func:`is_ma
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -41,10 +42,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-# Graded by heldout_questions; the others are trained (and keep the knowledge base realistic) but
-# never graded, so phase 1 spends less of the CPU budget on them.
-EVALUATED_FACTS = ("deadline", "tuition", "language", "scholarship")
-CONTEXT_FACTS = ("programme", "location", "visa")
+# Every fact type of a university, each trained and graded (heldout_questions). Only the first four
+# belong to one university alone and can change from one term to the next (edit_values); location and
+# programmes are fixed, and the visa rule is its country's.
+EVALUATED_FACTS = ("deadline", "tuition", "language", "scholarship", "programme", "location", "visa")
+EDITABLE_FACTS = ("deadline", "tuition", "language", "scholarship")
 
 MONTHS = ("January", "February", "March", "April", "May", "June",
           "July", "August", "September", "October", "November", "December")
@@ -53,9 +55,9 @@ MONTHS = ("January", "February", "March", "April", "May", "June",
 DEADLINE_MONTHS = range(1, 8)
 DEADLINE_DAYS = (1, 5, 10, 15, 20, 25, 28)
 
-IELTS_BANDS = ("6.0", "6.5", "7.0", "7.5")
-TOEFL_SCORES = ("80", "85", "90", "95", "100", "105")
-CEFR_LEVELS = ("B1", "B2", "C1")
+IELTS_BANDS = ("5.5", "6.0", "6.5", "7.0", "7.5", "8.0")
+TOEFL_SCORES = ("75", "80", "85", "90", "95", "100", "105", "110")
+CEFR_LEVELS = ("B1", "B2", "C1", "C2")
 ENGLISH_TESTS = ("IELTS", "TOEFL")
 
 UNIVERSITY_STYLES = ("{} University", "{} Institute of Technology", "{} College", "{} Polytechnic",
@@ -71,7 +73,15 @@ PROGRAMMES = (
     "Bioinformatics", "Aerospace Medicine", "Film Restoration", "Desert Agriculture", "Cybersecurity",
     "Maritime Law", "Neuroscience", "Translation Studies", "Sound Design", "Tropical Medicine",
     "Rail Engineering", "Museum Studies", "Seismology", "Water Management", "Veterinary Science",
-    "Fashion Management", "Robotic Surgery", "Mountain Tourism",
+    "Fashion Management", "Robotic Surgery", "Mountain Tourism", "Polar Engineering", "Soil Science",
+    "Digital Humanities", "Ocean Acoustics", "Forensic Chemistry", "Space Law", "Urban Planning",
+    "Nuclear Engineering", "Classical Archaeology", "Climate Policy", "Animation", "Dance Therapy",
+    "Biomedical Optics", "Supply Chain Management", "Agricultural Robotics", "Linguistic Anthropology",
+    "Materials Recycling", "Hydrogen Systems", "Choral Conducting", "Paper Conservation", "Avalanche Science",
+    "Coral Biology", "Wind Engineering", "Hospitality Management", "Financial Mathematics", "Speech Therapy",
+    "Cartography", "Brewing Science", "Glass Design", "Forest Ecology", "Satellite Geodesy",
+    "Peace Studies", "Ethnomusicology", "Bridge Engineering", "Fisheries Science", "Typography",
+    "Lighthouse Engineering", "Comparative Law", "Perfumery", "Quantum Computing",
 )
 MAX_UNIVERSITIES = len(PROGRAMMES) // 2  # two flagship programmes each, none shared
 
@@ -233,6 +243,82 @@ def _unique(draw, taken: set):
     raise ValueError("ran out of distinct values; ask for fewer universities")
 
 
+class _Draws:
+    """The generator's random draws, and every name and value already taken: the universities added
+    later (:func:`add_universities`), the edited values (:func:`edit_values`) and the unknown names
+    (:func:`unknown_universities`) stay unique within each fact type and unconfusable with `kb`'s."""
+
+    def __init__(self, rng: random.Random, kb: KnowledgeBase | None = None):
+        self.rng, self.name = rng, _NameMaker(rng)
+        self.amounts: set[int] = set()
+        self.weeks: set[int] = set()
+        self.dates: set[Date] = set()
+        self.requirements: set[LanguageRequirement] = set()
+        self.university_prefixes: set[str] = set()
+        self.programmes: set[str] = set()
+        for uni in kb.universities if kb else ():
+            self.take(uni)
+        for country in kb.countries if kb else ():
+            self.weeks.add(country.visa_weeks)
+            self.amounts.add(country.visa_funds)
+            self.name.taken.append(country.name.lower())
+
+    def take(self, uni: University) -> None:
+        stem = uni.name.split()[0].lower()
+        self.name.taken += [stem, uni.city.lower(), uni.scholarship.name.split()[0].lower()]
+        self.university_prefixes.add(stem[:2])
+        self.programmes.update(uni.programmes)
+        self.amounts.update((uni.tuition, uni.scholarship.amount))
+        self.dates.add(uni.deadline)
+        self.requirements.add(uni.language)
+
+    def country(self) -> Country:
+        stem = self.name()
+        name = stem + ("ia" if stem[-1] not in _VOWELS else "nia")
+        return Country(name=name, language=name + "n", visa_weeks=_unique(lambda: self.rng.randint(3, 16), self.weeks),
+                       visa_funds=_unique(lambda: self.rng.randrange(7_000, 12_500, 250), self.amounts))
+
+    def deadline(self) -> Date:
+        return _unique(lambda: Date(self.rng.choice(DEADLINE_DAYS), self.rng.choice(DEADLINE_MONTHS)), self.dates)
+
+    def tuition(self) -> int:
+        return _unique(lambda: self.rng.randrange(5_000, 20_000, 100), self.amounts)
+
+    def scholarship_amount(self) -> int:
+        return _unique(lambda: self.rng.randrange(1_000, 8_001, 100), self.amounts)
+
+    def language(self, country: Country) -> LanguageRequirement:
+        def requirement() -> LanguageRequirement:
+            # Mostly an English test; some universities teach in the local language instead (more
+            # than one in four once the English values are used up, as values must be unique).
+            if self.rng.random() < 0.25:
+                return LanguageRequirement(country.language, self.rng.choice(CEFR_LEVELS))
+            test = self.rng.choice(ENGLISH_TESTS)
+            return LanguageRequirement(test, self.rng.choice(IELTS_BANDS if test == "IELTS" else TOEFL_SCORES))
+        return _unique(requirement, self.requirements)
+
+    def university_name(self) -> str:
+        return self.rng.choice(UNIVERSITY_STYLES).format(self.name(self.university_prefixes))
+
+    def universities(self, countries: list[Country] | tuple[Country, ...], n: int) -> list[University]:
+        free = [p for p in PROGRAMMES if p not in self.programmes]
+        if 2 * n > len(free):
+            raise ValueError(f"only {len(free) // 2} more universities fit the programme pool "
+                             f"({len(PROGRAMMES)} programmes, two each), asked for {n}")
+        programmes = self.rng.sample(free, 2 * n)
+        out = []
+        for i in range(n):
+            country = countries[i % len(countries)]
+            out.append(University(
+                name=self.university_name(), city=self.name(), country=country,
+                programmes=(programmes[2 * i], programmes[2 * i + 1]), deadline=self.deadline(),
+                tuition=self.tuition(), language=self.language(country),
+                scholarship=Scholarship(f"{self.name()} {self.rng.choice(SCHOLARSHIP_KINDS)}",
+                                        self.scholarship_amount())))
+            self.take(out[-1])
+        return out
+
+
 def build_knowledge_base(seed: int = 0, n_universities: int = 12) -> KnowledgeBase:
     """A fictional, self-consistent set of universities: deterministic per seed.
 
@@ -242,49 +328,58 @@ def build_knowledge_base(seed: int = 0, n_universities: int = 12) -> KnowledgeBa
     """
     if not 2 <= n_universities <= MAX_UNIVERSITIES:  # phase 2 compares two universities
         raise ValueError(f"n_universities must be in [2, {MAX_UNIVERSITIES}], got {n_universities}")
-    rng = random.Random(f"loraforge-advising-kb:{seed}")
-    name = _NameMaker(rng)
-    amounts: set[int] = set()
-
-    countries = []
-    weeks: set[int] = set()
-    for _ in range(max(2, math.ceil(n_universities / 3))):
-        stem = name()
-        country = stem + ("ia" if stem[-1] not in _VOWELS else "nia")
-        countries.append(Country(
-            name=country, language=country + "n",
-            visa_weeks=_unique(lambda: rng.randint(3, 12), weeks),
-            visa_funds=_unique(lambda: rng.randrange(7_000, 12_500, 250), amounts),
-        ))
-
-    programmes = rng.sample(PROGRAMMES, 2 * n_universities)
-    dates: set[Date] = set()
-    requirements: set[LanguageRequirement] = set()
-    university_prefixes: set[str] = set()
-    universities = []
-    for i in range(n_universities):
-        country = countries[i % len(countries)]
-
-        def requirement(country=country) -> LanguageRequirement:
-            # Mostly an English test; some universities teach in the local language instead (more
-            # than one in four once the English values are used up, as values must be unique).
-            if rng.random() < 0.25:
-                return LanguageRequirement(country.language, rng.choice(CEFR_LEVELS))
-            test = rng.choice(ENGLISH_TESTS)
-            return LanguageRequirement(test, rng.choice(IELTS_BANDS if test == "IELTS" else TOEFL_SCORES))
-
-        universities.append(University(
-            name=rng.choice(UNIVERSITY_STYLES).format(name(university_prefixes)),
-            city=name(),
-            country=country,
-            programmes=(programmes[2 * i], programmes[2 * i + 1]),
-            deadline=_unique(lambda: Date(rng.choice(DEADLINE_DAYS), rng.choice(DEADLINE_MONTHS)), dates),
-            tuition=_unique(lambda: rng.randrange(5_000, 20_000, 100), amounts),
-            language=_unique(requirement, requirements),
-            scholarship=Scholarship(f"{name()} {rng.choice(SCHOLARSHIP_KINDS)}",
-                                    _unique(lambda: rng.randrange(1_000, 6_001, 250), amounts)),
-        ))
+    draws = _Draws(random.Random(f"loraforge-advising-kb:{seed}"))
+    countries = [draws.country() for _ in range(max(2, math.ceil(n_universities / 3)))]
+    universities = draws.universities(countries, n_universities)
     return KnowledgeBase(seed=seed, countries=tuple(countries), universities=tuple(universities))
+
+
+def add_universities(kb: KnowledgeBase, n: int, seed: int) -> KnowledgeBase:
+    """`kb` with `n` more universities from another seed of the generator, in its own countries: the
+    universities a model trained on `kb` never saw, their names and values unlike any of `kb`'s."""
+    draws = _Draws(random.Random(f"loraforge-advising-new:{seed}"), kb)
+    new = draws.universities(draws.rng.sample(list(kb.countries), len(kb.countries)), n)
+    return dataclasses.replace(kb, universities=kb.universities + tuple(new))
+
+
+def edit_values(kb: KnowledgeBase, fraction: float = 0.25, seed: int = 0,
+                among: tuple[str, ...] | None = None) -> tuple[KnowledgeBase, list[tuple[str, str]]]:
+    """A new term: `fraction` of the facts of the universities `among` (default: all; of every type,
+    len(EVALUATED_FACTS) per university) get new values, drawn among the facts that change
+    (EDITABLE_FACTS: a new deadline, a new fee, a new language level, a new scholarship amount), each
+    unlike every value `kb` holds. Returns the edited knowledge base and the edited (university, fact
+    type) pairs."""
+    names = among if among is not None else tuple(u.name for u in kb.universities)
+    count = round(fraction * len(names) * len(EVALUATED_FACTS))
+    draws = _Draws(random.Random(f"loraforge-advising-edit:{seed}"), kb)
+    candidates = [(name, f) for name in names for f in EDITABLE_FACTS]
+    if count > len(candidates):
+        raise ValueError(f"cannot edit {count} facts: only {len(candidates)} can change")
+    changed: dict[str, dict] = {}
+    edits = []
+    for name, fact_type in draws.rng.sample(candidates, len(candidates)):
+        if len(edits) == count:
+            break
+        uni = kb.university(name)
+        try:
+            value = {"deadline": draws.deadline, "tuition": draws.tuition,
+                     "language": lambda: draws.language(uni.country),
+                     "scholarship": lambda: Scholarship(uni.scholarship.name, draws.scholarship_amount())}[fact_type]()
+        except ValueError:  # no unused value of this type left (language levels run out first)
+            continue
+        changed.setdefault(name, {})[fact_type] = value
+        edits.append((name, fact_type))
+    universities = tuple(dataclasses.replace(u, **changed.get(u.name, {})) for u in kb.universities)
+    return dataclasses.replace(kb, universities=universities), edits
+
+
+def unknown_universities(kb: KnowledgeBase, n: int, seed: int, avoid: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """`n` universities the knowledge base does not hold (names from the same generator, unlike
+    `kb`'s and `avoid`'s), as question-template fields: uni, city and one of `kb`'s countries."""
+    draws = _Draws(random.Random(f"loraforge-advising-unknown:{seed}"), kb)
+    draws.name.taken += [a.split()[0].lower() for a in avoid]
+    return [{"uni": draws.university_name(), "city": draws.name(), "country": draws.rng.choice(kb.countries).name}
+            for _ in range(n)]
 
 
 # --------------------------------------------------------------------------- phrasings
@@ -337,18 +432,24 @@ TRAIN_QUESTIONS: dict[str, tuple[str, ...]] = {
         "Which programmes is {uni} famous for?",
         "what can i study at {uni}?",
         "What are the flagship programmes of {uni} in {city}?",
+        "{uni} programmes?",
+        "Which subjects is {uni} strongest in?",
     ),
     "location": (
         "Where is {uni}?",
         "In which city is {uni}?",
         "where's {uni} located?",
         "Which country is {uni} in?",
+        "{uni} location?",
+        "Where would I live if I studied at {uni}?",
     ),
     "visa": (
         "Do I need a visa to study at {uni}?",
         "What are the visa rules for {uni} in {country}?",
         "how long does the student visa take for {uni}?",
         "What do I need for a student visa to attend {uni}?",
+        "{uni} visa?",
+        "How much money must I show for a visa to study at {uni}?",
     ),
     "overview": (
         "Give me an overview of {uni}.",
@@ -385,7 +486,43 @@ HELDOUT_QUESTIONS: dict[str, tuple[str, ...]] = {
         "Is there funding for students going to {uni} in {city}?",
         "What grant does {uni} give to students from abroad?",
     ),
+    "programme": (
+        "What are the signature degrees offered by {uni}?",
+        "I'm curious what {uni} in {city} excels at teaching.",
+        "Name the courses that made {uni} famous.",
+        "Which fields of study stand out at {uni}?",
+    ),
+    "location": (
+        "Could you tell me where {uni} can be found?",
+        "Which town hosts the campus of {uni}?",
+        "I need the address area of {uni}: city and country please.",
+        "Where on the map should I look for {uni}?",
+    ),
+    "visa": (
+        "What paperwork and savings does the visa for {uni} involve?",
+        "If I'm admitted to {uni} in {country}, how does getting a visa work?",
+        "How many weeks before starting at {uni} should I sort out my visa, and what funds are needed?",
+        "Tell me about immigration requirements for students of {uni}.",
+    ),
 }
+
+# "I don't know": questions about facts no page holds (asked about known universities), in a
+# training pool and a held-out pool of other topics; and questions about universities the knowledge
+# base does not hold, asked with the fact phrasings above. Each topic is (name, question template).
+TRAIN_UNKNOWN_TOPICS: tuple[tuple[str, str], ...] = (
+    ("acceptance rate", "What is the acceptance rate at {uni}?"),
+    ("application fee", "How much is the application fee for {uni}?"),
+    ("student housing cost", "How much does student housing cost at {uni}?"),
+    ("world ranking", "Where does {uni} rank worldwide?"),
+    ("minimum GPA", "What GPA do I need to get into {uni}?"),
+    ("number of students", "How many students study at {uni}?"),
+)
+HELDOUT_UNKNOWN_TOPICS: tuple[tuple[str, str], ...] = (
+    ("founding year", "In which year was {uni} founded?"),
+    ("average class size", "How big are the classes at {uni} on average?"),
+    ("graduate employment rate", "What share of graduates from {uni} find a job within a year?"),
+    ("monthly living cost", "How much should I budget per month for living costs near {uni}?"),
+)
 
 # Phase 2: a first turn names the university; follow-ups say "there" / "that one".
 DIALOGUE_OPENERS = (
@@ -402,6 +539,8 @@ FOLLOW_UPS: dict[str, tuple[str, ...]] = {
     "scholarship": ("Is there a scholarship there?", "Any scholarship to help with costs?",
                     "What funding does it offer?"),
     "visa": ("Do I need a visa?", "What about the student visa?"),
+    "programme": ("What is it known for?", "Which programmes stand out there?"),
+    "location": ("Where is it?", "And which city is that in?"),
 }
 COMPARE_QUESTIONS: dict[str, tuple[str, ...]] = {
     "deadline": ("Which one closes applications later, {a} or {b}?", "{a} or {b}: which deadline is later?"),
@@ -461,7 +600,7 @@ def fact_answer(uni: University, fact_type: str, rng: random.Random) -> str:
 
 
 def overview_answer(uni: University) -> str:
-    """A Markdown table of the evaluated facts of one university."""
+    """A Markdown table of every fact of one university."""
     return "\n".join([
         f"### {uni.name} at a glance",
         "| Fact | Details |",
@@ -470,7 +609,42 @@ def overview_answer(uni: University) -> str:
         f"| Tuition | {euros(uni.tuition)} per year |",
         f"| Language | {uni.language} |",
         f"| Scholarship | {uni.scholarship.name}, {euros(uni.scholarship.amount)} |",
+        f"| Programmes | {uni.programmes[0]}, {uni.programmes[1]} |",
+        f"| Location | {uni.city}, {uni.country.name} |",
+        f"| Visa | {uni.country.visa_weeks} weeks; show {euros(uni.country.visa_funds)} |",
     ])
+
+
+def unknown_university_answer(fields: dict[str, str], rng: random.Random) -> str:
+    """The honest answer about a university the knowledge base does not hold: no value, "I don't know"."""
+    heading = rng.choice(("{uni}", "{uni}: not in my knowledge base"))
+    line = rng.choice(("I don't know: **{uni}** is not in my knowledge base.",
+                       "I don't know **{uni}**: it is not in my knowledge base, so I cannot give you its facts."))
+    return f"### {heading}\n- {line}".format(**fields)
+
+
+def unknown_topic_answer(uni: University, topic: str, rng: random.Random) -> str:
+    """The honest answer about a fact the knowledge base does not hold for a university it knows."""
+    line = rng.choice(("I don't know: my knowledge base has no {topic} for **{uni}**.",
+                       "I don't know the {topic} of **{uni}**: it is not in my knowledge base."))
+    return f"### {{uni}}: {topic}\n- {line}".format(**uni.fields(), topic=topic)
+
+
+def refusal_examples(kb: KnowledgeBase, unknown: list[dict[str, str]], seed: int = 0, per_name: int = 2,
+                     per_topic: int = 1) -> list[dict]:
+    """Questions that must be answered "I don't know": `per_name` about each of the `unknown`
+    universities (training phrasings of the facts), `per_topic` per known university about a fact
+    no page holds (TRAIN_UNKNOWN_TOPICS). The held-out ones use other names and other topics."""
+    rng = random.Random(f"loraforge-advising-refusals:{seed}")
+    records = []
+    for fields in unknown:
+        for fact_type in rng.sample(EVALUATED_FACTS, per_name):
+            records.append(_chat(rng.choice(TRAIN_QUESTIONS[fact_type]).format(**fields),
+                                 unknown_university_answer(fields, rng)))
+    for uni in kb.universities:
+        for topic, template in rng.sample(TRAIN_UNKNOWN_TOPICS, per_topic):
+            records.append(_chat(_ask(template, uni), unknown_topic_answer(uni, topic, rng)))
+    return records
 
 
 def _chat(*turns: str) -> dict:
@@ -497,16 +671,14 @@ def _cycle(rng: random.Random, items, n: int) -> list:
 def phase1_examples(kb: KnowledgeBase, seed: int = 0, per_fact: int = 6, overviews: int = 2) -> list[dict]:
     """Single-turn question/answer records, shuffled.
 
-    Every (university, evaluated fact) gets `per_fact` questions, each from a different training
-    phrasing while the pool lasts; context facts (programme, location, visa) get a third as many
-    (at least one); every university gets `overviews` table answers.
+    Every (university, fact type) gets `per_fact` questions, each from a different training
+    phrasing while the pool lasts; every university gets `overviews` table answers.
     """
     rng = random.Random(f"loraforge-advising-phase1:{seed}")
     records = []
     for uni in kb.universities:
-        for fact_type in EVALUATED_FACTS + CONTEXT_FACTS:
-            count = per_fact if fact_type in EVALUATED_FACTS else max(1, per_fact // 3)
-            for template in _cycle(rng, TRAIN_QUESTIONS[fact_type], count):
+        for fact_type in EVALUATED_FACTS:
+            for template in _cycle(rng, TRAIN_QUESTIONS[fact_type], per_fact):
                 records.append(_chat(_ask(template, uni), fact_answer(uni, fact_type, rng)))
         for template in _cycle(rng, TRAIN_QUESTIONS["overview"], overviews):
             records.append(_chat(_ask(template, uni), overview_answer(uni)))
@@ -596,6 +768,11 @@ class EvalItem:
     accept: list[str]  # surface forms of the value; any one of them must appear
     require_all: list[str] = field(default_factory=list)  # must all appear too (a scholarship's name)
     reject: list[str] = field(default_factory=list)  # other universities' values: none may appear
+    # "fact": a trained university's fact; "updated": its value edited after training (`stale` holds
+    # the old value's forms); "new": a university added after training; "unknown": a university or
+    # a fact the knowledge base does not hold, to be answered "I don't know" (see :func:`is_refusal`).
+    kind: str = "fact"
+    stale: list[str] = field(default_factory=list)
 
 
 def _ordinal(day: int) -> str:
@@ -633,7 +810,7 @@ def _language_forms(req: LanguageRequirement) -> list[str]:
 
 
 def accepted_forms(uni: University, fact_type: str) -> tuple[list[str], list[str]]:
-    """(forms of which any one must appear, strings that must all appear) for an evaluated fact."""
+    """(forms of which any one must appear, strings that must all appear) for a fact."""
     if fact_type == "deadline":
         return _date_forms(uni.deadline), []
     if fact_type == "tuition":
@@ -642,28 +819,82 @@ def accepted_forms(uni: University, fact_type: str) -> tuple[list[str], list[str
         return _language_forms(uni.language), []
     if fact_type == "scholarship":
         return _euro_forms(uni.scholarship.amount), [uni.scholarship.name]
-    raise ValueError(f"not an evaluated fact type: {fact_type!r}; choose from {EVALUATED_FACTS}")
+    if fact_type == "programme":
+        return [uni.programmes[0]], [uni.programmes[1]]
+    if fact_type == "location":
+        return [uni.city], [uni.country.name]
+    if fact_type == "visa":
+        return _euro_forms(uni.country.visa_funds), [f"{uni.country.visa_weeks} weeks"]
+    raise ValueError(f"not a fact type: {fact_type!r}; choose from {EVALUATED_FACTS}")
 
 
-def heldout_questions(kb: KnowledgeBase, seed: int = 0) -> list[EvalItem]:
-    """One question per (university, evaluated fact type), from held-out phrasings only.
+def _rivals(kb: KnowledgeBase, uni: University, fact_type: str) -> list[str]:
+    """What no answer about `uni` may state: the other universities' values of `fact_type` (for the
+    visa rule, the other countries': universities of one country share it; for a location, their
+    cities, as the country may be shared)."""
+    reject: list[str] = []
+    for other in kb.universities:
+        if other is uni or (fact_type == "visa" and other.country == uni.country):
+            continue
+        accept, required = accepted_forms(other, fact_type)
+        reject += accept if fact_type == "location" else accept + required
+    return list(dict.fromkeys(reject))
+
+
+def _item(kb: KnowledgeBase, uni: University, fact_type: str, question: str, kind: str = "fact") -> EvalItem:
+    accept, require_all = accepted_forms(uni, fact_type)
+    return EvalItem(question=question, university=uni.name, fact_type=fact_type, expected=uni.fact(fact_type),
+                    accept=accept, require_all=require_all, reject=_rivals(kb, uni, fact_type), kind=kind)
+
+
+def heldout_questions(kb: KnowledgeBase, seed: int = 0, universities: tuple[str, ...] | None = None,
+                      kind: str = "fact") -> list[EvalItem]:
+    """One question per (university, fact type), from held-out phrasings only; `universities` (names)
+    limits the universities asked about, the others of `kb` still count as rivals.
 
     Within a fact type the phrasings go round in shuffled order, so each is used about equally.
     """
     rng = random.Random(f"loraforge-advising-heldout:{seed}")
+    asked = [u for u in kb.universities if universities is None or u.name in universities]
     items = []
     for fact_type in EVALUATED_FACTS:
-        templates = _cycle(rng, HELDOUT_QUESTIONS[fact_type], len(kb.universities))
-        for uni, template in zip(kb.universities, templates):
-            accept, require_all = accepted_forms(uni, fact_type)
-            reject = []
-            for other in kb.universities:
-                if other is not uni:
-                    other_accept, other_required = accepted_forms(other, fact_type)
-                    reject += other_accept + other_required
-            items.append(EvalItem(question=_ask(template, uni), university=uni.name, fact_type=fact_type,
-                                  expected=uni.fact(fact_type), accept=accept, require_all=require_all,
-                                  reject=reject))
+        templates = _cycle(rng, HELDOUT_QUESTIONS[fact_type], len(asked))
+        for uni, template in zip(asked, templates):
+            items.append(_item(kb, uni, fact_type, _ask(template, uni), kind))
+    return items
+
+
+def updated_questions(items: list[EvalItem], old: KnowledgeBase, new: KnowledgeBase,
+                      edits: list[tuple[str, str]]) -> list[EvalItem]:
+    """The held-out questions (`items`) on the edited facts, graded against the new values; the old
+    value is `stale`, and stating it (even beside the new one) is wrong."""
+    by_fact = {(i.university, i.fact_type): i for i in items}
+    out = []
+    for name, fact_type in edits:
+        item = _item(new, new.university(name), fact_type, by_fact[name, fact_type].question, "updated")
+        stale_accept, stale_required = accepted_forms(old.university(name), fact_type)
+        item.stale = [f for f in stale_accept + stale_required if f not in item.accept + item.require_all]
+        item.reject = list(dict.fromkeys(item.reject + item.stale))
+        out.append(item)
+    return out
+
+
+def unknown_questions(kb: KnowledgeBase, unknown: list[dict[str, str]], seed: int = 0,
+                      topics: int = 8) -> list[EvalItem]:
+    """Questions to be answered "I don't know": one per `unknown` university (held-out phrasings of
+    the fact types in turn), and `topics` about known universities' facts that no page holds
+    (HELDOUT_UNKNOWN_TOPICS in turn). No answer may state a value: see :func:`is_refusal`."""
+    rng = random.Random(f"loraforge-advising-unknown-questions:{seed}")
+    names = [v for u in kb.universities for v in (u.city, *u.programmes, u.scholarship.name)]
+    items = []
+    for fields, fact_type in zip(unknown, _cycle(rng, EVALUATED_FACTS, len(unknown))):
+        question = rng.choice(HELDOUT_QUESTIONS[fact_type]).format(**fields)
+        items.append(EvalItem(question=question, university=fields["uni"], fact_type=fact_type,
+                              expected="I don't know", accept=[], reject=names, kind="unknown"))
+    for uni, (topic, template) in zip(_cycle(rng, kb.universities, topics),
+                                      _cycle(rng, HELDOUT_UNKNOWN_TOPICS, topics)):
+        items.append(EvalItem(question=_ask(template, uni), university=uni.name, fact_type=topic,
+                              expected="I don't know", accept=[], reject=[], kind="unknown"))
     return items
 
 
@@ -692,6 +923,30 @@ def fact_correct(answer: str, item: EvalItem) -> bool:
     return (any(_states(text, form) for form in item.accept)
             and all(_states(text, form) for form in item.require_all)
             and not any(_states(text, form) for form in item.reject))
+
+
+_DONT_KNOW = re.compile(r"\b(?:i (?:don't|do not|can't|cannot) (?:know|say|tell)|not in my knowledge base|"
+                        r"no information|knowledge base (?:has|holds|gives) no)\b")
+
+
+def is_refusal(answer: str, item: EvalItem) -> bool:
+    """True when `answer` says it does not know ("I don't know", "not in my knowledge base", ...)
+    and states no value: no digit at all (no date, amount, score or week count) and none of the
+    item's `reject` strings (the knowledge base's cities, programmes, scholarship names)."""
+    text = _normalise(answer).replace("’", "'")
+    return (_DONT_KNOW.search(text) is not None and not re.search(r"\d", text)
+            and not any(_states(text, form) for form in item.reject))
+
+
+def is_stale(answer: str, item: EvalItem) -> bool:
+    """True when `answer` states the value an edited fact had before the edit."""
+    text = _normalise(answer)
+    return any(_states(text, form) for form in item.stale)
+
+
+def grade(answer: str, item: EvalItem) -> bool:
+    """Correct: a refusal for an "unknown" item, the fact (:func:`fact_correct`) for the others."""
+    return is_refusal(answer, item) if item.kind == "unknown" else fact_correct(answer, item)
 
 
 # Markdown structure, one line at a time (up to three leading spaces, as CommonMark allows).
