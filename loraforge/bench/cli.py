@@ -91,34 +91,6 @@ def _speed(values: dict[str, Any], command: str, report: Path | None) -> object:
     return bench_speed(_build(SpeedRun, values), values["json"], command=command, report=report)
 
 
-def _generate(values: dict[str, Any], command: str, report: Path | None) -> object:
-    from loraforge.bench import append_section
-    from loraforge.generate.bench import GenerateBench, bench_generate, summary_table
-
-    bench = _build(GenerateBench, values)
-    result = bench_generate(bench)
-    table = summary_table(result)
-    if report:
-        append_section(report, f"bench generate{' --quick' if bench.quick else ''}: adapters for held-out tasks, "
-                               f"{bench.model}", command, table)
-    print(table)
-    return result
-
-
-def _vision(values: dict[str, Any], command: str, report: Path | None) -> object:
-    from loraforge.bench import append_section
-    from loraforge.vision.bench import VisionBench, bench_vision, summary_table
-
-    bench = _build(VisionBench, values)
-    result = bench_vision(bench)
-    table = summary_table(result)
-    if report:
-        append_section(report, f"bench vision{' --quick' if bench.quick else ''}: CLIP few-shot and DataDream on the "
-                               "testbed", command, table)
-    print(table)
-    return result
-
-
 def _transfer(values: dict[str, Any], command: str, report: Path | None) -> object:
     from loraforge.bench.transfer import TransferTasks, run
     from loraforge.transfer.bench import TransferBench
@@ -148,6 +120,23 @@ def _class(module: str, name: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def _tabled(help_text: str, module: str, settings: str, runner: str, title: Callable[[Any], str]) -> Bench:
+    """A stage's benchmark: `module.runner(settings)` gives the figures and `module.summary_table` their table,
+    printed, and appended under `title(settings)` with --report."""
+    def run(values: dict[str, Any], command: str, report: Path | None) -> object:
+        from loraforge.bench import append_section
+
+        stage = importlib.import_module(module)
+        bench = _build(getattr(stage, settings), values)
+        result = getattr(stage, runner)(bench)
+        table = stage.summary_table(result)
+        if report:
+            append_section(report, title(bench), command, table)
+        print(table)
+        return result
+    return Bench(help_text, lambda: (_class(module, settings),), run)
+
+
 def _single(help_text: str, module: str, settings: str, runner: str) -> Bench:
     """A benchmark of one settings dataclass: `module.runner(module.settings(**values), command, report)`."""
     def run(values: dict[str, Any], command: str, report: Path | None) -> object:
@@ -169,10 +158,12 @@ BENCHES: dict[str, Bench] = {
                    "loraforge.bench.fed", "FedBench", "bench_fed"),
     "serve": _single("multi-adapter serving throughput against PEFT and merging; --load: HTTP load test",
                      "loraforge.bench.serve", "ServeBench", "bench_serve"),
-    "generate": Bench("adapters for held-out tasks: zoo neighbours, generators, ABMLL, multi-task LoRA, few-shot",
-                      lambda: (_class("loraforge.generate.bench", "GenerateBench"),), _generate),
-    "vision": Bench("CLIP few-shot (LoRA, Block-LoRA, Comp-LoRA, GLAD) and DataDream on the vision testbed",
-                    lambda: (_class("loraforge.vision.bench", "VisionBench"),), _vision),
+    "generate": _tabled("adapters for held-out tasks: zoo neighbours, generators, ABMLL, multi-task LoRA, few-shot",
+                        "loraforge.generate.bench", "GenerateBench", "bench_generate",
+                        lambda b: f"bench generate{' --quick' if b.quick else ''}: adapters for held-out tasks, {b.model}"),
+    "vision": _tabled("CLIP few-shot (LoRA, Block-LoRA, Comp-LoRA, GLAD) and DataDream on the vision testbed",
+                      "loraforge.vision.bench", "VisionBench", "bench_vision",
+                      lambda b: f"bench vision{' --quick' if b.quick else ''}: CLIP few-shot and DataDream on the testbed"),
     "transfer": Bench("Trans-LoRA SmolLM2-135M -> Gemma-3-270M on offset k=9 and the demo's advisor (--quick: offset)",
                       lambda: (_class("loraforge.transfer.bench", "TransferBench"),
                                _class("loraforge.bench.transfer", "TransferTasks")), _transfer),
