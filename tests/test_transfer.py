@@ -1,6 +1,7 @@
 """Trans-LoRA (loraforge/transfer): the spec's checks (../shared/methods/trans-lora.md) on tiny random
 models: a Llama source with a LoRA trained on an offset task, a GPT-2 target (another family)."""
 
+import dataclasses
 import json
 import os
 import random
@@ -74,14 +75,18 @@ def test_run_writes_adapter_synthetic_set_and_report(setup, tmp_path):
     report = _run(setup, tmp_path / "out")
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no temp folder left beside it
     out = tmp_path / "out"
-    assert {"adapter", "synthetic.jsonl", "report.json"} <= set(os.listdir(out)) and "checkpoint" not in os.listdir(out)
+    assert {"adapter", "synthetic.jsonl", "candidates.jsonl", "report.json"} <= set(os.listdir(out))
+    assert "checkpoint" not in os.listdir(out)
     assert json.loads((out / "report.json").read_text()) == report
     assert report["generated"] == 32 and 0 < report["accepted"] <= report["distinct"] <= 32
     assert report["acceptance_rate"] == report["accepted"] / report["generated"]
     assert report["discriminator_accuracy"] == setup["kit_info"].discriminator_accuracy
-    assert report["seconds"] > 0 and set(report["stage_seconds"]) == {"synthesise", "filter", "label", "train"}
+    assert report["seconds"] > 0 and set(report["stage_seconds"]) == {"synthesise", "score", "label", "train"}
     rows = _rows(out)
     assert len(rows) == report["labelled"] and all(row["p_real"] >= 0.5 for row in rows)
+    candidates = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
+    assert len(candidates) == report["distinct"] and sum(c["kept"] for c in candidates) == report["accepted"]
+    assert all(c["kept"] == (c["p_real"] >= 0.5) for c in candidates)
     assert all([m["role"] for m in row["messages"]] == ["user", "assistant"] for row in rows)
 
 
@@ -122,6 +127,21 @@ def test_filter_is_monotone(setup, tmp_path):
 def test_no_filter_keeps_every_distinct_candidate(setup, tmp_path):
     report = _run(setup, tmp_path / "out", filter=False)
     assert report["accepted"] == report["distinct"]
+
+
+def test_a_pool_is_reused_not_synthesised_again(setup, tmp_path, monkeypatch):
+    import loraforge.transfer.pipeline as pipeline
+
+    config = TransferConfig(kit=str(setup["kit"]), out=str(tmp_path / "filtered"), target_model=setup["target"], **QUICK)
+    target, tok = load_model(setup["target"], task="causal-lm")
+    pool = pipeline.candidate_pool(config, target, tok, progress=False)
+    assert pool.generated == QUICK["samples"] and len(pool.texts) == len(pool.p_real) > 0
+    monkeypatch.setattr(pipeline, "synthesize_inputs", lambda *a, **k: pytest.fail("the pool was synthesised again"))
+    filtered = transfer(config, progress=False, pool=pool)
+    unfiltered = transfer(dataclasses.replace(config, out=str(tmp_path / "all"), filter=False),
+                          progress=False, pool=pool)
+    assert filtered["pool_reused"] and filtered["accepted"] == sum(p >= 0.5 for p in pool.p_real)
+    assert unfiltered["accepted"] == len(pool.texts) and "synthesise" not in unfiltered["stage_seconds"]
 
 
 def test_teacher_labels_are_deterministic(setup):

@@ -16,6 +16,7 @@ Acceptance rate, discriminator accuracy and the seconds of every stage are repor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -33,7 +34,7 @@ from loraforge.core.models import load_model
 from loraforge.training.config import TrainConfig
 from loraforge.training.evaluate import exact_match
 from loraforge.training.loop import train
-from loraforge.transfer.pipeline import PrepareConfig, TransferConfig, prepare, transfer
+from loraforge.transfer.pipeline import PrepareConfig, TransferConfig, candidate_pool, prepare, transfer
 
 SYSTEMS = ("target base", "source + adapter", "target + real-data adapter", "target + Trans-LoRA",
            "target + Trans-LoRA, no filter")
@@ -57,6 +58,8 @@ class TransferBench:
     disc_steps: int = opt(60, "discriminator training steps")
     quick: bool = opt(False, "fewer rows and steps: n_test 50, steps 60, samples 256")
     json: str | None = opt(None, "write the results here too")
+    work: str | None = opt(None, "keep every run (kit, adapters, candidates.jsonl, synthetic.jsonl) in this folder "
+                                 "instead of a temporary one")
     seed: int = opt(0, "seeds every run")
 
     def resolved(self) -> "TransferBench":
@@ -112,12 +115,15 @@ def bench_task(settings: TransferBench, task: BenchTask, work: Path) -> dict[str
                                 model=settings.source_model, seeds=settings.seeds, disc_steps=settings.disc_steps,
                                 seed=settings.seed))
     seconds["prepare"] = time.perf_counter() - t0
+    run = TransferConfig(kit=str(work / "kit"), out="", target_model=settings.target_model, samples=settings.samples,
+                         threshold=settings.threshold, **common)
+    target, tokenizer = load_model(settings.target_model, task="causal-lm")
+    pool = candidate_pool(run, target, tokenizer)  # one pool: the filter's effect is measured on the same candidates
+    del target
     reports = {}
     for system, keep in (("target + Trans-LoRA", True), ("target + Trans-LoRA, no filter", False)):
-        reports[system] = transfer(TransferConfig(
-            kit=str(work / "kit"), out=str(work / ("filtered" if keep else "unfiltered")),
-            target_model=settings.target_model, samples=settings.samples, threshold=settings.threshold, filter=keep,
-            **common))
+        out = work / ("filtered" if keep else "unfiltered")
+        reports[system] = transfer(dataclasses.replace(run, out=str(out), filter=keep), pool=pool)
     t0 = time.perf_counter()
     adapters = {"target base": (settings.target_model, None), "source + adapter": (settings.source_model, source_adapter),
                 "target + real-data adapter": (settings.target_model, upper),
@@ -138,10 +144,11 @@ def bench_task(settings: TransferBench, task: BenchTask, work: Path) -> dict[str
             "acceptance_rate": reports["target + Trans-LoRA"]["acceptance_rate"],
             "accepted": {s: r["accepted"] for s, r in reports.items()},
             "generated": reports["target + Trans-LoRA"]["generated"],
-            "seconds": {**seconds, **{f"transfer {s}": r["stage_seconds"] for s, r in reports.items()}}}
+            "seconds": {**seconds, "synthesise + score": sum(pool.seconds.values()),
+                        **{f"transfer {s}": r["stage_seconds"] for s, r in reports.items()}}}
 
 
-def bench_transfer(settings: TransferBench, tasks: list[BenchTask], work: str | Path | None = None) -> dict[str, Any]:
+def bench_transfer(settings: TransferBench, tasks: list[BenchTask]) -> dict[str, Any]:
     """Every task through `bench_task`. JSON keys: `tasks` (list of {task, scores: {system: metric}, ...}),
     `settings`, `seconds`; written to settings.json too when it names a file."""
     settings = settings.resolved()
@@ -149,7 +156,7 @@ def bench_transfer(settings: TransferBench, tasks: list[BenchTask], work: str | 
         raise LoraforgeError("bench transfer: no task to run")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-transfer-") as scratch:
-        root = Path(work or scratch)
+        root = Path(settings.work or scratch)
         results = []
         for task in tasks:
             (root / task.name).mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,8 @@ PREPARE_HELP = ("at source time, with the real data: keep --seeds rows, synthesi
                 "train the discriminator (a LoRA on the source, real vs synthetic) and write the kit")
 RUN_HELP = ("from nothing but the kit: synthesise inputs with the target base, keep those the discriminator takes "
             "for real, label them greedily with source + adapter, train a fresh adapter on the target; OUT gets "
-            "adapter/ (PEFT format), synthetic.jsonl and report.json")
+            "adapter/ (PEFT format), synthetic.jsonl (the labelled rows), candidates.jsonl (every candidate, its p_real, "
+            "kept or not) and report.json")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -71,7 +71,7 @@ class TransferConfig:
     """`loraforge transfer run`: a target adapter from nothing but the kit."""
 
     kit: str = field(metadata={"help": "the kit folder `transfer prepare` wrote"})
-    out: str = field(metadata={"help": "folder to write: adapter/ (PEFT format), synthetic.jsonl, report.json"})
+    out: str = field(metadata={"help": "folder to write: adapter/ (PEFT format), synthetic.jsonl, candidates.jsonl, report.json"})
     target_model: str = opt("gemma3-270m", "the new base model: embedded name, local HF folder or .gguf file")
     samples: int = opt(128, "candidate inputs the target base synthesises")
     threshold: float = opt(0.5, "P in (0, 1): keep candidates whose p_real >= P")
@@ -158,35 +158,55 @@ def label(kit: Kit, kit_dir: str | Path, inputs: list[str]) -> list[str]:
     return generate(teacher, tokenizer, conversations, max_new_tokens=kit.answer_tokens, temperature=0.0)
 
 
-def transfer(config: TransferConfig, progress: bool = True) -> dict[str, Any]:
-    """Distil the kit's adapter into a fresh one on `config.target_model`; write OUT; return the report."""
+@dataclass
+class Pool:
+    """Steps 2-3 before the threshold: how many candidates the target generated, the distinct new ones
+    (no empty text, no copy of a seed) and the discriminator's p_real of each. A filtered and an
+    unfiltered run of one config share it (the bench measures the filter on the same candidates)."""
+
+    generated: int
+    texts: list[str]
+    p_real: list[float]
+    seconds: dict[str, float]
+
+
+def candidate_pool(config: TransferConfig, target: Any, tokenizer: Any, progress: bool = True) -> Pool:
+    """The target base synthesises `config.samples` candidates from the kit's seeds; the kit's
+    discriminator scores the distinct new ones."""
+    kit, seeds = read_kit(config.kit)
+    t0 = time.perf_counter()
+    candidates = synthesize_inputs(target, tokenizer, [user for user, _ in seeds], config.samples, kit.input_lines,
+                                   config.temperature, config.seed, progress=progress)
+    seconds = {"synthesise": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    seed_inputs = {user for user, _ in seeds}
+    distinct = [c for c in dict.fromkeys(candidates) if c and c not in seed_inputs]  # copies teach nothing new
+    discriminator, clf_tokenizer = load_pretrained(kit.source_model, Path(config.kit) / DISCRIMINATOR)
+    scores = p_real(discriminator, clf_tokenizer, distinct)
+    seconds["score"] = time.perf_counter() - t0
+    return Pool(len(candidates), distinct, scores, seconds)
+
+
+def transfer(config: TransferConfig, progress: bool = True, pool: Pool | None = None) -> dict[str, Any]:
+    """Distil the kit's adapter into a fresh one on `config.target_model`; write OUT; return the report.
+    `pool`: candidates already synthesised and scored for this config (`candidate_pool`), reused."""
     start = time.perf_counter()
     if not 0 < config.threshold < 1:  # NaN fails too
         raise LoraforgeError(f"--threshold is a probability in (0, 1), got {config.threshold}")
     _at_least({"samples": config.samples, "steps": config.steps, "rank": config.rank,
                "batch_size": config.batch_size})
     get_method(config.target_method)  # an unknown method is refused before anything loads
-    kit, seeds = read_kit(config.kit)
-    seconds: dict[str, float] = {}
+    kit, _ = read_kit(config.kit)
 
     target, tokenizer = _load_target(config.target_model)
-    t0 = time.perf_counter()
-    candidates = synthesize_inputs(target, tokenizer, [user for user, _ in seeds], config.samples, kit.input_lines,
-                                   config.temperature, config.seed, progress=progress)
-    seconds["synthesise"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    seed_inputs = {user for user, _ in seeds}
-    distinct = [c for c in dict.fromkeys(candidates) if c and c not in seed_inputs]  # copies teach nothing new
-    discriminator, clf_tokenizer = load_pretrained(kit.source_model, Path(config.kit) / DISCRIMINATOR)
-    scores = p_real(discriminator, clf_tokenizer, distinct)
-    del discriminator
-    kept = accept(scores, config.threshold) if config.filter else [True] * len(distinct)
-    accepted = [(text, score) for text, score, keep in zip(distinct, scores, kept) if keep]
-    seconds["filter"] = time.perf_counter() - t0
+    reused = pool is not None
+    pool = pool or candidate_pool(config, target, tokenizer, progress)
+    seconds = {} if reused else dict(pool.seconds)  # a reused pool's time was spent, and counted, once
+    kept = accept(pool.p_real, config.threshold) if config.filter else [True] * len(pool.texts)
+    accepted = [(text, score) for text, score, keep in zip(pool.texts, pool.p_real, kept) if keep]
     if not accepted:
-        best = f"{max(scores):.3f}" if scores else "none: every candidate was empty or a seed"
-        raise LoraforgeError(f"no candidate passed the filter ({len(candidates)} generated, best p_real {best}, "
+        best = f"{max(pool.p_real):.3f}" if pool.p_real else "none: every candidate was empty or a seed"
+        raise LoraforgeError(f"no candidate passed the filter ({pool.generated} generated, best p_real {best}, "
                              f"--threshold {config.threshold}): lower --threshold, raise --samples, or --no-filter")
 
     t0 = time.perf_counter()
@@ -209,11 +229,14 @@ def transfer(config: TransferConfig, progress: bool = True) -> dict[str, Any]:
         shutil.rmtree(tmp / CHECKPOINT_DIR)  # optimizer state of a run OUT can only replace whole, not resume
         seconds["train"] = time.perf_counter() - t0
         losses = [row["loss"] for row in result.history if "loss" in row]
-        report = {"generated": len(candidates), "distinct": len(distinct), "accepted": len(accepted),
-                  "acceptance_rate": len(accepted) / len(candidates), "labelled": len(rows),
+        report = {"generated": pool.generated, "distinct": len(pool.texts), "accepted": len(accepted),
+                  "acceptance_rate": len(accepted) / pool.generated, "labelled": len(rows),
                   "discriminator_accuracy": kit.discriminator_accuracy, "final_loss": losses[-1],
-                  "seconds": time.perf_counter() - start, "stage_seconds": seconds,
+                  "seconds": time.perf_counter() - start, "stage_seconds": seconds, "pool_reused": reused,
                   "source_model": kit.source_model, "settings": asdict(config)}
         (tmp / "synthetic.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        # every candidate with its score, kept or not: what the filter did, to read
+        (tmp / "candidates.jsonl").write_text("".join(json.dumps({"input": text, "p_real": round(score, 4), "kept": keep})
+                                                      + "\n" for text, score, keep in zip(pool.texts, pool.p_real, kept)))
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
