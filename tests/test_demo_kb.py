@@ -9,13 +9,22 @@ import pytest
 from loraforge.cli import main
 from loraforge.core.errors import DataError
 from loraforge.demo import DemoSettings, run_demo
-from loraforge.demo.advising import build_knowledge_base
+from loraforge.demo.advising import build_knowledge_base, edit_values
 from loraforge.demo.kb_file import kb_to_json, load_kb, write_kb
 
 
 def test_generated_knowledge_base_round_trips_through_the_file(tmp_path):
     kb = build_knowledge_base(3, n_universities=12)
     assert load_kb(write_kb(kb, tmp_path / "kb.json"), seed=3) == kb
+
+
+def test_no_scholarship_is_null_in_the_file_and_round_trips(tmp_path):
+    kb, _ = edit_values(build_knowledge_base(0, n_universities=12, no_scholarship=1), 0.5, 0)
+    none = [u.name for u in kb.universities if u.scholarship is None]
+    assert len(none) >= 2  # the one that never had one, and at least one withdrawn
+    data = kb_to_json(kb)
+    assert [u["name"] for u in data["universities"] if u["scholarship"] is None] == none
+    assert load_kb(write_kb(kb, tmp_path / "kb.json")) == kb
 
 
 def broken(tmp_path, edit):
@@ -35,6 +44,11 @@ def broken(tmp_path, edit):
     (lambda d: d["universities"][3]["scholarship"].update(amount=d["universities"][0]["scholarship"]["amount"]),
      r"universities\[3\] \(.+\)\.scholarship\.amount", "also"),
     (lambda d: d["countries"][0].pop("visa_weeks"), r"countries\[0\]\.visa_weeks", "missing"),
+    (lambda d: d["universities"][2].pop("scholarship"), r"universities\[2\] \(.+\)\.scholarship", "missing"),
+    (lambda d: d["universities"][2].update(scholarship="none"), r"universities\[2\] \(.+\)\.scholarship",
+     "expected an object or null"),
+    (lambda d: d["universities"][1]["scholarship"].update(amount=0), r"universities\[1\] \(.+\)\.scholarship\.amount",
+     "must be positive"),
     (lambda d: d.update(universities=d["universities"][:1]), "universities", "at least two"),
 ])
 def test_malformed_file_names_the_key_and_the_entry(tmp_path, edit, where, what):

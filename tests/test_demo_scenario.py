@@ -9,10 +9,12 @@ import pytest
 from loraforge.demo import DemoSettings, build_scenario
 from loraforge.demo.advising import (
     EVALUATED_FACTS,
+    NO_SCHOLARSHIP,
     EvalItem,
     add_universities,
     build_knowledge_base,
     edit_values,
+    euros,
     fact_answer,
     grade,
     is_refusal,
@@ -28,7 +30,7 @@ from loraforge.demo.rag import PageIndex, packed_rows
 
 @pytest.fixture(scope="module")
 def scenario():
-    return build_scenario(build_knowledge_base(0, n_universities=19), DemoSettings())
+    return build_scenario(build_knowledge_base(0, n_universities=19, no_scholarship=2), DemoSettings())
 
 
 def test_sizes_meet_the_issue(scenario):
@@ -49,7 +51,7 @@ def test_a_quarter_of_the_values_is_edited(seed):
             changed = old.fact(fact_type) != new.fact(fact_type)
             assert changed == ((old.name, fact_type) in edits), (old.name, fact_type)
     for fact_type in ("deadline", "tuition", "language", "scholarship"):
-        values = [u.fact(fact_type) for u in edited.universities]
+        values = [u.fact(fact_type) for u in edited.universities if u.fact(fact_type) != NO_SCHOLARSHIP]
         assert len(set(values)) == len(values)  # still gradable: no two universities share a value
         old_values = {u.fact(fact_type) for u in kb.universities}
         for name, edited_type in edits:
@@ -66,6 +68,57 @@ def test_stale_answers_are_detected_and_graded_wrong(scenario):
         assert grade(new_answer, item) and not is_stale(new_answer, item), item
         assert not grade(new_answer + "\n" + old_answer, item)  # both values: wrong, and stale
         assert is_stale(new_answer + "\n" + old_answer, item)
+
+
+def _withdrawn(scenario):
+    return [i for i in scenario.updated if i.fact_type == "scholarship"
+            and scenario.after.university(i.university).scholarship is None]
+
+
+def test_default_scenario_withdraws_a_scholarship_and_its_page_says_none(scenario):
+    withdrawn = _withdrawn(scenario)
+    scholarship_edits = [e for e in scenario.edits if e[1] == "scholarship"]
+    assert 1 <= len(withdrawn) < len(scholarship_edits)  # some withdrawn, the others a new amount
+    never = {u.name for u in scenario.kb.universities if u.scholarship is None}
+    assert len(never) == 2 and never.isdisjoint(i.university for i in withdrawn)  # none to withdraw there
+    index = PageIndex(scenario.after)
+    for item in withdrawn:
+        old = scenario.kb.university(item.university).scholarship
+        page = index.pages[[u.name for u in scenario.after.universities].index(item.university)]
+        assert "- Scholarship: none offered" in page and old.name not in page and euros(old.amount) not in page
+        assert item.expected == NO_SCHOLARSHIP and item.absent
+
+
+def test_a_withdrawn_scholarship_is_graded_on_the_denial(scenario):
+    item = _withdrawn(scenario)[0]
+    uni, old = item.university, scenario.kb.university(item.university).scholarship
+    for answer in (f"### Scholarship at {uni}\n- {uni} offers **no scholarship**.",
+                   f"{uni} no longer offers a scholarship.", f"{uni} doesn’t offer any scholarships.",
+                   f"The scholarship at {uni} has been withdrawn.", "**Scholarship:** none offered"):
+        assert grade(answer, item) and not is_stale(answer, item), answer
+    for answer in (f"The **{old.name}** is worth **{euros(old.amount)}** a year.",  # the old value
+                   f"{uni} has no scholarship any more; it was {euros(old.amount)}.",  # denies and states it
+                   f"The {old.name} was withdrawn.",  # the old name
+                   ):
+        assert not grade(answer, item) and is_stale(answer, item), answer
+    rival = next(u.scholarship for u in scenario.kb.universities if u.scholarship and u.name != uni)
+    for answer in ("No scholarship, but a grant of €2,500 a year.",  # an amount after all
+                   f"No scholarship here; try the {rival.name}.",  # another university's
+                   f"Is there a scholarship at {uni}? Please check the website.",  # no denial
+                   "I don't know."):
+        assert not grade(answer, item), answer
+
+
+def test_training_never_holds_a_withdrawn_scholarship(scenario):
+    text, rows = _training_text(scenario)
+    for item in _withdrawn(scenario):
+        old = scenario.kb.university(item.university).scholarship
+        assert old.name in text  # trained on its scholarship as it was
+    never = [u for u in scenario.kb.universities if u.scholarship is None]
+    assert "Scholarship: none offered" in text  # the form, on the pages of universities that never had one
+    for uni in never:
+        assert any(f"{uni.name} offers **no scholarship**" in m["content"] or
+                   f"**no scholarship** at {uni.name}" in m["content"] for r in rows for m in r["messages"])
 
 
 def test_new_universities_are_graded_on_their_own_values(scenario):

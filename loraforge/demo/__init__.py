@@ -94,6 +94,12 @@ class DemoSettings:
     rag_k: int = 2
     facts_per_row: int = 4  # questions per packed phase-1 row (rag)
     edit_fraction: float = 0.25  # of the trained facts, edited after training
+    # Generated universities that offer no scholarship (one in eight: 2 of 19). Edits withdraw some
+    # scholarships after training, and their pages then read "Scholarship: none offered"; training
+    # rows never hold a withdrawn one, so without these the adapter would meet that line first at
+    # test time and might copy "none" into the trained "**name**: **amount**" answer. These are
+    # trained on like any other fact (and graded in fact_accuracy); edits never touch them.
+    no_scholarship_share: float = 0.125
     new_universities: int = 4  # added after training, from another seed of the generator
     unknown_universities: int = 16  # held-out "I don't know" questions about names not in the KB
     unknown_topics: int = 8  # ... and about facts no page holds
@@ -210,7 +216,8 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, settings: DemoSetting
     instead of the generated one of `settings.universities`; it is read before the model loads."""
     settings = settings or DemoSettings()
     out = Path(out)
-    knowledge = load_kb(kb, seed) if kb is not None else build_knowledge_base(seed, n_universities=settings.universities)
+    knowledge = load_kb(kb, seed) if kb is not None else build_knowledge_base(
+        seed, n_universities=settings.universities, no_scholarship=int(settings.no_scholarship_share * settings.universities))
     scenario = build_scenario(knowledge, settings, seed)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -3,8 +3,8 @@
 The demo re-enacts, offline and on a CPU, a paper that turned an instruction model into a
 study-abroad advisor with LoRA. Real admission facts would be partly known to the base model
 and would go stale, so everything here is invented: universities with made-up names in made-up
-cities and countries, each with a deadline, a tuition fee, a language requirement, a scholarship,
-flagship programmes and the visa rule of its country. Before training the model cannot know any
+cities and countries, each with a deadline, a tuition fee, a language requirement, a scholarship
+(or none: :data:`NO_SCHOLARSHIP`), flagship programmes and the visa rule of its country. Before training the model cannot know any
 of it (fact accuracy near 0); after training it should.
 
 Everything is generated from a seed with no network access, and a seed always gives the same
@@ -27,7 +27,8 @@ bullet) because the demo trains on a 2-core CPU in minutes.
 question for every (university, evaluated fact type), phrased from templates that no training
 record uses. An answer is *fact-correct* when it states the asked value in an accepted surface
 form (``15 March`` / ``March 15`` / ``15th March``; ``€9,800`` / ``9800 euros``; ...), also
-names the scholarship when a scholarship is asked, and states no other university's value of
+names the scholarship when a scholarship is asked (or, for a university with none, says so:
+:data:`NO_SCHOLARSHIP_FORMS`), and states no other university's value of
 that fact type, so listing every deadline does not score. Separately, an answer is *Markdown*
 when it has a heading, a list item or a table (the exact rule is in :func:`is_markdown`).
 """
@@ -47,6 +48,11 @@ from pathlib import Path
 # programmes are fixed, and the visa rule is its country's.
 EVALUATED_FACTS = ("deadline", "tuition", "language", "scholarship", "programme", "location", "visa")
 EDITABLE_FACTS = ("deadline", "tuition", "language", "scholarship")
+# A university may offer no scholarship (a user's knowledge base, `build_knowledge_base(no_scholarship=)`,
+# or one withdrawn by `edit_values`): its fact is this value, its page says "Scholarship: none offered".
+NO_SCHOLARSHIP = "no scholarship"
+# One scholarship edit in this many withdraws the scholarship instead of changing its amount.
+WITHDRAW_EVERY = 4
 
 MONTHS = ("January", "February", "March", "April", "May", "June",
           "July", "August", "September", "October", "November", "December")
@@ -149,7 +155,7 @@ class University:
     deadline: Date
     tuition: int  # euros per year
     language: LanguageRequirement
-    scholarship: Scholarship
+    scholarship: Scholarship | None  # None: offers no scholarship
 
     @property
     def teaching_language(self) -> str:
@@ -161,7 +167,7 @@ class University:
             "deadline": str(self.deadline),
             "tuition": euros(self.tuition),
             "language": str(self.language),
-            "scholarship": str(self.scholarship),
+            "scholarship": str(self.scholarship) if self.scholarship else NO_SCHOLARSHIP,
             "programme": " and ".join(self.programmes),
             "location": f"{self.city}, {self.country.name}",
             "visa": self.country.visa_rule,
@@ -169,12 +175,13 @@ class University:
         return values[fact_type]
 
     def fields(self) -> dict[str, str]:
-        """Everything an answer or question template may name, by placeholder."""
+        """Everything an answer or question template may name, by placeholder (sch_name and
+        sch_amount only when there is a scholarship: a template that needs them then fails loudly)."""
+        sch = {"sch_name": self.scholarship.name, "sch_amount": euros(self.scholarship.amount)} if self.scholarship else {}
         return {
             "uni": self.name, "city": self.city, "country": self.country.name,
             "deadline": str(self.deadline), "tuition": euros(self.tuition), "language": str(self.language),
-            "teaching": self.teaching_language, "sch_name": self.scholarship.name,
-            "sch_amount": euros(self.scholarship.amount), "p1": self.programmes[0], "p2": self.programmes[1],
+            "teaching": self.teaching_language, **sch, "p1": self.programmes[0], "p2": self.programmes[1],
             "visa_weeks": str(self.country.visa_weeks), "visa_funds": euros(self.country.visa_funds),
         }
 
@@ -265,10 +272,13 @@ class _Draws:
 
     def take(self, uni: University) -> None:
         stem = uni.name.split()[0].lower()
-        self.name.taken += [stem, uni.city.lower(), uni.scholarship.name.split()[0].lower()]
+        self.name.taken += [stem, uni.city.lower()]
         self.university_prefixes.add(stem[:2])
         self.programmes.update(uni.programmes)
-        self.amounts.update((uni.tuition, uni.scholarship.amount))
+        self.amounts.add(uni.tuition)
+        if uni.scholarship:
+            self.name.taken.append(uni.scholarship.name.split()[0].lower())
+            self.amounts.add(uni.scholarship.amount)
         self.dates.add(uni.deadline)
         self.requirements.add(uni.language)
 
@@ -319,18 +329,23 @@ class _Draws:
         return out
 
 
-def build_knowledge_base(seed: int = 0, n_universities: int = 12) -> KnowledgeBase:
+def build_knowledge_base(seed: int = 0, n_universities: int = 12, no_scholarship: int = 0) -> KnowledgeBase:
     """A fictional, self-consistent set of universities: deterministic per seed.
 
     Three universities per country (at least two countries); the visa rule and local language
     belong to the country. Within each fact type every value is unique, and euro amounts are
-    unique across tuition, scholarships and visa funds.
+    unique across tuition, scholarships and visa funds. `no_scholarship` universities (drawn from
+    the seed after every value, so the others keep theirs) offer no scholarship.
     """
     if not 2 <= n_universities <= MAX_UNIVERSITIES:  # phase 2 compares two universities
         raise ValueError(f"n_universities must be in [2, {MAX_UNIVERSITIES}], got {n_universities}")
+    if not 0 <= no_scholarship < n_universities:  # comparing scholarships needs one that has one
+        raise ValueError(f"no_scholarship must be in [0, {n_universities - 1}], got {no_scholarship}")
     draws = _Draws(random.Random(f"loraforge-advising-kb:{seed}"))
     countries = [draws.country() for _ in range(max(2, math.ceil(n_universities / 3)))]
     universities = draws.universities(countries, n_universities)
+    for i in draws.rng.sample(range(n_universities), no_scholarship):
+        universities[i] = dataclasses.replace(universities[i], scholarship=None)
     return KnowledgeBase(seed=seed, countries=tuple(countries), universities=tuple(universities))
 
 
@@ -346,21 +361,30 @@ def edit_values(kb: KnowledgeBase, fraction: float = 0.25, seed: int = 0,
                 among: tuple[str, ...] | None = None) -> tuple[KnowledgeBase, list[tuple[str, str]]]:
     """A new term: `fraction` of the facts of the universities `among` (default: all; of every type,
     len(EVALUATED_FACTS) per university) get new values, drawn among the facts that change
-    (EDITABLE_FACTS: a new deadline, a new fee, a new language level, a new scholarship amount), each
-    unlike every value `kb` holds. Returns the edited knowledge base and the edited (university, fact
-    type) pairs."""
+    (EDITABLE_FACTS: a new deadline, a new fee, a new language level, a new scholarship amount or,
+    for one scholarship edit in WITHDRAW_EVERY, the first included, the scholarship withdrawn), each
+    unlike every value `kb` holds. A university with no scholarship has none to change. Returns the
+    edited knowledge base and the edited (university, fact type) pairs."""
     names = among if among is not None else tuple(u.name for u in kb.universities)
     count = round(fraction * len(names) * len(EVALUATED_FACTS))
     draws = _Draws(random.Random(f"loraforge-advising-edit:{seed}"), kb)
-    candidates = [(name, f) for name in names for f in EDITABLE_FACTS]
+    candidates = [(name, f) for name in names for f in EDITABLE_FACTS
+                  if f != "scholarship" or kb.university(name).scholarship]
     if count > len(candidates):
         raise ValueError(f"cannot edit {count} facts: only {len(candidates)} can change")
     changed: dict[str, dict] = {}
     edits = []
+    scholarships = 0
     for name, fact_type in draws.rng.sample(candidates, len(candidates)):
         if len(edits) == count:
             break
         uni = kb.university(name)
+        if fact_type == "scholarship":
+            scholarships += 1
+            if (scholarships - 1) % WITHDRAW_EVERY == 0:
+                changed.setdefault(name, {})[fact_type] = None
+                edits.append((name, fact_type))
+                continue
         try:
             value = {"deadline": draws.deadline, "tuition": draws.tuition,
                      "language": lambda: draws.language(uni.country),
@@ -593,9 +617,15 @@ ANSWERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
+# A university with no scholarship: the same headings, a line that says so (and no amount).
+NO_SCHOLARSHIP_ANSWERS = ("{uni} offers **no scholarship**.", "There is **no scholarship** at {uni}.")
+
+
 def fact_answer(uni: University, fact_type: str, rng: random.Random) -> str:
     """A short Markdown answer stating one fact: a heading and the fact in bold."""
     headings, facts = ANSWERS[fact_type]
+    if fact_type == "scholarship" and uni.scholarship is None:
+        facts = NO_SCHOLARSHIP_ANSWERS
     return f"### {rng.choice(headings)}\n- {rng.choice(facts)}".format(**uni.fields())
 
 
@@ -608,7 +638,7 @@ def overview_answer(uni: University) -> str:
         f"| Deadline | {uni.deadline} |",
         f"| Tuition | {euros(uni.tuition)} per year |",
         f"| Language | {uni.language} |",
-        f"| Scholarship | {uni.scholarship.name}, {euros(uni.scholarship.amount)} |",
+        f"| Scholarship | {f'{uni.scholarship.name}, {euros(uni.scholarship.amount)}' if uni.scholarship else 'none'} |",
         f"| Programmes | {uni.programmes[0]}, {uni.programmes[1]} |",
         f"| Location | {uni.city}, {uni.country.name} |",
         f"| Visa | {uni.country.visa_weeks} weeks; show {euros(uni.country.visa_funds)} |",
@@ -697,10 +727,12 @@ def _compare_answer(fact_type: str, a: University, b: University) -> tuple[str, 
     elif fact_type == "tuition":
         title, winner = "Tuition", min(a, b, key=lambda u: u.tuition)
         line, verdict = "- {uni}: **{tuition}** per year.", "is cheaper"
-    else:
-        title, winner = "Scholarships", max(a, b, key=lambda u: u.scholarship.amount)
+    else:  # none counts as 0 (phase2_dialogues never compares two universities that both have none)
+        title, winner = "Scholarships", max(a, b, key=lambda u: u.scholarship.amount if u.scholarship else 0)
         line, verdict = "- {uni}: **{sch_name}**, **{sch_amount}**.", "offers more"
-    lines = [f"### {title}: {a.name} vs {b.name}", line.format(**a.fields()), line.format(**b.fields()),
+    lines = [f"### {title}: {a.name} vs {b.name}",
+             *(line.format(**u.fields()) if fact_type != "scholarship" or u.scholarship
+               else f"- {u.name}: **no scholarship**." for u in (a, b)),
              f"- {winner.name} {verdict}."]
     return "\n".join(lines), winner
 
@@ -734,6 +766,8 @@ def phase2_dialogues(kb: KnowledgeBase, seed: int = 0, n: int = 48) -> list[dict
         elif kind == "compare":
             other = rng.choice([u for u in kb.universities if u is not uni])
             fact_type = rng.choice(tuple(COMPARE_QUESTIONS))
+            if fact_type == "scholarship" and not (uni.scholarship or other.scholarship):
+                fact_type = "tuition"  # neither offers one: nothing to compare
             answer, winner = _compare_answer(fact_type, uni, other)
             follow = rng.choice([f for f in EVALUATED_FACTS if f != fact_type])
             question = rng.choice(COMPARE_QUESTIONS[fact_type]).format(a=uni.name, b=other.name)
@@ -767,6 +801,9 @@ class EvalItem:
     expected: str  # the canonical value, as training answers state it
     accept: list[str]  # surface forms of the value; any one of them must appear
     require_all: list[str] = field(default_factory=list)  # must all appear too (a scholarship's name)
+    # The value is an absence (no scholarship): an answer that states any euro amount is wrong too,
+    # since "no scholarship, but €2,000 of funding" gives a value after all.
+    absent: bool = False
     reject: list[str] = field(default_factory=list)  # other universities' values: none may appear
     # "fact": a trained university's fact; "updated": its value edited after training (`stale` holds
     # the old value's forms); "new": a university added after training; "unknown": a university or
@@ -809,6 +846,21 @@ def _language_forms(req: LanguageRequirement) -> list[str]:
             f"{t} level {v}", f"{t}: {v}"]
 
 
+def _no_scholarship_forms() -> list[str]:
+    """Ways to say there is no scholarship. Each denies outright (a bare "none" or "not" could be
+    about something else); the old scholarship's name or amount beside one is stale, not correct."""
+    verbs = ("does not offer", "doesn't offer", "does not have", "doesn't have", "does not provide",
+             "doesn't provide", "does not give", "doesn't give")
+    objects = ("a scholarship", "any scholarship", "any scholarships", "scholarships")
+    return [f"{v} {o}" for v in verbs for o in objects] + [
+        "no scholarship", "no scholarships", "scholarship: none", "scholarships: none", "no longer offers",
+        "no longer offered", "no longer has", "no longer available", "withdrawn", "discontinued",
+        "no financial aid", "no funding", "no grant"]
+
+
+NO_SCHOLARSHIP_FORMS = _no_scholarship_forms()
+
+
 def accepted_forms(uni: University, fact_type: str) -> tuple[list[str], list[str]]:
     """(forms of which any one must appear, strings that must all appear) for a fact."""
     if fact_type == "deadline":
@@ -818,6 +870,8 @@ def accepted_forms(uni: University, fact_type: str) -> tuple[list[str], list[str
     if fact_type == "language":
         return _language_forms(uni.language), []
     if fact_type == "scholarship":
+        if uni.scholarship is None:
+            return list(NO_SCHOLARSHIP_FORMS), []
         return _euro_forms(uni.scholarship.amount), [uni.scholarship.name]
     if fact_type == "programme":
         return [uni.programmes[0]], [uni.programmes[1]]
@@ -831,10 +885,13 @@ def accepted_forms(uni: University, fact_type: str) -> tuple[list[str], list[str
 def _rivals(kb: KnowledgeBase, uni: University, fact_type: str) -> list[str]:
     """What no answer about `uni` may state: the other universities' values of `fact_type` (for the
     visa rule, the other countries': universities of one country share it; for a location, their
-    cities, as the country may be shared)."""
+    cities, as the country may be shared). Saying "no scholarship" is no other university's value:
+    several may have none."""
     reject: list[str] = []
     for other in kb.universities:
         if other is uni or (fact_type == "visa" and other.country == uni.country):
+            continue
+        if fact_type == "scholarship" and other.scholarship is None:
             continue
         accept, required = accepted_forms(other, fact_type)
         reject += accept if fact_type == "location" else accept + required
@@ -844,7 +901,8 @@ def _rivals(kb: KnowledgeBase, uni: University, fact_type: str) -> list[str]:
 def _item(kb: KnowledgeBase, uni: University, fact_type: str, question: str, kind: str = "fact") -> EvalItem:
     accept, require_all = accepted_forms(uni, fact_type)
     return EvalItem(question=question, university=uni.name, fact_type=fact_type, expected=uni.fact(fact_type),
-                    accept=accept, require_all=require_all, reject=_rivals(kb, uni, fact_type), kind=kind)
+                    accept=accept, require_all=require_all, reject=_rivals(kb, uni, fact_type), kind=kind,
+                    absent=fact_type == "scholarship" and uni.scholarship is None)
 
 
 def heldout_questions(kb: KnowledgeBase, seed: int = 0, universities: tuple[str, ...] | None = None,
@@ -867,7 +925,8 @@ def heldout_questions(kb: KnowledgeBase, seed: int = 0, universities: tuple[str,
 def updated_questions(items: list[EvalItem], old: KnowledgeBase, new: KnowledgeBase,
                       edits: list[tuple[str, str]]) -> list[EvalItem]:
     """The held-out questions (`items`) on the edited facts, graded against the new values; the old
-    value is `stale`, and stating it (even beside the new one) is wrong."""
+    value is `stale`, and stating it (even beside the new one) is wrong. For a withdrawn scholarship
+    the old name and amount are stale, and only a denial (NO_SCHOLARSHIP_FORMS) is correct."""
     by_fact = {(i.university, i.fact_type): i for i in items}
     out = []
     for name, fact_type in edits:
@@ -885,7 +944,8 @@ def unknown_questions(kb: KnowledgeBase, unknown: list[dict[str, str]], seed: in
     the fact types in turn), and `topics` about known universities' facts that no page holds
     (HELDOUT_UNKNOWN_TOPICS in turn). No answer may state a value: see :func:`is_refusal`."""
     rng = random.Random(f"loraforge-advising-unknown-questions:{seed}")
-    names = [v for u in kb.universities for v in (u.city, *u.programmes, u.scholarship.name)]
+    names = [v for u in kb.universities
+             for v in (u.city, *u.programmes, *((u.scholarship.name,) if u.scholarship else ()))]
     items = []
     for fields, fact_type in zip(unknown, _cycle(rng, EVALUATED_FACTS, len(unknown))):
         question = rng.choice(HELDOUT_QUESTIONS[fact_type]).format(**fields)
@@ -900,7 +960,7 @@ def unknown_questions(kb: KnowledgeBase, unknown: list[dict[str, str]], seed: in
 
 def _normalise(text: str) -> str:
     """Lower case; no Markdown emphasis, thousands separators or hyphens; single spaces."""
-    text = text.lower().replace("\u202f", " ").replace("\xa0", " ")
+    text = text.lower().replace("\u202f", " ").replace("\xa0", " ").replace("\u2019", "'")
     text = re.sub(r"[*_`]", "", text)
     text = re.sub(r"(?<=\d)[,'](?=\d{3}(?!\d))", "", text)  # "9,800" -> "9800"
     text = re.sub(r"[-\u2010-\u2014]", " ", text)  # "B2-level" -> "b2 level"
@@ -915,14 +975,19 @@ def _states(text: str, form: str) -> bool:
     return re.search(pattern, text) is not None
 
 
+_EURO_AMOUNT = re.compile(r"€|\beur\b|\beuros?\b")
+
+
 def fact_correct(answer: str, item: EvalItem) -> bool:
     """True when `answer` states the asked fact: one accepted form of the value, every required
-    string, and no other university's value of the same fact type. Case, whitespace, Markdown
-    emphasis, hyphens and thousands separators do not matter."""
+    string, no other university's value of the same fact type, and for an absent value (no
+    scholarship) no euro amount at all. Case, whitespace, Markdown emphasis, hyphens, curly
+    apostrophes and thousands separators do not matter."""
     text = _normalise(answer)
     return (any(_states(text, form) for form in item.accept)
             and all(_states(text, form) for form in item.require_all)
-            and not any(_states(text, form) for form in item.reject))
+            and not any(_states(text, form) for form in item.reject)
+            and not (item.absent and _EURO_AMOUNT.search(text)))
 
 
 _DONT_KNOW = re.compile(r"\b(?:i (?:don't|do not|can't|cannot) (?:know|say|tell)|not in my knowledge base|"
@@ -933,7 +998,7 @@ def is_refusal(answer: str, item: EvalItem) -> bool:
     """True when `answer` says it does not know ("I don't know", "not in my knowledge base", ...)
     and states no value: no digit at all (no date, amount, score or week count) and none of the
     item's `reject` strings (the knowledge base's cities, programmes, scholarship names)."""
-    text = _normalise(answer).replace("’", "'")
+    text = _normalise(answer)
     return (_DONT_KNOW.search(text) is not None and not re.search(r"\d", text)
             and not any(_states(text, form) for form in item.reject))
 

@@ -11,10 +11,13 @@ Schema (every key required; amounts are whole euros per year)::
                        "scholarship": {"name": "Kelvar Merit Award", "amount": 3000}}]}
 
 `language.test` is IELTS, TOEFL or the country's own language (then `level` is a CEFR level, B2).
-Each university's country names an entry of `countries`. Grading counts an answer wrong when it
-states another university's value of the asked fact, so within each fact type the values (deadline,
-tuition, language requirement, scholarship name and amount) and the programmes must be unique, and
-there must be at least two universities (phase 2 compares two).
+`"scholarship": null` is a university that offers no scholarship (its page says "Scholarship: none
+offered"; the key is still required, so a forgotten scholarship is not read as none); files written
+before null was allowed read as before. Each university's country names an entry of `countries`.
+Grading counts an answer wrong when it states another university's value of the asked fact, so
+within each fact type the values (deadline, tuition, language requirement, scholarship name and
+amount; several universities may have none) and the programmes must be unique, and there must be
+at least two universities (phase 2 compares two).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def kb_to_json(kb: KnowledgeBase) -> dict[str, Any]:
             "name": u.name, "city": u.city, "country": u.country.name, "programmes": list(u.programmes),
             "deadline": {"day": u.deadline.day, "month": u.deadline.month}, "tuition": u.tuition,
             "language": {"test": u.language.test, "level": u.language.level},
-            "scholarship": {"name": u.scholarship.name, "amount": u.scholarship.amount},
+            "scholarship": {"name": u.scholarship.name, "amount": u.scholarship.amount} if u.scholarship else None,
         } for u in kb.universities],
     }
 
@@ -106,13 +109,18 @@ def load_kb(path: str | Path, seed: int = 0) -> KnowledgeBase:
         test, level = r.get(language, "test", str, f"{where}.language"), r.get(language, "level", str, f"{where}.language")
         if test not in ("IELTS", "TOEFL") and test != countries[country].language:
             raise r.fail(f"{where}.language.test", f"{test!r} is neither IELTS, TOEFL nor {countries[country].language}")
-        scholarship = r.get(u, "scholarship", dict, where)
+        found, scholarship = u.get("scholarship", {}), None  # {}: a missing key, which r.get names
+        if found is not None:  # null: offers no scholarship
+            if not isinstance(found, dict):
+                raise r.fail(f"{where}.scholarship", f"expected an object or null (none), got {found!r}")
+            found = r.get(u, "scholarship", dict, where)
+            scholarship = Scholarship(r.get(found, "name", str, f"{where}.scholarship"),
+                                      r.get(found, "amount", int, f"{where}.scholarship"))
         universities.append(University(
             name=name, city=r.get(u, "city", str, where), country=countries[country],
             programmes=(programmes[0], programmes[1]), deadline=Date(day, month),
             tuition=r.get(u, "tuition", int, where), language=LanguageRequirement(test, level),
-            scholarship=Scholarship(r.get(scholarship, "name", str, f"{where}.scholarship"),
-                                    r.get(scholarship, "amount", int, f"{where}.scholarship"))))
+            scholarship=scholarship))
     if len(universities) < 2:
         raise r.fail("universities", f"at least two needed (phase 2 compares two), got {len(universities)}")
     _check_unique(r, universities)
@@ -122,8 +130,10 @@ def load_kb(path: str | Path, seed: int = 0) -> KnowledgeBase:
 def _check_unique(r: _Reader, universities: list[University]) -> None:
     # A value two universities share could not be graded: stating it names the other one's value too.
     keys = {"name": lambda u: [u.name], "deadline": lambda u: [u.deadline], "tuition": lambda u: [u.tuition],
-            "language": lambda u: [u.language], "scholarship.name": lambda u: [u.scholarship.name],
-            "scholarship.amount": lambda u: [u.scholarship.amount], "programmes": lambda u: list(u.programmes)}
+            "language": lambda u: [u.language],
+            "scholarship.name": lambda u: [u.scholarship.name] if u.scholarship else [],
+            "scholarship.amount": lambda u: [u.scholarship.amount] if u.scholarship else [],
+            "programmes": lambda u: list(u.programmes)}
     for key, values in keys.items():
         seen: dict[Any, str] = {}
         for i, u in enumerate(universities):

@@ -69,7 +69,9 @@ def kb_pages(data: dict[str, Any]) -> list[str]:
             f"- Application deadline: {u['deadline']['day']} {MONTHS[u['deadline']['month'] - 1]}",
             f"- Tuition: €{u['tuition']:,} per year",
             f"- Language requirement: {requirement}",
-            f"- Scholarship: {scholarship['name']} (€{scholarship['amount']:,}) a year",
+            # null: no scholarship (none, or withdrawn since training): said plainly, with no name or amount
+            f"- Scholarship: {scholarship['name']} (€{scholarship['amount']:,}) a year" if scholarship
+            else "- Scholarship: none offered",
             f"- Student visa: {country['visa_weeks']} weeks to process; "
             f"show €{country['visa_funds']:,} in a bank account",
         ]))
