@@ -2,7 +2,9 @@
 
 DDPM (Ho et al., arXiv 2006.11239, Eq. 14) with classifier-free guidance (Ho & Salimans, arXiv
 2207.12598): the UNet learns eps from x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps given the
-caption's text-tower states (the empty caption 10% of the time), and samples with
+caption's text-tower states (the empty caption 10% of the time; otherwise weight and background are
+each dropped half the time, so that the short prompts it is asked for, "a red letter K", are captions
+it has seen), and samples with
 
     eps_hat = eps(x_t, "") + g * (eps(x_t, c) - eps(x_t, ""))
 
@@ -28,6 +30,7 @@ from transformers import CLIPTextModel
 from loraforge.vision.glyphs import CHARACTERS, COLOURS, ImageSet, caption, class_name
 
 CAPTION_DROPOUT = 0.1
+KEEP = {"colour": 1.0, "char": 1.0, "weight": 0.5, "background": 0.5}  # P(word kept) in a non-empty caption
 
 
 @dataclass
@@ -119,7 +122,8 @@ def train_unet(unet: UNet2DConditionModel, scheduler: DDPMScheduler, text_encode
         if elapsed >= minutes:
             return curve
         index = rng.integers(0, len(train), batch)
-        captions = ["" if rng.random() < CAPTION_DROPOUT else caption(train.attributes[i]) for i in index.tolist()]
+        captions = ["" if rng.random() < CAPTION_DROPOUT else
+                    caption(train.attributes[i], {k: rng.random() < p for k, p in KEEP.items()}) for i in index.tolist()]
         x0 = x0_all[torch.from_numpy(index)]
         noise = torch.randn_like(x0)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
