@@ -28,7 +28,7 @@ from loraforge.bench import append_section, figure_line
 from loraforge.bench.methods import BenchRun, load_rows
 from loraforge.core.configs import opt
 from loraforge.core.errors import LoraforgeError
-from loraforge.core.files import atomic_write_text
+from loraforge.core.files import atomic_write_text, write_jsonl
 from loraforge.federated.strategies import STRATEGIES
 from loraforge.training.data import data_path
 
@@ -70,7 +70,7 @@ def write_data(bench: FedBench, model: str, folder: Path) -> tuple[Path, str]:
         path.write_text("sentence\tlabel\n" + "".join(f"{r['text']}\t{r['label']}\n" for r in rows))
     else:
         path = folder / "data.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(path, rows)
     return path, task
 
 

@@ -8,12 +8,13 @@ target). A kill between the two leaves only the .old folder, so every writer and
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 from safetensors import SafetensorError
 
@@ -68,11 +69,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except WRITE_ERRORS as exc:
         tmp.unlink(missing_ok=True)
         raise _write_error(path, exc) from exc
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
+    """`records` as JSON Lines, one object a line, in UTF-8 (so the € of an amount stays readable),
+    written whole or not at all."""
+    atomic_write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    return Path(path)
 
 
 def _write_error(target: Path, exc: BaseException) -> WriteError:

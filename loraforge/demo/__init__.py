@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from loraforge.core.files import atomic_write_text
+from loraforge.core.files import atomic_write_text, write_jsonl
 from loraforge.core.models import load_model
 from loraforge.demo.advising import (
     EvalItem,
@@ -203,13 +203,6 @@ def retrieval_recall(kb: KnowledgeBase, items: list[EvalItem], ks=(1, 2, 3)) -> 
     return {str(k): recall_at_k(bm25, questions, relevant, k) for k in ks}
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> Path:
-    with path.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return path
-
-
 def run_demo(out: str | Path = "runs/demo", seed: int = 0, settings: DemoSettings | None = None,
              kb: str | Path | None = None) -> dict[str, Any]:
     """`kb`: a knowledge-base JSON file (schema in `loraforge.demo.kb_file`) to train and grade on
@@ -230,19 +223,19 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, settings: DemoSetting
     paths = write_datasets(data, seed=seed, system=SYSTEM, per_fact=settings.per_fact, kb=knowledge)
     write_kb(knowledge, data / "kb.json")  # the same schema --kb reads: edit it and run again
     write_kb(scenario.after, data / "kb_after.json")  # edited, with the new universities: what is asked after
-    _write_jsonl(data / "heldout_all.jsonl", [dataclasses.asdict(i) for i in
+    write_jsonl(data / "heldout_all.jsonl", [dataclasses.asdict(i) for i in
                                               scenario.facts + scenario.updated + scenario.new + scenario.unknown])
     system = [{"role": "system", "content": SYSTEM}]
     if settings.rag:
         index = PageIndex(knowledge, k=settings.rag_k)
         rows = packed_rows(index, steps1 * settings.batch_size, seed, settings.facts_per_row, scenario.train_unknown)
-        paths["phase1"] = _write_jsonl(data / "phase1_rag.jsonl", [{"messages": system + r["messages"]} for r in rows])
+        paths["phase1"] = write_jsonl(data / "phase1_rag.jsonl", [{"messages": system + r["messages"]} for r in rows])
         paths["phase2"] = ground_file(paths["phase2"], data / "phase2_rag.jsonl", index, seed, first_only=True)
         max_length = 1024
     else:
         rows = [json.loads(line) for line in paths["phase1"].read_text(encoding="utf-8").splitlines()]
         rows += [{"messages": system + r["messages"]} for r in refusal_examples(knowledge, scenario.train_unknown, seed)]
-        paths["phase1"] = _write_jsonl(data / "phase1_refusals.jsonl", rows)
+        paths["phase1"] = write_jsonl(data / "phase1_refusals.jsonl", rows)
         max_length = 256
     phase1 = load_dataset(paths["phase1"], tokenizer, max_length=max_length)
     phase2 = load_dataset(paths["phase2"], tokenizer, max_length=max_length)
@@ -311,12 +304,13 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, settings: DemoSetting
                         ("unknown", scenario.unknown)):
         for n, item in enumerate(items):
             got = {name: a[kind][n] for name, a in answers.items()}
+            correct = {name: grade(a, item) for name, a in got.items()}
             rows_out.append({"kind": kind, "question": item.question, "university": item.university,
                              "fact_type": item.fact_type, "expected": item.expected,
-                             "before": got["base"], "after": got[default], "correct_after": grade(got[default], item),
-                             "answers": got, "correct": {name: grade(a, item) for name, a in got.items()},
+                             "before": got["base"], "after": got[default], "correct_after": correct[default],
+                             "answers": got, "correct": correct,
                              **({"stale": {name: is_stale(a, item) for name, a in got.items()}} if kind == "updated" else {})})
-    atomic_write_text(out / "answers.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows_out))
+    write_jsonl(out / "answers.jsonl", rows_out)
     atomic_write_text(out / "report.md", render_report(summary, scenario, rows_out))
     return summary
 

@@ -33,7 +33,7 @@ from loraforge.adapters.inject import detach
 from loraforge.adapters.io import load_adapter, read_adapter
 from loraforge.core.config import read_adapter_config
 from loraforge.core.configs import opt
-from loraforge.core.files import atomic_write_text
+from loraforge.core.files import atomic_write_text, write_jsonl
 from loraforge.generate.abmll import ABMLLConfig, detach_bayes, set_mode
 from loraforge.generate.calibration import accuracy_and_ece, label_probs
 from loraforge.generate.conditions import embed_texts, load_text_encoder
@@ -198,7 +198,7 @@ def _score_task(bench: GenerateBench, held: ZooTask, zoo: Zoo, multitask: dict[s
     train_rows = read_rows(held.train)
     examples = random.Random(bench.seed).sample(train_rows, min(bench.examples, len(train_rows)))
     examples_file = folder / "examples.jsonl"
-    atomic_write_text(examples_file, "".join(json.dumps({"messages": r["messages"]}) + "\n" for r in examples))
+    write_jsonl(examples_file, [{"messages": r["messages"]} for r in examples])
     config, peft_json = read_adapter_config(family[0].final)
     adapters: dict[str, str | None] = {
         "base": None, "oracle": held.final, "nearest": _nearest(held, family, encoder).final,

@@ -26,7 +26,7 @@ from typing import Any
 
 from loraforge.core.config import read_adapter_config
 from loraforge.core.errors import LoraforgeError
-from loraforge.core.files import atomic_write_text
+from loraforge.core.files import atomic_write_text, write_jsonl
 from loraforge.generate.families import Task, make_task
 
 INDEX = "index.json"
@@ -190,6 +190,6 @@ def _write_data(root: Path, task: Task, train_rows: list[dict], test_rows: list[
     folder = root / task.id
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train_rows), ("test", test_rows)):
-        atomic_write_text(folder / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(folder / f"{name}.jsonl", rows)
     return ZooTask(task.id, task.family, task.value, task.description, f"{task.id}/train.jsonl",
                    f"{task.id}/test.jsonl")

@@ -29,7 +29,7 @@ from torch import nn
 from loraforge.adapters.io import load_pretrained
 from loraforge.core.configs import opt
 from loraforge.core.errors import LoraforgeError
-from loraforge.core.files import atomic_write_text
+from loraforge.core.files import atomic_write_text, write_jsonl
 from loraforge.core.models import load_model
 from loraforge.training.config import TrainConfig
 from loraforge.training.evaluate import exact_match
@@ -89,15 +89,10 @@ class BenchTask:
     source_adapter: str | None = None
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
 def bench_task(settings: TransferBench, task: BenchTask, work: Path) -> dict[str, Any]:
     """One task through the five systems; `work` holds its runs."""
-    real = _write_jsonl(work / "train.jsonl", task.train_rows[:settings.n_train])
-    test = _write_jsonl(work / "test.jsonl", task.test_rows[:settings.n_test])
+    real = write_jsonl(work / "train.jsonl", task.train_rows[:settings.n_train])
+    test = write_jsonl(work / "test.jsonl", task.test_rows[:settings.n_test])
     seconds: dict[str, float] = {}
     common = {"rank": settings.rank, "alpha": settings.alpha, "steps": settings.steps, "lr": settings.lr,
               "batch_size": settings.batch_size, "targets": settings.targets, "seed": settings.seed}
