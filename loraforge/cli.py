@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on questions behind their BM25 top-2 pages and grade base, base+rag, lora and "
                         "lora+rag (the default); --no-rag: no pages, base and lora only")
     p.add_argument("--universities", type=int, help="size of the generated knowledge base (default 19)")
-    p.add_argument("--phase1-steps", type=int, help="phase 1 optimizer steps (default 40 with retrieval, 270 without)")
-    p.add_argument("--phase2-steps", type=int, help="phase 2 optimizer steps (default 6 with retrieval, 12 without)")
+    p.add_argument("--phase1-steps", type=int, help="phase 1 optimizer steps (default 36 with retrieval, 270 without)")
+    p.add_argument("--phase2-steps", type=int, help="phase 2 optimizer steps (default 0 with retrieval: no phase 2; 12 without)")
     p.set_defaults(run=cmd_demo)
 
     for module in FEATURE_COMMANDS:

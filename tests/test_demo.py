@@ -24,7 +24,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert 0.0 <= saved["fact_accuracy_after"] <= 1.0 and saved["facts"] == saved["facts_graded"] == 14
     assert saved["retrieval_recall_at_k"] == {"1": 1.0, "2": 1.0, "3": 1.0}  # each question names its university
     for name in ("report.md", "loss.png", "answers.jsonl", "data/phase1.jsonl", "phase1/adapter/adapter_model.safetensors",
-                 "phase2/adapter/adapter_model.safetensors"):
+                 "phase2/adapter/adapter_model.safetensors", "adapter/adapter_model.safetensors"):
         assert (tmp_path / "demo" / name).is_file(), name
     assert "| fact accuracy |" in (tmp_path / "demo" / "report.md").read_text()
 

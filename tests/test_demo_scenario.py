@@ -178,12 +178,14 @@ def test_packed_rows_carry_pages_then_several_questions(scenario):
     index = PageIndex(scenario.kb, 2)
     rows = packed_rows(index, 40, 0, 4, scenario.train_unknown)
     assert len(rows) == 40
+    pages = []
     for row in rows:
         roles = [m["role"] for m in row["messages"]]
         assert roles == ["user", "assistant"] * 4
         assert row["messages"][0]["content"].startswith("Knowledge base:\n\n## ")
-        assert row["messages"][0]["content"].count("\n## ") == 2  # two pages
+        pages.append(row["messages"][0]["content"].count("\n## "))
         assert not any(m["content"].startswith("Knowledge base") for m in row["messages"][1:])
+    assert set(pages) == {1, 2}  # one or two pages: the wrong one among them in the rows with two
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -13,6 +13,7 @@ from loraforge.core.errors import LoraforgeError, TrainingError
 from loraforge.testing import tiny_llama, tiny_tokenizer
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import from_records
+from loraforge.training.health import HealthCheck
 from loraforge.training.loop import train
 
 TOK = tiny_tokenizer()
@@ -74,3 +75,19 @@ def test_cli_exit_2_names_the_check(tmp_path, capsys):
                  "--out", str(tmp_path / "cli")])
     err = capsys.readouterr().err
     assert code == 2 and "dead run stopped" in err and "--no-health-check" in err and "Traceback" not in err
+
+
+class _OneRank:
+    @staticmethod
+    def sum(values):
+        return values
+
+
+def test_divergence_bound_floors_a_fitted_start(tmp_path):
+    """A second phase on a fitted adapter starts near 0 loss: 10x of that is not divergence; 10x the floor is."""
+    weight = torch.nn.Parameter(torch.ones(4))
+    check = HealthCheck(TrainConfig(health_max_loss=10.0), [weight], _OneRank(), tmp_path)
+    check.check(1, 0.07, 1.0, 1.0)
+    check.check(2, 0.7, 1.0, 1.0)  # 10x the first loss, below 10x the floor of 1.0
+    with pytest.raises(TrainingError, match=r"the loss 11 is more than 10 times the first step's 0.07 \(floored at 1\)"):
+        check.check(3, 11.0, 1.0, 1.0)

@@ -57,7 +57,7 @@ def test_full_moves_the_demo_advisor(models, tmp_path):
     paths = write_datasets(demo / "data", seed=0, n_universities=2, system=SYSTEM, per_fact=1)
     train(TrainConfig(model=str(models / "source"), data=str(paths["phase1"]), out=str(tmp_path / "run"), steps=3,
                       rank=4, lr=1e-2), progress=False)
-    shutil.copytree(tmp_path / "run" / "adapter", demo / "phase2" / "adapter")
+    shutil.copytree(tmp_path / "run" / "adapter", demo / "adapter")
     assert _bench(models, "--demo", str(demo), "--json", str(tmp_path / "r.json")) == 0
     offset, advisor = json.loads((tmp_path / "r.json").read_text())["tasks"]
     assert offset["task"] == "offset-9" and advisor["task"] == "advisor" and advisor["metric"] == "fact_accuracy"
@@ -69,4 +69,4 @@ def test_full_moves_the_demo_advisor(models, tmp_path):
 def test_missing_demo_is_a_clear_error(models, tmp_path, capsys):
     assert _bench(models, "--demo", str(tmp_path / "nowhere")) == 2
     err = capsys.readouterr().err
-    assert "phase2/adapter" in err and "loraforge demo --out" in err
+    assert "adapter" in err and "loraforge demo --out" in err

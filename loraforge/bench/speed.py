@@ -49,6 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from loraforge.bench import append_section, machine, map_large_blocks, release_freed_memory, status_mb
+from loraforge.core.compat import autocast_dtype
 from loraforge.core.configs import opt
 from loraforge.core.models import default_device
 
@@ -76,7 +77,6 @@ class SpeedRun:
 
 def available_precisions(device: torch.device) -> list[str]:
     from loraforge.quant.nf4 import backend_available
-    from loraforge.training.loop import autocast_dtype
 
     found = ["fp32"]
     if autocast_dtype("auto", device) == torch.bfloat16:

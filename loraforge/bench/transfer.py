@@ -28,7 +28,7 @@ class TransferTasks:
     """Which tasks `bench transfer` builds."""
 
     offset: int = opt(9, "the offset task's k (the zoo trains 1-30 but not 9; 7, 13 and 22 are generate's held out)")
-    demo: str = opt("runs/demo", "the folder `loraforge demo --out` wrote: phase2/adapter is transferred, "
+    demo: str = opt("runs/demo", "the folder `loraforge demo --out` wrote: adapter is transferred, "
                                  "data/phase1.jsonl is the real data, data/heldout.jsonl the graded questions")
 
 
@@ -51,7 +51,7 @@ def advisor_grade(model: nn.Module, tokenizer: Any, test: Path) -> dict[str, flo
 
 def advisor_task(demo: str | Path) -> BenchTask:
     folder = Path(demo)
-    paths = {"adapter": folder / "phase2" / "adapter" / "adapter_config.json",
+    paths = {"adapter": folder / "adapter" / "adapter_config.json",
              "real data": folder / "data" / "phase1.jsonl", "held-out questions": folder / "data" / "heldout.jsonl"}
     missing = [f"{name} ({path})" for name, path in paths.items() if not path.is_file()]
     if missing:
@@ -62,7 +62,7 @@ def advisor_task(demo: str | Path) -> BenchTask:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     return BenchTask("advisor", rows(paths["real data"]), rows(paths["held-out questions"]), grade=advisor_grade,
-                     source_adapter=str(folder / "phase2" / "adapter"))
+                     source_adapter=str(folder / "adapter"))
 
 
 def run(bench: TransferBench, tasks: TransferTasks, command: str, report: Path | None) -> dict[str, Any]:

@@ -10,7 +10,8 @@ after training, and the advisor says "I don't know" about what no page holds.
        with the retrieved pages (conditions base, base+rag)
     2. phase 1: LoRA on rows of several questions behind their retrieved pages (`--no-rag`: the
        broad single-question set without pages)
-    3. phase 2: the same adapter, on the multi-turn advising dialogues
+    3. phase 2 (by default only without retrieval): the same adapter, on the multi-turn advising
+       dialogues; OUT/adapter is the last phase's adapter
     4. ask again (lora, lora+rag); write report.md, results.json, answers.jsonl, loss.png
 
 Four kinds of held-out question, graded under each condition:
@@ -32,13 +33,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from loraforge.core.files import atomic_write_text, write_jsonl
+from loraforge.adapters.inject import merge
+from loraforge.core.files import atomic_dir, atomic_write_text, write_jsonl
 from loraforge.core.models import load_model
 from loraforge.demo.advising import (
     EvalItem,
@@ -57,7 +60,7 @@ from loraforge.demo.advising import (
     write_datasets,
 )
 from loraforge.demo.kb_file import load_kb, write_kb
-from loraforge.demo.rag import PageIndex, ground_file, packed_rows
+from loraforge.demo.rag import PageIndex, ground_rows, packed_rows
 from loraforge.training.config import TrainConfig
 from loraforge.training.data import load_dataset
 from loraforge.training.evaluate import generate
@@ -73,17 +76,23 @@ CONDITIONS = ("base", "base+rag", "lora", "lora+rag")
 class DemoSettings:
     model: str = "smollm2-135m"
     universities: int = 19  # x 7 fact types = 133 held-out fact questions
-    per_fact: int = 8  # --no-rag: training phrasings per fact (every phrasing of the pool)
+    per_fact: int = 8  # --no-rag: training phrasings per fact
     rank: int = 16
     alpha: float = 32.0
     targets: str = "all-linear"
     batch_size: int = 8
     # None: the mode's own default. With retrieval a row carries two pages (about 200 tokens) and
-    # four answers; the adapter learns to read the page, not to hold every value, so one pass over
-    # 320 such rows does what 270 steps of one-answer rows did without pages (docs/benchmarks.md).
-    phase1_steps: int | None = None  # rag: 40; no rag: 270 (4.5 passes over phase 1)
+    # five answers; the adapter learns to read the page, not to hold every value, so one pass over
+    # 288 such rows does what 270 steps of one-answer rows did without pages (docs/benchmarks.md).
+    phase1_steps: int | None = None  # rag: 36; no rag: 270 (4.5 passes over phase 1)
     phase1_lr: float = 2e-3
-    phase2_steps: int | None = None  # rag: 6 (one pass over the 48 dialogues); no rag: 12
+    # rag: 0, no phase 2. Its dialogues hold comparisons of two or three bullets, and after them the
+    # adapter went on after its answer with more bullets holding other universities' values: on the
+    # same 48 fact and 24 "I don't know" questions, phase 1 alone scored 1.00 and 0.75, and 0.88 and
+    # 0.42 after 6 steps of dialogues; with half of phase 2's rows replaying phase 1, whole runs
+    # still scored 0.80-0.93 and 0.71-0.79, against 0.94 and 0.88 without phase 2
+    # (docs/benchmarks.md). Phase 1's rows are conversations already: five questions on the pages.
+    phase2_steps: int | None = None  # rag: 0 (--phase2-steps N: dialogues and replayed phase-1 rows); no rag: 12
     phase2_lr: float = 5e-4
     # Phase 2 starts a fresh AdamW on an adapter that already holds the facts: its first steps move
     # every weight by about lr whatever the gradient, so it warms up over a quarter of its steps.
@@ -92,7 +101,9 @@ class DemoSettings:
     eval_batch_size: int = 48
     rag: bool = True  # False (--no-rag): no pages, conditions base and lora only
     rag_k: int = 2
-    facts_per_row: int = 4  # questions per packed phase-1 row (rag)
+    facts_per_row: int = 5  # questions per packed phase-1 row (rag)
+    unknown_share: float = 0.2  # of packed rows' questions, about universities the knowledge base lacks
+    topic_share: float = 0.15  # of their follow-ups, about facts no page holds
     edit_fraction: float = 0.25  # of the trained facts, edited after training
     # Generated universities that offer no scholarship (one in eight: 2 of 19). Edits withdraw some
     # scholarships after training, and their pages then read "Scholarship: none offered"; training
@@ -103,10 +114,11 @@ class DemoSettings:
     new_universities: int = 4  # added after training, from another seed of the generator
     unknown_universities: int = 16  # held-out "I don't know" questions about names not in the KB
     unknown_topics: int = 8  # ... and about facts no page holds
-    train_unknown: int = 12  # other unknown names, for the refusals training carries
+    train_unknown: int = 160  # other unknown names, for the refusals training carries (many: see packed_rows)
 
     def steps(self) -> tuple[int, int]:
-        return (self.phase1_steps or (40 if self.rag else 270), self.phase2_steps or (6 if self.rag else 12))
+        steps1 = self.phase1_steps if self.phase1_steps is not None else 36 if self.rag else 270
+        return steps1, self.phase2_steps if self.phase2_steps is not None else 0 if self.rag else 12
 
 
 @dataclasses.dataclass
@@ -129,7 +141,7 @@ def build_scenario(kb: KnowledgeBase, settings: DemoSettings, seed: int = 0) -> 
     after, edits = edit_values(extended, settings.edit_fraction, seed, among=trained)
     test_names = unknown_universities(extended, settings.unknown_universities, seed)
     train_names = unknown_universities(extended, settings.train_unknown, seed + 10_000,
-                                       avoid=tuple(f["uni"] for f in test_names))
+                                       avoid=tuple(f["uni"] for f in test_names), own_prefix=False)
     facts = heldout_questions(kb, seed)
     new_names = tuple(u.name for u in after.universities[len(trained):])
     return Scenario(kb=kb, after=after, edits=edits, train_unknown=train_names, facts=facts,
@@ -143,7 +155,7 @@ def answer(model, tokenizer, questions: list[str], settings: DemoSettings, index
     conversations = [[{"role": "system", "content": SYSTEM},
                       {"role": "user", "content": index.ground(q) if index else q}] for q in questions]
     return generate(model, tokenizer, conversations, max_new_tokens=settings.max_new_tokens,
-                    batch_size=settings.eval_batch_size, progress=True)
+                    batch_size=settings.eval_batch_size, progress=True, precision="auto")
 
 
 def fact_metrics(answers: list[str], items: list[EvalItem]) -> dict[str, Any]:
@@ -228,9 +240,16 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, settings: DemoSetting
     system = [{"role": "system", "content": SYSTEM}]
     if settings.rag:
         index = PageIndex(knowledge, k=settings.rag_k)
-        rows = packed_rows(index, steps1 * settings.batch_size, seed, settings.facts_per_row, scenario.train_unknown)
+        rows = packed_rows(index, steps1 * settings.batch_size, seed, settings.facts_per_row, scenario.train_unknown,
+                           settings.unknown_share, settings.topic_share)
         paths["phase1"] = write_jsonl(data / "phase1_rag.jsonl", [{"messages": system + r["messages"]} for r in rows])
-        paths["phase2"] = ground_file(paths["phase2"], data / "phase2_rag.jsonl", index, seed, first_only=True)
+        dialogues = [json.loads(line) for line in paths["phase2"].read_text(encoding="utf-8").splitlines()]
+        # Replay (--phase2-steps N): as many fresh phase-1 rows as dialogues, or phase 2 undoes what
+        # phase 1 taught (see DemoSettings.phase2_steps)
+        replay = packed_rows(index, len(dialogues), seed + 1, settings.facts_per_row, scenario.train_unknown,
+                             settings.unknown_share, settings.topic_share)
+        paths["phase2"] = write_jsonl(data / "phase2_rag.jsonl", ground_rows(dialogues, index, seed, first_only=True)
+                                      + [{"messages": system + r["messages"]} for r in replay])
         max_length = 1024
     else:
         rows = [json.loads(line) for line in paths["phase1"].read_text(encoding="utf-8").splitlines()]
@@ -256,14 +275,23 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, settings: DemoSetting
     for phase, rows, steps, lr, warmup in (
             ("phase1", phase1, steps1, settings.phase1_lr, TrainConfig.warmup),
             ("phase2", phase2, steps2, settings.phase2_lr, settings.phase2_warmup)):
+        if not steps:
+            continue
         print(f"[{2 + len(results)}/4] {phase}: {len(rows)} rows, {steps} steps")
         config = TrainConfig(model=settings.model, out=str(out / phase), rank=settings.rank, alpha=settings.alpha,
                              targets=settings.targets, steps=steps, lr=lr, warmup=warmup, batch_size=settings.batch_size,
-                             max_length=max_length, length_grouped=True, seed=seed)
+                             max_length=max_length, seed=seed,
+                             # phase 2 mixes dialogues with replayed rows: grouped by length they would
+                             # fall into batches of one kind each, and its few steps see batches of both
+                             length_grouped=phase == "phase1")
         results.append(train(config, model=model, tokenizer=tokenizer, train_data=rows))
+    # OUT/adapter: the advisor, whichever phase came last (`loraforge chat --adapter OUT/adapter`)
+    with atomic_dir(out / "adapter") as tmp:
+        shutil.copytree(results[-1].out / "adapter", tmp, dirs_exist_ok=True)
     seconds["train"], tick = time.perf_counter() - tick, time.perf_counter()
 
     print("[4/4] asking the held-out questions again")
+    merge(model)  # the adapters are saved: fold the delta in, so decoding costs what the base model's does
     for name, rag in (("lora", False), ("lora+rag", True)):
         if rag and not settings.rag:
             continue
@@ -273,7 +301,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, settings: DemoSetting
     conditions = {name: grade_condition(a, scenario) for name, a in answers.items()}
     default = "lora+rag" if settings.rag else "lora"  # the results' "after" keys
     before, after = conditions["base"], conditions[default]
-    history = results[0].history + [dict(r, step=r["step"] + steps1) for r in results[1].history]
+    history = results[0].history + [dict(r, step=r["step"] + steps1) for r in (results[1].history if steps2 else [])]
     train_rows = [r for r in history if "samples_per_s" in r]
     samples = settings.batch_size * len(train_rows)
     train_seconds = sum(settings.batch_size / r["samples_per_s"] for r in train_rows)
@@ -284,7 +312,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, settings: DemoSetting
         "markdown_rate_after": after["markdown_rate"],
         "fact_accuracy_by_type_after": after["fact_accuracy_by_type"],
         "loss_reduction": results[0].loss_reduction,
-        "loss_reduction_phase2": results[1].loss_reduction,
+        "loss_reduction_phase2": results[1].loss_reduction if steps2 else None,
         "samples_per_s": samples / train_seconds,
         "seconds": time.perf_counter() - start,
         "facts": len(scenario.facts),
@@ -297,7 +325,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, settings: DemoSetting
         "train_rows": {"phase1": len(phase1), "phase2": len(phase2)},
         "settings": dict(dataclasses.asdict(settings), phase1_steps=steps1, phase2_steps=steps2),
     }
-    plot_loss(history, out / "loss.png", title="advising demo: phase 1 then phase 2")
+    plot_loss(history, out / "loss.png", title="advising demo: phase 1 then phase 2" if steps2 else "advising demo")
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
     rows_out = []
     for kind, items in (("fact", scenario.facts), ("updated", scenario.updated), ("new", scenario.new),
@@ -331,8 +359,8 @@ def render_report(summary: dict[str, Any], scenario: Scenario, rows: list[dict])
         "",
         f"LoRA r={st['rank']}, alpha={st['alpha']}, {st['targets']}; "
         f"phase 1: {s['train_rows']['phase1']} rows, {st['phase1_steps']} steps; "
-        f"phase 2: {s['train_rows']['phase2']} dialogues, {st['phase2_steps']} steps; "
-        f"batch {st['batch_size']}; retrieval {'BM25 top-' + str(st['rag_k']) if st['rag'] else 'off'}. "
+        + (f"phase 2: {s['train_rows']['phase2']} rows, {st['phase2_steps']} steps; " if st["phase2_steps"] else "no phase 2; ")
+        + f"batch {st['batch_size']}; retrieval {'BM25 top-' + str(st['rag_k']) if st['rag'] else 'off'}. "
         f"Whole run: {s['seconds']:.0f} s.",
         "",
         f"Held-out questions: {q['fact']} facts ({len(scenario.kb.universities)} universities x 7 fact types), "

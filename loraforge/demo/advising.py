@@ -307,8 +307,9 @@ class _Draws:
             return LanguageRequirement(test, self.rng.choice(IELTS_BANDS if test == "IELTS" else TOEFL_SCORES))
         return _unique(requirement, self.requirements)
 
-    def university_name(self) -> str:
-        return self.rng.choice(UNIVERSITY_STYLES).format(self.name(self.university_prefixes))
+    def university_name(self, own_prefix: bool = True) -> str:
+        """`own_prefix`: first two letters no other university of these draws has (see _NameMaker)."""
+        return self.rng.choice(UNIVERSITY_STYLES).format(self.name(self.university_prefixes if own_prefix else None))
 
     def universities(self, countries: list[Country] | tuple[Country, ...], n: int) -> list[University]:
         free = [p for p in PROGRAMMES if p not in self.programmes]
@@ -397,13 +398,16 @@ def edit_values(kb: KnowledgeBase, fraction: float = 0.25, seed: int = 0,
     return dataclasses.replace(kb, universities=universities), edits
 
 
-def unknown_universities(kb: KnowledgeBase, n: int, seed: int, avoid: tuple[str, ...] = ()) -> list[dict[str, str]]:
+def unknown_universities(kb: KnowledgeBase, n: int, seed: int, avoid: tuple[str, ...] = (),
+                         own_prefix: bool = True) -> list[dict[str, str]]:
     """`n` universities the knowledge base does not hold (names from the same generator, unlike
-    `kb`'s and `avoid`'s), as question-template fields: uni, city and one of `kb`'s countries."""
+    `kb`'s and `avoid`'s), as question-template fields: uni, city and one of `kb`'s countries.
+    Without `own_prefix` a name may share its first two letters with another university's (never
+    its first three): there are then hundreds of names to draw instead of about fifty."""
     draws = _Draws(random.Random(f"loraforge-advising-unknown:{seed}"), kb)
     draws.name.taken += [a.split()[0].lower() for a in avoid]
-    return [{"uni": draws.university_name(), "city": draws.name(), "country": draws.rng.choice(kb.countries).name}
-            for _ in range(n)]
+    return [{"uni": draws.university_name(own_prefix), "city": draws.name(),
+             "country": draws.rng.choice(kb.countries).name} for _ in range(n)]
 
 
 # --------------------------------------------------------------------------- phrasings
@@ -420,6 +424,12 @@ TRAIN_QUESTIONS: dict[str, tuple[str, ...]] = {
         "{uni} deadline?",
         "Until what date can I apply to {uni}?",
         "What is the last day to apply to {uni} in {country}?",
+        "When do I have to submit my application for {uni}?",
+        "Tell me the application deadline of {uni} in {city}.",
+        "What date do applications to {uni} close?",
+        "How much time do I have left to apply to {uni}?",
+        "By which date must {uni} receive my application?",
+        "Deadline for {uni}, please.",
     ),
     "tuition": (
         "How much is tuition at {uni}?",
@@ -430,6 +440,12 @@ TRAIN_QUESTIONS: dict[str, tuple[str, ...]] = {
         "{uni} tuition per year?",
         "How much do international students pay to study at {uni}?",
         "What's the yearly fee for studying at {uni} in {country}?",
+        "What will I pay per year to attend {uni}?",
+        "Tell me the price of one year of study at {uni}.",
+        "Is {uni} in {city} affordable? What are the fees?",
+        "What is the cost of tuition at {uni} for someone from abroad?",
+        "Can you give me the tuition figure for {uni}?",
+        "Fees at {uni}, please.",
     ),
     "language": (
         "What is the language requirement for {uni}?",
@@ -440,6 +456,12 @@ TRAIN_QUESTIONS: dict[str, tuple[str, ...]] = {
         "{uni} language requirement?",
         "What score must I show to be admitted to {uni}?",
         "Which certificate proves my language skills for {uni} in {country}?",
+        "What test score do I have to hand in for {uni}?",
+        "Which language exam does {uni} accept, and at what level?",
+        "Tell me the language level needed at {uni} in {city}.",
+        "My English is average. Is it enough for {uni}?",
+        "What certificate will admissions at {uni} ask me for?",
+        "Language level for {uni}, please.",
     ),
     "scholarship": (
         "Does {uni} offer a scholarship?",
@@ -450,6 +472,12 @@ TRAIN_QUESTIONS: dict[str, tuple[str, ...]] = {
         "{uni} scholarship?",
         "How much is the scholarship at {uni} worth?",
         "Which scholarship should I apply for at {uni} in {country}?",
+        "Is there any money available for students at {uni}?",
+        "Which bursary or grant exists at {uni}?",
+        "Tell me about financial support at {uni} in {city}.",
+        "Can {uni} help me pay for my studies?",
+        "What funding could I receive at {uni}, and how much?",
+        "Scholarship options at {uni}, please.",
     ),
     "programme": (
         "What is {uni} known for?",
@@ -458,6 +486,12 @@ TRAIN_QUESTIONS: dict[str, tuple[str, ...]] = {
         "What are the flagship programmes of {uni} in {city}?",
         "{uni} programmes?",
         "Which subjects is {uni} strongest in?",
+        "What degrees is {uni} best known for?",
+        "Tell me the standout courses at {uni} in {city}.",
+        "Which fields does {uni} specialise in?",
+        "What would you study at {uni} if you wanted its best programme?",
+        "Which majors make {uni} stand out?",
+        "What is taught best at {uni} in {country}?",
     ),
     "location": (
         "Where is {uni}?",
@@ -466,6 +500,12 @@ TRAIN_QUESTIONS: dict[str, tuple[str, ...]] = {
         "Which country is {uni} in?",
         "{uni} location?",
         "Where would I live if I studied at {uni}?",
+        "Which city and country is {uni} based in?",
+        "Tell me where the campus of {uni} is.",
+        "In what part of the world is {uni}?",
+        "Where exactly is {uni} located?",
+        "Which town is home to {uni}?",
+        "Location of {uni}, please.",
     ),
     "visa": (
         "Do I need a visa to study at {uni}?",
@@ -474,6 +514,12 @@ TRAIN_QUESTIONS: dict[str, tuple[str, ...]] = {
         "What do I need for a student visa to attend {uni}?",
         "{uni} visa?",
         "How much money must I show for a visa to study at {uni}?",
+        "How does the student visa work for {uni} in {country}?",
+        "Tell me the visa requirements for studying at {uni}.",
+        "How early should I apply for my visa for {uni}, and how much money do I need?",
+        "What savings and processing time does the visa for {uni} need?",
+        "Visa details for {uni}, please.",
+        "I got into {uni}. What about the visa?",
     ),
     "overview": (
         "Give me an overview of {uni}.",

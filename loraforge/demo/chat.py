@@ -89,7 +89,7 @@ def run_chat(chat: Chat, read=input, write: TextIO = sys.stdout) -> None:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="an interactive chat in the terminal, streamed, with retrieval over --kb")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--adapter", help="adapter folder (e.g. runs/demo/phase2/adapter)")
+    p.add_argument("--adapter", help="adapter folder (e.g. runs/demo/adapter)")
     p.add_argument("--kb", help="knowledge base JSON (loraforge demo --kb schema): put the top-k pages in each prompt")
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--system", default=SYSTEM, help="system prompt ('' for none)")

@@ -14,9 +14,7 @@ once per answer: about 2.5 times the answers per trained token at 4 questions a 
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 
 from loraforge.demo.advising import (
     EVALUATED_FACTS,
@@ -42,9 +40,9 @@ class PageIndex:
         self.pages = kb_pages(kb_to_json(kb))
         self.bm25, self.k = BM25(self.pages), k
 
-    def search(self, question: str, rng: random.Random | None = None) -> list[int]:
-        """The top-k pages' indices (in shuffled order with `rng`)."""
-        found = self.bm25.search(question, self.k)
+    def search(self, question: str, rng: random.Random | None = None, k: int | None = None) -> list[int]:
+        """The top-k pages' indices (`k` defaults to the index's; in shuffled order with `rng`)."""
+        found = self.bm25.search(question, k or self.k)
         if rng is not None:
             rng.shuffle(found)
         return found
@@ -54,14 +52,19 @@ class PageIndex:
 
 
 def packed_rows(index: PageIndex, n_rows: int, seed: int = 0, per_row: int = 4,
-                unknown: list[dict[str, str]] | None = None, unknown_share: float = 0.125) -> list[dict]:
-    """`n_rows` conversations of `per_row` questions behind the pages retrieved for the first one.
+                unknown: list[dict[str, str]] | None = None, unknown_share: float = 0.125,
+                topic_share: float = 0.1) -> list[dict]:
+    """`n_rows` conversations of `per_row` questions behind the pages retrieved for the first one:
+    between one and the index's k pages (a row with fewer pages is shorter, and as instructive).
 
     The first questions go round every (university, fact type) in shuffled order, except that a
     share `unknown_share` of them ask about one of the `unknown` universities instead (pages of
-    other universities come back: the answer is "I don't know"). A follow-up asks, in the same
-    shares, about an unknown university, about a fact no page holds (TRAIN_UNKNOWN_TOPICS) of a
-    university on the pages, or else about any fact of a university on the pages.
+    other universities come back: the answer is "I don't know"). A follow-up asks about an unknown
+    university (share `unknown_share`), about a fact no page holds (TRAIN_UNKNOWN_TOPICS) of a
+    university on the pages (share `topic_share`), or else about a fact of a university on the
+    pages that the row has not asked yet: a repeated fact could be copied from the earlier answer
+    instead of read. Draw `unknown` from many names, each seldom asked: a few names asked often
+    are learnt as names to refuse, and the adapter does not learn to look for the name on the pages.
     """
     rng = random.Random(f"loraforge-advising-rag-phase1:{seed}")
     kb = index.kb
@@ -74,35 +77,36 @@ def packed_rows(index: PageIndex, n_rows: int, seed: int = 0, per_row: int = 4,
             answer = unknown_university_answer(fields, rng)
         else:
             question, answer = _ask(rng.choice(TRAIN_QUESTIONS[fact_type]), uni), fact_answer(uni, fact_type, rng)
-        found = index.search(question, rng)
+        found = index.search(question, rng, rng.randint(1, index.k))
         turns = [with_pages(question, [index.pages[i] for i in found]), answer]
         shown = [kb.universities[i] for i in found]
+        unasked = [(u, f) for u in shown for f in EVALUATED_FACTS if (u, f) != (uni, fact_type)]
+        rng.shuffle(unasked)
         for _ in range(per_row - 1):
-            draw, other = rng.random(), rng.choice(shown)
+            draw = rng.random()
             if unknown and draw < unknown_share:
                 fields = rng.choice(unknown)
                 turns += [rng.choice(TRAIN_QUESTIONS[rng.choice(EVALUATED_FACTS)]).format(**fields),
                           unknown_university_answer(fields, rng)]
-            elif draw < 2 * unknown_share:
+            elif draw < unknown_share + topic_share or not unasked:
+                other = rng.choice(shown)
                 topic, template = rng.choice(TRAIN_UNKNOWN_TOPICS)
                 turns += [_ask(template, other), unknown_topic_answer(other, topic, rng)]
             else:
-                follow = rng.choice(EVALUATED_FACTS)
+                other, follow = unasked.pop()
                 turns += [_ask(rng.choice(TRAIN_QUESTIONS[follow]), other), fact_answer(other, follow, rng)]
         rows.append(_chat(*turns))
     return rows
 
 
-def ground_file(src: Path, dst: Path, index: PageIndex, seed: int = 0, first_only: bool = False) -> Path:
-    """Copy a chat JSONL file with its user turns (only the first with `first_only`) behind their
-    retrieved pages, in shuffled order."""
+def ground_rows(records: list[dict], index: PageIndex, seed: int = 0, first_only: bool = False) -> list[dict]:
+    """Chat records with their user turns (only the first with `first_only`) behind their retrieved
+    pages, in shuffled order."""
     rng = random.Random(f"loraforge-advising-rag:{seed}")
-    with src.open(encoding="utf-8") as f, dst.open("w", encoding="utf-8") as out:
-        for line in f:
-            record = json.loads(line)
-            first = next(i for i, m in enumerate(record["messages"]) if m["role"] == "user")
-            record["messages"] = [dict(m, content=index.ground(m["content"], rng))
-                                  if m["role"] == "user" and (i == first or not first_only) else m
-                                  for i, m in enumerate(record["messages"])]
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return dst
+    out = []
+    for record in records:
+        first = next(i for i, m in enumerate(record["messages"]) if m["role"] == "user")
+        out.append({**record, "messages": [dict(m, content=index.ground(m["content"], rng))
+                                           if m["role"] == "user" and (i == first or not first_only) else m
+                                           for i, m in enumerate(record["messages"])]})
+    return out

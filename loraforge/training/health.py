@@ -12,7 +12,9 @@ once per optimizer step, never per micro-batch:
   at the start (floored at FLOOR, as LoRA's B starts at 0), or one step changing the weights'
   norm by more than `health_max_update` times it: |‖θ_t‖ - ‖θ_{t-1}‖| / ‖θ_{t-1}‖ is a lower bound
   of the update-to-weight ratio ‖Δθ‖ / ‖θ‖ that needs no copy of the weights;
-- divergence: the loss above `health_max_loss` times the run's first loss.
+- divergence: the loss above `health_max_loss` times the run's first loss, floored at LOSS_FLOOR
+  (a run that starts on an adapter already fitted, a second phase, may begin at a loss of 0.07
+  and meet 0.7 on its first batch of new rows: that is learning, not divergence).
 
 The weights' squared norm is read in the same device-to-host copy as the gradient norm, which the
 loop reads anyway, so a step with the check on waits for the device no more often than without.
@@ -34,6 +36,7 @@ from loraforge.core.errors import TrainingError
 from loraforge.training.config import TrainConfig
 
 FLOOR = 0.1  # RMS below which a weight's scale counts as this: a zero start must not make every step a blow-up
+LOSS_FLOOR = 1.0  # mean loss per label token below which the first loss counts as this
 
 
 class HealthCheck:
@@ -91,9 +94,9 @@ class HealthCheck:
         elif change > c.health_max_update:
             problem = (f"one step changed the weights' norm by {change:.3g} times it (RMS {self.prev_rms:.3g} -> "
                        f"{rms:.3g})", "--health-max-update")
-        elif self.first_loss > 0 and loss > c.health_max_loss * self.first_loss:
+        elif loss > c.health_max_loss * max(self.first_loss, LOSS_FLOOR):
             problem = (f"the loss {loss:.4g} is more than {c.health_max_loss:g} times the first step's "
-                       f"{self.first_loss:.4g}", "--health-max-loss")
+                       f"{self.first_loss:.4g} (floored at {LOSS_FLOOR:g})", "--health-max-loss")
         self.prev_rms = rms
         if problem is not None:
             what, flag = problem
