@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import AutoImageProcessor, CLIPModel, CLIPTextModel, CLIPTokenizer
@@ -11,6 +12,7 @@ from loraforge.cli import main
 from loraforge.vision.clip_testbed import vocabulary_texts
 from loraforge.vision.glyphs import CHARACTERS, HELDOUT_FONT, build_glyphs, caption, digits, load_glyphs, make_split
 from loraforge.vision.testbed import GUIDANCES, PRESETS, build_testbed
+from loraforge.vision.unet_testbed import UNetSize, new_unet
 from loraforge.vision.vocab import caption_tokenizer
 
 
@@ -84,3 +86,13 @@ def test_cli_builds_the_quick_testbed_with_overrides(tmp_path, monkeypatch, caps
     assert printed["out"] == str(tmp_path / "tb") and set(printed["clip_zero_shot"]) >= {"character", "colour"}
     saved = json.loads((tmp_path / "tb" / "testbed.json").read_text())
     assert saved["preset"]["clip_minutes"] == 0.001 and saved["preset"]["n_train"] == TINY_PRESET.n_train
+
+
+def test_unet_cross_attention_from_a_level_on():
+    unet, _ = new_unet(UNetSize(channels=(8, 16), attention_from=1), 16, 32)
+    assert [type(b).__name__ for b in unet.down_blocks] == ["DownBlock2D", "CrossAttnDownBlock2D"]
+    assert [type(b).__name__ for b in unet.up_blocks] == ["CrossAttnUpBlock2D", "UpBlock2D"]  # mirrored
+    states = torch.randn(2, 5, 32)
+    assert unet(torch.randn(2, 3, 16, 16), torch.tensor([3, 7]), encoder_hidden_states=states).sample.shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="attention_from must name one of the 2 levels, got 2"):
+        new_unet(UNetSize(channels=(8, 16), attention_from=2), 16, 32)

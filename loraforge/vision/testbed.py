@@ -68,7 +68,8 @@ class TestbedPreset:
 PRESETS = {
     # --quick: tests of the whole chain and bench --quick; about 10 minutes on two idle cores.
     "quick": TestbedPreset(n_train=4000, n_test=400, clip=ClipSize(hidden=64, vision_layers=3),
-                           clip_minutes=3.0, unet=UNetSize(channels=(32, 64)), unet_minutes=5.0, sanity_samples=60),
+                           clip_minutes=3.0, unet=UNetSize(channels=(32, 64), attention_from=1), unet_minutes=5.0,
+                           sanity_samples=60),
     "full": TestbedPreset(n_train=20000, n_test=2000, clip=ClipSize(), clip_minutes=12.0,
                           unet=UNetSize(channels=(64, 128)), unet_minutes=40.0, eval_every=200),
 }

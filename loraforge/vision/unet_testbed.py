@@ -38,15 +38,27 @@ class UNetSize:
     channels: tuple[int, ...] = (32, 64)
     layers_per_block: int = 1
     head_dim: int = 8
+    # The first resolution level with cross-attention (0: every level). The caption decides the
+    # character and its colour, which the coarse level can place; attention over all 256 positions
+    # of a 16x16 level costs most of a step there.
+    attention_from: int = 0
 
 
 def new_unet(size: UNetSize, image_size: int, text_hidden: int) -> tuple[UNet2DConditionModel, DDPMScheduler]:
+    if not 0 <= size.attention_from < len(size.channels):
+        raise ValueError(f"attention_from must name one of the {len(size.channels)} levels, got {size.attention_from}")
+    down = tuple("CrossAttnDownBlock2D" if level >= size.attention_from else "DownBlock2D"
+                 for level in range(len(size.channels)))
     unet = UNet2DConditionModel(
         sample_size=image_size, in_channels=3, out_channels=3, layers_per_block=size.layers_per_block,
-        block_out_channels=size.channels, down_block_types=("CrossAttnDownBlock2D",) * len(size.channels),
-        up_block_types=("CrossAttnUpBlock2D",) * len(size.channels), cross_attention_dim=text_hidden,
+        block_out_channels=size.channels, down_block_types=down, up_block_types=down_to_up(down), cross_attention_dim=text_hidden,
         attention_head_dim=size.head_dim, norm_num_groups=8)
     return unet, DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+
+
+def down_to_up(down: tuple[str, ...]) -> tuple[str, ...]:
+    """The up blocks mirroring `down` (coarsest level first)."""
+    return tuple(block.replace("Down", "Up") for block in reversed(down))
 
 
 def text_states(text_encoder: CLIPTextModel, tokenizer: object, prompts: list[str]) -> torch.Tensor:
