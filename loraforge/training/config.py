@@ -85,7 +85,7 @@ class TrainConfig:
     health_max_growth: float = opt(1e4, "the adapter weights' RMS may reach at most this many times its start "
                                         "(a start below 0.1 counts as 0.1)")
     health_max_update: float = opt(10.0, "one step may change the weights' norm by at most this many times it")
-    health_max_loss: float = opt(10.0, "the loss may reach at most this many times the first step's loss")
+    health_max_loss: float = opt(10.0, "the loss may reach at most this many times the first step's loss (floored at 1.0)")
 
     def __post_init__(self) -> None:
         # The Python API may name a plug-in (`optimizer="lora-plus"`) or give its {name, settings} mapping.
