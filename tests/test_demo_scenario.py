@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from loraforge.core.errors import LoraforgeError
 from loraforge.demo import DemoSettings, build_scenario
 from loraforge.demo.advising import (
     EVALUATED_FACTS,
@@ -198,3 +199,13 @@ def test_added_universities_are_unlike_the_trained_ones(seed):
         assert len(set(values)) == len(values), fact_type
     stems = [u.name.split()[0].lower() for u in extended.universities]
     assert len({s[:2] for s in stems}) == len(stems)  # no new name starts like a trained one
+
+
+def test_phase_steps_default_by_mode_and_refuse_what_cannot_train():
+    assert DemoSettings().steps() == (36, 0)  # retrieval: no phase 2 unless asked
+    assert DemoSettings(rag=False).steps() == (270, 12)
+    assert DemoSettings(phase2_steps=4).steps() == (36, 4)
+    with pytest.raises(LoraforgeError, match="--phase1-steps must be at least 1 .* got 0 and 0"):
+        DemoSettings(phase1_steps=0).steps()
+    with pytest.raises(LoraforgeError, match="got 36 and -1"):
+        DemoSettings(phase2_steps=-1).steps()

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from loraforge.adapters.inject import merge
+from loraforge.core.errors import LoraforgeError
 from loraforge.core.files import atomic_dir, atomic_write_text, write_jsonl
 from loraforge.core.models import load_model
 from loraforge.demo.advising import (
@@ -118,7 +119,11 @@ class DemoSettings:
 
     def steps(self) -> tuple[int, int]:
         steps1 = self.phase1_steps if self.phase1_steps is not None else 36 if self.rag else 270
-        return steps1, self.phase2_steps if self.phase2_steps is not None else 0 if self.rag else 12
+        steps2 = self.phase2_steps if self.phase2_steps is not None else 0 if self.rag else 12
+        if steps1 < 1 or steps2 < 0:
+            raise LoraforgeError(f"--phase1-steps must be at least 1 and --phase2-steps at least 0 (0: no phase 2), "
+                                 f"got {steps1} and {steps2}")
+        return steps1, steps2
 
 
 @dataclasses.dataclass
@@ -243,13 +248,14 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, settings: DemoSetting
         rows = packed_rows(index, steps1 * settings.batch_size, seed, settings.facts_per_row, scenario.train_unknown,
                            settings.unknown_share, settings.topic_share)
         paths["phase1"] = write_jsonl(data / "phase1_rag.jsonl", [{"messages": system + r["messages"]} for r in rows])
-        dialogues = [json.loads(line) for line in paths["phase2"].read_text(encoding="utf-8").splitlines()]
-        # Replay (--phase2-steps N): as many fresh phase-1 rows as dialogues, or phase 2 undoes what
-        # phase 1 taught (see DemoSettings.phase2_steps)
-        replay = packed_rows(index, len(dialogues), seed + 1, settings.facts_per_row, scenario.train_unknown,
-                             settings.unknown_share, settings.topic_share)
-        paths["phase2"] = write_jsonl(data / "phase2_rag.jsonl", ground_rows(dialogues, index, seed, first_only=True)
-                                      + [{"messages": system + r["messages"]} for r in replay])
+        if steps2:
+            dialogues = [json.loads(line) for line in paths["phase2"].read_text(encoding="utf-8").splitlines()]
+            # Replay: as many fresh phase-1 rows as dialogues, or phase 2 undoes what phase 1
+            # taught (see DemoSettings.phase2_steps)
+            replay = packed_rows(index, len(dialogues), seed + 1, settings.facts_per_row, scenario.train_unknown,
+                                 settings.unknown_share, settings.topic_share)
+            paths["phase2"] = write_jsonl(data / "phase2_rag.jsonl", ground_rows(dialogues, index, seed, first_only=True)
+                                          + [{"messages": system + r["messages"]} for r in replay])
         max_length = 1024
     else:
         rows = [json.loads(line) for line in paths["phase1"].read_text(encoding="utf-8").splitlines()]
@@ -257,7 +263,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, settings: DemoSetting
         paths["phase1"] = write_jsonl(data / "phase1_refusals.jsonl", rows)
         max_length = 256
     phase1 = load_dataset(paths["phase1"], tokenizer, max_length=max_length)
-    phase2 = load_dataset(paths["phase2"], tokenizer, max_length=max_length)
+    phase2 = load_dataset(paths["phase2"], tokenizer, max_length=max_length) if steps2 else []
     counts = {"fact": len(scenario.facts), "updated": len(scenario.updated), "new": len(scenario.new),
               "unknown": len(scenario.unknown)}
 
