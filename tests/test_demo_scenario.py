@@ -189,6 +189,24 @@ def test_packed_rows_carry_pages_then_several_questions(scenario):
     assert set(pages) == {1, 2}  # one or two pages: the wrong one among them in the rows with two
 
 
+def test_packed_rows_ask_an_absent_scholarship_first_and_twice_as_often(scenario):
+    """The rarest answer (no scholarship) is a first question twice as often as another fact, and a
+    row whose pages show it asks it before any other follow-up about those pages."""
+    index = PageIndex(scenario.kb, 2)
+    absent = [u for u in scenario.kb.universities if u.scholarship is None]
+    assert len(absent) == 2
+    pairs = 19 * 7 + len(absent)  # one round of first questions
+    rows = packed_rows(index, pairs, 0, 5, scenario.train_unknown, unknown_share=0.0, topic_share=0.0)
+    none_answers = [sum(NO_SCHOLARSHIP in m["content"] for m in r["messages"][1::2]) for r in rows]
+    firsts = sum(NO_SCHOLARSHIP in r["messages"][1]["content"] for r in rows)
+    assert firsts == 2 * len(absent)
+    for row, count in zip(rows, none_answers):
+        shown = [u for u in absent if f"## {u.name}\n" in row["messages"][0]["content"]]
+        assert count == len(shown)  # each absence on the pages asked once, and early
+        if shown and NO_SCHOLARSHIP not in row["messages"][1]["content"]:
+            assert NO_SCHOLARSHIP in row["messages"][3]["content"]
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_added_universities_are_unlike_the_trained_ones(seed):
     kb = build_knowledge_base(seed, n_universities=32)  # `--universities 32`, the large table
