@@ -141,7 +141,7 @@ def test_padded_and_segment_layouts_give_the_same_low_rank_path():
         pool._fill(slot, {"m": HostUpdate(a, b * s, gain=gain if slot == 3 else None)})
     pool._fill(4, {"m": HostUpdate(dense=dense)})
     batch = LoRABatch.build([(0, 0, 2), (1, 2, 3), (2, 3, 7), (3, 7, 9), (4, 9, 10)])
-    assert batch.token_slots.tolist() == [0, 0, 1, 2, 2, 2, 2, 3, 3, 4] and batch.offsets.tolist()[3:7] == [0, 1, 2, 3]
+    assert batch.token_slots.tolist() == [0, 0, 1, 2, 2, 2, 2, 3, 3, 4] and batch.padded_rows.tolist()[3:7] == [8, 9, 10, 11]
     x, base = torch.randn(10, 6), torch.randn(10, 7)
     want = []
     for t, slot in enumerate(batch.token_slots.tolist()):
@@ -164,6 +164,36 @@ def test_padded_and_segment_layouts_give_the_same_low_rank_path():
     assert not pool.dense["m"]
     with pytest.raises(ValueError, match="increasing slot order"):
         LoRABatch.build([(2, 0, 1), (1, 1, 2)])
+
+
+def test_a_group_of_modules_matches_each_module_alone():
+    """Modules that read one x (q, k, v) share one A buffer and one gain buffer: their fused path, in
+    both layouts, gives each module what it gives alone (ranks 2 and 3 of different widths, DoRA's
+    gain on one module of one adapter, a bias, and the base slot in the batch)."""
+    from loraforge.serve.pool import LoRABatch
+    from loraforge.serve.updates import HostUpdate
+
+    torch.manual_seed(1)
+    modules = {"q": torch.nn.Linear(6, 7), "k": torch.nn.Linear(6, 3, bias=False)}
+    grouped = AdapterPool(modules, max_loaded=3, max_rank=4, groups=[("q", "k")])
+    alone = AdapterPool(modules, max_loaded=3, max_rank=4)
+    updates = {1: {"q": HostUpdate(torch.randn(2, 6), torch.randn(7, 2), gain=torch.rand(7) + 0.5),
+                   "k": HostUpdate(torch.randn(3, 6), torch.randn(3, 3))},
+               2: {"k": HostUpdate(torch.randn(2, 6), torch.randn(3, 2), gain=torch.rand(3) + 0.5)},
+               3: {"q": HostUpdate(torch.randn(3, 6), torch.randn(7, 3))}}
+    for pool in (grouped, alone):
+        for slot, update in updates.items():
+            pool._fill(slot, update)
+    batch = LoRABatch.build([(0, 0, 1), (1, 1, 3), (2, 3, 4), (3, 4, 6)])
+    x = torch.randn(6, 6)
+    for kernel in ("segment", "padded"):
+        ys = tuple(m(x) for m in modules.values())
+        grouped.add_deltas(("q", "k"), x, ys, batch, kernel=kernel)
+        for name, y in zip(modules, ys):
+            want = modules[name](x)
+            alone.add_delta(name, x, want, batch, kernel=kernel)
+            torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+        assert not torch.equal(ys[0][1:3], modules["q"](x)[1:3])  # the adapters did act
 
 
 def test_auto_layout_pads_many_short_segments_and_loops_over_long_ones():
