@@ -284,3 +284,32 @@ def test_cli_prepare_then_run(setup, tmp_path, capsys):
     assert summary["generated"] == 16 and summary == {k: json.loads((tmp_path / "out" / "report.json").read_text())[k]
                                                       for k in summary}
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_continuation_gives_its_complete_items():
+    from loraforge.transfer.synth import cut_candidates
+
+    assert cut_candidates("12\nInput: 34\nInput: 5", 1, 4) == ["12", "34"]  # "5" may be cut short
+    assert cut_candidates("12\nInput: 34\nInput: 56\nInput: 7", 1, 2) == ["12", "34"]
+    assert cut_candidates(" 12 ", 1, 4) == ["12"]  # the first item, complete or not
+    assert cut_candidates("a\nb\nc\nInput: d\nInput:", 2, 4) == ["a\nb", "d"]
+
+
+def test_synthesis_runs_rounds_of_prompts_until_it_has_n(monkeypatch):
+    from loraforge.transfer import synth
+
+    calls = []
+
+    def fake_complete(model, tokenizer, prompts, max_new_tokens, temperature, seed, progress=True):
+        calls.append((len(prompts), seed))
+        return ["1\nInput: 2\nInput: 3"] * len(prompts)  # two complete items a prompt
+
+    class Chars:
+        def encode(self, text, add_special_tokens=False):
+            return list(text)
+
+    monkeypatch.setattr(synth, "complete", fake_complete)
+    got = synth.synthesize_inputs(None, Chars(), ["10", "20"], 10, 1, seed=3, per_prompt=4)
+    assert got == ["1", "2"] * 5
+    assert calls == [(3, 3), (1, 4), (1, 5)]  # 6, then 8, then 10 candidates; each round its own draws
+    assert synth.token_budget(Chars(), ["10", "200"], 4) == 2 * 3 + 8 + 3 * (3 + 4)

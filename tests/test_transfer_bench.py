@@ -69,4 +69,14 @@ def test_full_moves_the_demo_advisor(models, tmp_path):
 def test_missing_demo_is_a_clear_error(models, tmp_path, capsys):
     assert _bench(models, "--demo", str(tmp_path / "nowhere")) == 2
     err = capsys.readouterr().err
-    assert "adapter" in err and "loraforge demo --out" in err
+    assert "adapter" in err and "loraforge demo --no-rag --out" in err
+
+
+def test_a_retrieval_demo_is_refused(models, tmp_path, capsys):
+    demo = tmp_path / "demo"
+    for name in ("adapter/adapter_config.json", "data/phase1.jsonl", "data/heldout.jsonl"):
+        (demo / name).parent.mkdir(parents=True, exist_ok=True)
+        (demo / name).write_text("{}\n")
+    (demo / "results.json").write_text(json.dumps({"settings": {"rag": True}}))
+    assert _bench(models, "--demo", str(demo)) == 2
+    assert "is a retrieval run" in capsys.readouterr().err

@@ -2,9 +2,11 @@
 tasks, built here because this layer sits above both stages that own them:
 
     offset   the generation stage's family (`loraforge.generate.families`), k = 9, a value the zoo does not use
-    advisor  `loraforge demo`'s adapter, moved without the knowledge base: the kit keeps only its seeds of the
-             demo's phase-1 rows; graded on the demo's held-out questions by the demo's own fact grader
-             (fact accuracy, then the Markdown rate)
+    advisor  `loraforge demo --no-rag`'s adapter, moved without the knowledge base: the kit keeps only its seeds
+             of the demo's phase-1 rows; graded on the demo's held-out questions by the demo's own fact grader
+             (fact accuracy, then the Markdown rate). The default demo's adapter is refused: trained on
+             prompts that carry retrieved pages, it reads facts and holds none, and without pages it
+             states no fact (its `lora` condition: 0.00), so there would be nothing to move.
 
 `--quick` runs offset only. The runs themselves are `loraforge.transfer.bench.bench_transfer`.
 """
@@ -28,7 +30,7 @@ class TransferTasks:
     """Which tasks `bench transfer` builds."""
 
     offset: int = opt(9, "the offset task's k (the zoo trains 1-30 but not 9; 7, 13 and 22 are generate's held out)")
-    demo: str = opt("runs/demo", "the folder `loraforge demo --out` wrote: adapter is transferred, "
+    demo: str = opt("runs/demo-norag", "the folder `loraforge demo --no-rag --out` wrote: adapter is transferred, "
                                  "data/phase1.jsonl is the real data, data/heldout.jsonl the graded questions")
 
 
@@ -55,8 +57,13 @@ def advisor_task(demo: str | Path) -> BenchTask:
              "real data": folder / "data" / "phase1.jsonl", "held-out questions": folder / "data" / "heldout.jsonl"}
     missing = [f"{name} ({path})" for name, path in paths.items() if not path.is_file()]
     if missing:
-        raise LoraforgeError(f"--demo {folder}: no {', '.join(missing)}; run `loraforge demo --out {folder}` first, "
-                             "or --quick for the offset task alone")
+        raise LoraforgeError(f"--demo {folder}: no {', '.join(missing)}; run `loraforge demo --no-rag --out {folder}` "
+                             "first, or --quick for the offset task alone")
+    results = folder / "results.json"
+    if results.is_file() and json.loads(results.read_text()).get("settings", {}).get("rag"):
+        raise LoraforgeError(f"--demo {folder} is a retrieval run: its adapter reads the facts from the pages in its "
+                             f"prompt and holds none, so there is nothing to move without them; run "
+                             f"`loraforge demo --no-rag --out {folder}-norag` and pass that folder")
 
     def rows(path: Path) -> list[dict]:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -53,10 +53,11 @@ class TransferBench:
     batch_size: int = opt(16, "rows per step")
     targets: str = opt("q_proj,v_proj", "the adapters' target modules, on both bases")
     seeds: int = opt(5, "real seed rows in the kit")
-    samples: int = opt(512, "candidates the target synthesises (the paper: about the real training set's size)")
+    samples: int = opt(600, "candidates the target synthesises (the paper: until the set reaches the real "
+                            "training set's size, n_train)")
     threshold: float = opt(0.5, "the discriminator's threshold P")
     disc_steps: int = opt(60, "discriminator training steps")
-    quick: bool = opt(False, "fewer rows and steps: n_test 50, steps 60, samples 256")
+    quick: bool = opt(False, "fewer rows and steps: n_test 50, steps 60")
     json: str | None = opt(None, "write the results here too")
     work: str | None = opt(None, "keep every run (kit, adapters, candidates.jsonl, synthetic.jsonl) in this folder "
                                  "instead of a temporary one")
@@ -65,8 +66,7 @@ class TransferBench:
     def resolved(self) -> "TransferBench":
         if not self.quick:
             return self
-        return TransferBench(**{**asdict(self), "n_test": min(self.n_test, 50), "steps": min(self.steps, 60),
-                                "samples": min(self.samples, 256)})
+        return TransferBench(**{**asdict(self), "n_test": min(self.n_test, 50), "steps": min(self.steps, 60)})
 
 
 Grader = Callable[[nn.Module, Any, Path], dict[str, float]]  # (model, tokenizer, test JSONL) -> {metric: value}

@@ -10,7 +10,11 @@ Each prompt lists the seeds' inputs in a shuffled order, then opens one more ite
     Input: <seed input>
     Input:
 
-The candidate is the continuation up to the next "Input:" line, cut at the real inputs' line count.
+The model goes on writing items. The first is a candidate, and so is each later one that is
+complete (another "Input:" starts after it), up to `per_prompt` of them: the prompt's prefill is paid
+once for several candidates (measured on the offset task: about 2.5 times the candidates per second
+at 4 a prompt). Each is cut at the real inputs' line count. Prompts come in rounds until `n`
+candidates are in hand, as the paper synthesises until its set reaches the size it wants.
 """
 
 from __future__ import annotations
@@ -32,16 +36,20 @@ def few_shot_prompt(inputs: list[str]) -> str:
     return HEADER + "".join(f"{ITEM} {text}\n" for text in inputs) + ITEM
 
 
-def cut_candidate(continuation: str, max_lines: int) -> str:
-    """The new input in a continuation: up to the next item, at most `max_lines` lines, stripped."""
-    text = continuation.split("\n" + ITEM)[0]
-    return "\n".join(text.strip().split("\n")[:max_lines]).strip()
+def cut_candidates(continuation: str, max_lines: int, limit: int = 1) -> list[str]:
+    """The new inputs in a continuation: its first item, then each later one that another item follows
+    (the last may have been cut by the token budget), at most `limit`; each at most `max_lines`
+    lines, stripped."""
+    items = continuation.split("\n" + ITEM)
+    return ["\n".join(text.strip().split("\n")[:max_lines]).strip() for text in items[:max(1, len(items) - 1)][:limit]]
 
 
-def token_budget(tokenizer: Any, texts: list[str]) -> int:
-    """New tokens to allow a candidate: twice the longest seed in this tokenizer's tokens, plus 8 (a
-    candidate may be longer than every seed, but not ramble on)."""
-    return 2 * max(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts) + 8
+def token_budget(tokenizer: Any, texts: list[str], items: int = 1) -> int:
+    """New tokens to allow `items` candidates: for the first, twice the longest seed in this tokenizer's
+    tokens plus 8 (a candidate may be longer than every seed, but not ramble on); for each later one,
+    the longest seed plus 4 for its "Input:" line."""
+    longest = max(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts)
+    return 2 * longest + 8 + (items - 1) * (longest + 4)
 
 
 @torch.no_grad()
@@ -70,10 +78,18 @@ def complete(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_token
 
 
 def synthesize_inputs(model: nn.Module, tokenizer: Any, seeds: list[str], n: int, max_lines: int,
-                      temperature: float = 1.0, seed: int = 0, shots: int = 8, progress: bool = True) -> list[str]:
-    """`n` candidate inputs (some may be empty or repeat: the filter and the caller see all of them)."""
+                      temperature: float = 1.0, seed: int = 0, shots: int = 8, per_prompt: int = 4,
+                      progress: bool = True) -> list[str]:
+    """`n` candidate inputs (some may be empty or repeat: the filter and the caller see all of them),
+    up to `per_prompt` from each prompt."""
     rng = random.Random(seed)
-    prompts = [few_shot_prompt(rng.sample(seeds, min(shots, len(seeds)))) for _ in range(n)]
-    continuations = complete(model, tokenizer, prompts, token_budget(tokenizer, seeds), temperature, seed,
-                             progress=progress)
-    return [cut_candidate(c, max_lines) for c in continuations]
+    budget = token_budget(tokenizer, seeds, per_prompt)
+    candidates: list[str] = []
+    rounds = 0
+    while len(candidates) < n:  # every prompt gives at least one: each round shrinks what is missing
+        prompts = [few_shot_prompt(rng.sample(seeds, min(shots, len(seeds))))
+                   for _ in range(-(-(n - len(candidates)) // per_prompt))]
+        for continuation in complete(model, tokenizer, prompts, budget, temperature, seed + rounds, progress=progress):
+            candidates += cut_candidates(continuation, max_lines, per_prompt)
+        rounds += 1
+    return candidates[:n]
