@@ -311,5 +311,5 @@ def test_synthesis_runs_rounds_of_prompts_until_it_has_n(monkeypatch):
     monkeypatch.setattr(synth, "complete", fake_complete)
     got = synth.synthesize_inputs(None, Chars(), ["10", "20"], 10, 1, seed=3, per_prompt=4)
     assert got == ["1", "2"] * 5
-    assert calls == [(3, 3), (1, 4), (1, 5)]  # 6, then 8, then 10 candidates; each round its own draws
+    assert calls == [(3, 3), (3, 4)]  # 6 candidates at 2 a prompt; then 1.1 x 4 / 2 prompts; each round its own draws
     assert synth.token_budget(Chars(), ["10", "200"], 4) == 2 * 3 + 8 + 3 * (3 + 4)

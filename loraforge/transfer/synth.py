@@ -12,13 +12,16 @@ Each prompt lists the seeds' inputs in a shuffled order, then opens one more ite
 
 The model goes on writing items. The first is a candidate, and so is each later one that is
 complete (another "Input:" starts after it), up to `per_prompt` of them: the prompt's prefill is paid
-once for several candidates (measured on the offset task: about 2.5 times the candidates per second
-at 4 a prompt). Each is cut at the real inputs' line count. Prompts come in rounds until `n`
-candidates are in hand, as the paper synthesises until its set reaches the size it wants.
+once for several candidates (Gemma-3-270M on the offset task, 16 prompts: 2.5 candidates a prompt in
+13.0 s with 4 allowed, against 1 in 6.0 s: 1.15 times the candidates per second; the base model
+often leaves the list after two or three). Each is cut at the real inputs' line count.
+Prompts come in rounds until `n` candidates are in hand, as the paper synthesises until its set
+reaches the size it wants.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -85,11 +88,14 @@ def synthesize_inputs(model: nn.Module, tokenizer: Any, seeds: list[str], n: int
     rng = random.Random(seed)
     budget = token_budget(tokenizer, seeds, per_prompt)
     candidates: list[str] = []
-    rounds = 0
+    prompted = rounds = 0
     while len(candidates) < n:  # every prompt gives at least one: each round shrinks what is missing
-        prompts = [few_shot_prompt(rng.sample(seeds, min(shots, len(seeds))))
-                   for _ in range(-(-(n - len(candidates)) // per_prompt))]
+        # as many prompts as the yield so far says are missing, and a tenth more: a round of a few
+        # prompts costs most of what a full batch does
+        per = len(candidates) / prompted if prompted else per_prompt
+        count = math.ceil(1.1 * (n - len(candidates)) / per)
+        prompts = [few_shot_prompt(rng.sample(seeds, min(shots, len(seeds)))) for _ in range(count)]
         for continuation in complete(model, tokenizer, prompts, budget, temperature, seed + rounds, progress=progress):
             candidates += cut_candidates(continuation, max_lines, per_prompt)
-        rounds += 1
+        prompted, rounds = prompted + count, rounds + 1
     return candidates[:n]
