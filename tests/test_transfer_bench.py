@@ -72,6 +72,11 @@ def test_missing_demo_is_a_clear_error(models, tmp_path, capsys):
     assert "adapter" in err and "loraforge demo --no-rag --out" in err
 
 
+def test_unknown_tasks_are_refused(models, capsys):
+    assert _bench(models, "--tasks", "offset,poetry") == 2
+    assert "--tasks takes offset and advisor" in capsys.readouterr().err
+
+
 def test_a_retrieval_demo_is_refused(models, tmp_path, capsys):
     demo = tmp_path / "demo"
     for name in ("adapter/adapter_config.json", "data/phase1.jsonl", "data/heldout.jsonl"):

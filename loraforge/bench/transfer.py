@@ -8,7 +8,8 @@ tasks, built here because this layer sits above both stages that own them:
              prompts that carry retrieved pages, it reads facts and holds none, and without pages it
              states no fact (its `lora` condition: 0.00), so there would be nothing to move.
 
-`--quick` runs offset only. The runs themselves are `loraforge.transfer.bench.bench_transfer`.
+`--quick` runs offset only; `--tasks` names the tasks to run. The runs themselves are
+`loraforge.transfer.bench.bench_transfer`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from loraforge.transfer.bench import BenchTask, TransferBench, bench_transfer, p
 class TransferTasks:
     """Which tasks `bench transfer` builds."""
 
+    tasks: str | None = opt(None, "comma-separated tasks, of offset and advisor (default: both; --quick: offset)")
     offset: int = opt(9, "the offset task's k (the zoo trains 1-30 but not 9; 7, 13 and 22 are generate's held out)")
     demo: str = opt("runs/demo-norag", "the folder `loraforge demo --no-rag --out` wrote: adapter is transferred, "
                                  "data/phase1.jsonl is the real data, data/heldout.jsonl the graded questions")
@@ -73,13 +75,17 @@ def advisor_task(demo: str | Path) -> BenchTask:
 
 
 def run(bench: TransferBench, tasks: TransferTasks, command: str, report: Path | None) -> dict[str, Any]:
-    """Both tasks (offset only with --quick); the table printed, and with `report` appended there with its plot."""
+    """The tasks (both, or offset only with --quick, unless --tasks names them); the table printed, and with
+    `report` appended there with its plot."""
     from loraforge.bench import append_section, figure_name
 
     settings = bench.resolved()
-    chosen = [offset_task(tasks.offset, settings.n_train, settings.n_test)]
-    if not bench.quick:
-        chosen.append(advisor_task(tasks.demo))
+    names = tasks.tasks.split(",") if tasks.tasks else ["offset"] if bench.quick else ["offset", "advisor"]
+    unknown = sorted(set(names) - {"offset", "advisor"})
+    if unknown or not names:
+        raise LoraforgeError(f"--tasks takes offset and advisor, comma-separated; got {tasks.tasks!r}")
+    chosen = [offset_task(tasks.offset, settings.n_train, settings.n_test) if name == "offset" else
+              advisor_task(tasks.demo) for name in dict.fromkeys(names)]
     result = bench_transfer(bench, chosen)
     body = table(result) + "\n\n" + held(result)
     if report:
