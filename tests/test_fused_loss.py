@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import loraforge as lf
 from loraforge.core.kernels import linear_cross_entropy
 from loraforge.testing import tiny_gpt2, tiny_llama
-from loraforge.training.loss import batch_loss
+from loraforge.training.loss import _plain_head, batch_loss
 
 
 def plain_and_fused(chunk_rows: int, with_bias: bool, amp: bool = False):
@@ -51,7 +51,20 @@ def test_no_gradient_work_without_grad():
     assert loss.grad_fn is None and torch.isfinite(loss)
 
 
-@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def tiny_gemma3(softcap: float | None = None):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                              final_logit_softcapping=softcap)).eval()
+
+
+def test_gemma_takes_the_chunked_head_unless_it_caps_its_logits():
+    assert _plain_head(tiny_gemma3()) and not _plain_head(tiny_gemma3(softcap=30.0))
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2, tiny_gemma3])
 def test_batch_loss_equals_full_logits_loss_with_adapter_gradients(make):
     model = lf.attach(make(), lf.AdapterConfig(rank=4, alpha=8, init="random", seed=0))
     g = torch.Generator().manual_seed(1)
