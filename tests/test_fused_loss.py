@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import loraforge as lf
 from loraforge.core.kernels import linear_cross_entropy
-from loraforge.testing import tiny_gpt2, tiny_llama
+from loraforge.testing import tiny_gemma3, tiny_gpt2, tiny_llama
 from loraforge.training.loss import _plain_head, batch_loss
 
 
@@ -49,15 +49,6 @@ def test_no_gradient_work_without_grad():
     with torch.no_grad():
         loss = linear_cross_entropy(torch.randn(5, 4), torch.randn(7, 4), torch.tensor([0, 1, 2, 3, 6]))
     assert loss.grad_fn is None and torch.isfinite(loss)
-
-
-def tiny_gemma3(softcap: float | None = None):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    return Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                              num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                              final_logit_softcapping=softcap)).eval()
 
 
 def test_gemma_takes_the_chunked_head_unless_it_caps_its_logits():

@@ -82,7 +82,7 @@ def run(bench: TransferBench, tasks: TransferTasks, command: str, report: Path |
     settings = bench.resolved()
     names = tasks.tasks.split(",") if tasks.tasks else ["offset"] if bench.quick else ["offset", "advisor"]
     unknown = sorted(set(names) - {"offset", "advisor"})
-    if unknown or not names:
+    if unknown:
         raise LoraforgeError(f"--tasks takes offset and advisor, comma-separated; got {tasks.tasks!r}")
     chosen = [offset_task(tasks.offset, settings.n_train, settings.n_test) if name == "offset" else
               advisor_task(tasks.demo) for name in dict.fromkeys(names)]

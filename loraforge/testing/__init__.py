@@ -15,6 +15,8 @@ from torch import nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -71,6 +73,15 @@ def tiny_gpt2(seed: int = 0, vocab_size: int = TINY_VOCAB) -> GPT2LMHeadModel:
     config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256, pad_token_id=0,
                         bos_token_id=2, eos_token_id=2)
     return GPT2LMHeadModel(config).eval()
+
+
+def tiny_gemma3(seed: int = 0, vocab_size: int = TINY_VOCAB, softcap: float | None = None) -> Gemma3ForCausalLM:
+    """Gemma 3's text model (scaled embeddings, q/k norms, optional final logit soft-capping)."""
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                              pad_token_id=0, final_logit_softcapping=softcap)
+    return Gemma3ForCausalLM(config).eval()
 
 
 def tiny_bert(seed: int = 0, num_labels: int = 2, vocab_size: int = TINY_VOCAB) -> BertForSequenceClassification:

@@ -51,14 +51,10 @@ def new_unet(size: UNetSize, image_size: int, text_hidden: int) -> tuple[UNet2DC
                  for level in range(len(size.channels)))
     unet = UNet2DConditionModel(
         sample_size=image_size, in_channels=3, out_channels=3, layers_per_block=size.layers_per_block,
-        block_out_channels=size.channels, down_block_types=down, up_block_types=down_to_up(down), cross_attention_dim=text_hidden,
-        attention_head_dim=size.head_dim, norm_num_groups=8)
+        block_out_channels=size.channels, down_block_types=down,
+        up_block_types=tuple(block.replace("Down", "Up") for block in reversed(down)),  # the mirror, coarsest first
+        cross_attention_dim=text_hidden, attention_head_dim=size.head_dim, norm_num_groups=8)
     return unet, DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
-
-
-def down_to_up(down: tuple[str, ...]) -> tuple[str, ...]:
-    """The up blocks mirroring `down` (coarsest level first)."""
-    return tuple(block.replace("Down", "Up") for block in reversed(down))
 
 
 def text_states(text_encoder: CLIPTextModel, tokenizer: object, prompts: list[str]) -> torch.Tensor:
