@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -141,7 +143,8 @@ def test_padded_and_segment_layouts_give_the_same_low_rank_path():
         pool._fill(slot, {"m": HostUpdate(a, b * s, gain=gain if slot == 3 else None)})
     pool._fill(4, {"m": HostUpdate(dense=dense)})
     batch = LoRABatch.build([(0, 0, 2), (1, 2, 3), (2, 3, 7), (3, 7, 9), (4, 9, 10)])
-    assert batch.token_slots.tolist() == [0, 0, 1, 2, 2, 2, 2, 3, 3, 4] and batch.padded_rows.tolist()[3:7] == [8, 9, 10, 11]
+    (run,) = batch.runs  # no ranks given: one run over every slot, 4 rows a slot
+    assert batch.token_slots.tolist() == [0, 0, 1, 2, 2, 2, 2, 3, 3, 4] and run.rows.tolist()[3:7] == [8, 9, 10, 11]
     x, base = torch.randn(10, 6), torch.randn(10, 7)
     want = []
     for t, slot in enumerate(batch.token_slots.tolist()):
@@ -153,9 +156,11 @@ def test_padded_and_segment_layouts_give_the_same_low_rank_path():
             a, b, s = factors[slot]
             row = base[t] + s * (x[t] @ a.T) @ b.T
             want.append(gain * row if slot == 3 else row)
-    for kernel in ("segment", "padded"):
+    planned = LoRABatch.build(batch.segments, slot_ranks=pool.slot_rank)  # slots 0 and 4 have no factors
+    assert [(r.first, r.last) for r in planned.runs] == [(1, 3)]
+    for kernel, b in (("segment", batch), ("padded", batch), ("padded", planned)):
         y = base.clone()
-        pool.add_delta("m", x, y, batch, kernel=kernel)
+        pool.add_delta("m", x, y, b, kernel=kernel)
         torch.testing.assert_close(y, torch.stack(want), atol=1e-5, rtol=1e-5)
     y = base.clone()
     pool.add_delta("m", x, y, LoRABatch.build([(0, 0, 10)]))  # no adapter: y untouched
@@ -203,3 +208,42 @@ def test_auto_layout_pads_many_short_segments_and_loops_over_long_ones():
     prefill = LoRABatch.build([(1, 0, 200), (2, 200, 300), (3, 300, 400)])
     assert decode.prefers_padded() and not prefill.prefers_padded()
     assert not LoRABatch.build([(1, 0, 3), (2, 3, 5)]).prefers_padded()  # two segments: the loop is cheaper
+
+
+def test_the_padded_layout_reads_narrow_and_wide_adapters_in_runs_of_their_own():
+    """The pool places rank <= NARROW from the bottom slot up and wider adapters from the top down;
+    a step then cuts its slots into the runs that stream the fewest factor rows (each run reads its slots
+    at its largest rank, plus RUN_COST), and the result is the same as one run over every slot."""
+    from loraforge.serve.pool import LoRABatch, _padded_run, _plan_runs
+    from loraforge.serve.updates import HostUpdate
+
+    assert _plan_runs([1, 2, 3, 4], [0, 8, 8, 16, 16]) == [(1, 4)]  # 4 x 16 < 2 x 8 + 2 x 16 + RUN_COST
+    narrow, wide = [8] * 16, [16] * 16
+    assert _plan_runs(list(range(1, 33)), [0] + narrow + wide) == [(1, 16), (17, 32)]
+    assert _plan_runs([1, 2, 60], [0, 4, 4] + [0] * 57 + [4]) == [(1, 2), (60, 60)]  # a gap is not read
+    assert _plan_runs([], [0]) == []
+
+    torch.manual_seed(2)
+    modules = {"q": torch.nn.Linear(6, 5), "k": torch.nn.Linear(6, 3, bias=False)}
+    pool = AdapterPool(modules, max_loaded=6, max_rank=16, groups=[("q", "k")])
+    for name, rank in (("n1", 1), ("w1", 16), ("n2", 8), ("w2", 9)):
+        pool.host[name] = {m: HostUpdate(torch.randn(rank, 6), torch.randn(lin.out_features, rank))
+                           for m, lin in modules.items()}
+        pool.known[name] = Path(name)
+    slots = {name: pool.acquire(name) for name in ("n1", "w1", "n2", "w2")}
+    assert slots == {"n1": 1, "w1": 6, "n2": 2, "w2": 5} and pool.slot_rank == [0, 1, 8, 0, 0, 9, 16]
+    segments = [(0, 0, 1), (1, 1, 3), (2, 3, 4), (5, 4, 6), (6, 6, 7)]
+    planned = LoRABatch.build(segments, slot_ranks=pool.slot_rank)
+    # 2 x 8 + 2 x 16 + 2 RUN_COST = 144 <= 6 x 16 + RUN_COST: narrow and wide each read in a run of their own
+    assert [(r.first, r.last, r.start, r.end) for r in planned.runs] == [(1, 2, 1, 4), (5, 6, 4, 7)]
+    x = torch.randn(7, 6)
+    want = tuple(m(x) for m in modules.values())
+    pool.add_deltas(("q", "k"), x, want, LoRABatch.build(segments), kernel="segment")
+    for runs in ([(0, 6)], [(1, 2), (5, 6)], [(1, 1), (2, 2), (5, 5), (6, 6)]):  # any cut gives the same sums
+        batch = LoRABatch.build(segments)
+        batch.runs = [_padded_run(segments, first, last, "cpu") for first, last in runs]
+        ys = tuple(m(x) for m in modules.values())
+        pool.add_deltas(("q", "k"), x, ys, batch, kernel="padded")
+        for y, w in zip(ys, want):
+            torch.testing.assert_close(y, w, atol=1e-5, rtol=1e-5)
+

@@ -58,8 +58,16 @@ def test_full_moves_the_demo_advisor(models, tmp_path):
     train(TrainConfig(model=str(models / "source"), data=str(paths["phase1"]), out=str(tmp_path / "run"), steps=3,
                       rank=4, lr=1e-2), progress=False)
     shutil.copytree(tmp_path / "run" / "adapter", demo / "adapter")
-    assert _bench(models, "--demo", str(demo), "--json", str(tmp_path / "r.json")) == 0
+    recipe = {"rag": False, "rank": 2, "alpha": 4.0, "targets": "q_proj", "batch_size": 4}
+    (demo / "results.json").write_text(json.dumps({"settings": recipe}))
+    assert _bench(models, "--demo", str(demo), "--json", str(tmp_path / "r.json"), "--advisor-steps", "2",
+                  "--advisor-samples", "10", "--work", str(tmp_path / "work")) == 0
     offset, advisor = json.loads((tmp_path / "r.json").read_text())["tasks"]
+    # the advisor's adapters take the demo's recipe and their own budget; offset keeps the bench's
+    assert advisor["settings"] == {"steps": 2, "samples": 10, "rank": 2, "alpha": 4.0, "targets": "q_proj",
+                                   "batch_size": 4} and offset["settings"] == {}
+    upper = json.loads((tmp_path / "work" / "advisor" / "upper" / "adapter" / "adapter_config.json").read_text())
+    assert upper["r"] == 2 and all(m.endswith("q_proj") for m in upper["target_modules"])
     assert offset["task"] == "offset-9" and advisor["task"] == "advisor" and advisor["metric"] == "fact_accuracy"
     assert all(set(values) == {"fact_accuracy", "markdown_rate"} for values in advisor["details"].values())
     assert set(advisor["scores"]) == set(SYSTEMS)

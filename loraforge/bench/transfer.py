@@ -4,7 +4,9 @@ tasks, built here because this layer sits above both stages that own them:
     offset   the generation stage's family (`loraforge.generate.families`), k = 9, a value the zoo does not use
     advisor  `loraforge demo --no-rag`'s adapter, moved without the knowledge base: the kit keeps only its seeds
              of the demo's phase-1 rows; graded on the demo's held-out questions by the demo's own fact grader
-             (fact accuracy, then the Markdown rate). The default demo's adapter is refused: trained on
+             (fact accuracy, then the Markdown rate). Its adapters take the demo's recipe (rank, alpha,
+             targets, rows per step) and their own budget of steps and candidates, a Gemma step being
+             4-8x a SmolLM2 one. The default demo's adapter is refused: trained on
              prompts that carry retrieved pages, it reads facts and holds none, and without pages it
              states no fact (its `lora` condition: 0.00), so there would be nothing to move.
 
@@ -34,6 +36,8 @@ class TransferTasks:
     offset: int = opt(9, "the offset task's k (the zoo trains 1-30 but not 9; 7, 13 and 22 are generate's held out)")
     demo: str = opt("runs/demo-norag", "the folder `loraforge demo --no-rag --out` wrote: adapter is transferred, "
                                  "data/phase1.jsonl is the real data, data/heldout.jsonl the graded questions")
+    advisor_steps: int = opt(60, "training steps of the advisor's target adapters (upper bound, Trans-LoRA)")
+    advisor_samples: int = opt(256, "candidates the target synthesises for the advisor")
 
 
 def offset_task(k: int, n_train: int, n_test: int) -> BenchTask:
@@ -53,7 +57,7 @@ def advisor_grade(model: nn.Module, tokenizer: Any, test: Path) -> dict[str, flo
     return {"fact_accuracy": metrics["fact_accuracy"], "markdown_rate": metrics["markdown_rate"]}
 
 
-def advisor_task(demo: str | Path) -> BenchTask:
+def advisor_task(demo: str | Path, steps: int, samples: int) -> BenchTask:
     folder = Path(demo)
     paths = {"adapter": folder / "adapter" / "adapter_config.json",
              "real data": folder / "data" / "phase1.jsonl", "held-out questions": folder / "data" / "heldout.jsonl"}
@@ -62,7 +66,8 @@ def advisor_task(demo: str | Path) -> BenchTask:
         raise LoraforgeError(f"--demo {folder}: no {', '.join(missing)}; run `loraforge demo --no-rag --out {folder}` "
                              "first, or --quick for the offset task alone")
     results = folder / "results.json"
-    if results.is_file() and json.loads(results.read_text()).get("settings", {}).get("rag"):
+    recipe = json.loads(results.read_text()).get("settings", {}) if results.is_file() else {}
+    if recipe.get("rag"):
         raise LoraforgeError(f"--demo {folder} is a retrieval run: its adapter reads the facts from the pages in its "
                              f"prompt and holds none, so there is nothing to move without them; run "
                              f"`loraforge demo --no-rag --out {folder}-norag` and pass that folder")
@@ -70,8 +75,10 @@ def advisor_task(demo: str | Path) -> BenchTask:
     def rows(path: Path) -> list[dict]:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
+    settings = {"steps": steps, "samples": samples,
+                **{key: recipe[key] for key in ("rank", "alpha", "targets", "batch_size") if key in recipe}}
     return BenchTask("advisor", rows(paths["real data"]), rows(paths["held-out questions"]), grade=advisor_grade,
-                     source_adapter=str(folder / "adapter"))
+                     source_adapter=str(folder / "adapter"), settings=settings)
 
 
 def run(bench: TransferBench, tasks: TransferTasks, command: str, report: Path | None) -> dict[str, Any]:
@@ -85,7 +92,7 @@ def run(bench: TransferBench, tasks: TransferTasks, command: str, report: Path |
     if unknown:
         raise LoraforgeError(f"--tasks takes offset and advisor, comma-separated; got {tasks.tasks!r}")
     chosen = [offset_task(tasks.offset, settings.n_train, settings.n_test) if name == "offset" else
-              advisor_task(tasks.demo) for name in dict.fromkeys(names)]
+              advisor_task(tasks.demo, tasks.advisor_steps, tasks.advisor_samples) for name in dict.fromkeys(names)]
     result = bench_transfer(bench, chosen)
     body = table(result) + "\n\n" + held(result)
     if report:

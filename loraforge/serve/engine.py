@@ -272,7 +272,7 @@ class Engine:
         write_slots = torch.cat([self.kv.slots(r.blocks, torch.arange(r.num_cached, len(r.prompt_ids) + len(r.output_ids)))
                                  for r in batch]).to(dev)  # (T,)
         groups = [tuple(t.to(dev) for t in group) for group in groups]
-        lora = LoRABatch.build(segments, dev)
+        lora = LoRABatch.build(segments, dev, self.pool.slot_rank)
         inner = self.model.model
         x = inner.embed_tokens(ids_t)  # (T, H)
         for slot, start, end in segments:  # adapters with embedding rows of their own (modules_to_save)

@@ -23,9 +23,12 @@ Tokens come sorted by slot, so each adapter's tokens are one segment. Two layout
 both SGMV-like (each adapter's weights read once per step) and both adding into the base output:
     segment  two matmuls per segment, each cut to the adapter's own rank: for long segments (prefill)
     padded   tokens scattered into (slots, longest segment, d_in), then two batched matmuls over
-             the contiguous run of slots in use, cut to the largest rank among them (views of the
-             pool, nothing copied): for many short segments (decode over many adapters), where the
-             loop's fixed cost per call dominates
+             a contiguous run of slots, cut to the largest rank among the run's (views of the pool,
+             nothing copied): for many short segments (decode over many adapters), where the loop's
+             fixed cost per call dominates. Each step cuts the slots in use into the runs that read
+             the fewest factor bytes (a decode step is bound by them: 32 adapters' factors outweigh
+             the base's weights), and the pool places wide adapters from the top slot down and narrow
+             ones from the bottom up, so that rank-8 adapters are not read at rank 16
 The padded layout replaced a per-token gather (BGMV), which copied each token's A and B and was
 slower on every decode mix measured on CPU. A Triton kernel for GPUs is not written yet.
 """
@@ -59,6 +62,29 @@ class AdapterBusyError(AdapterError):
     """An adapter cannot be unloaded while requests use it (HTTP 409)."""
 
 
+# An extra padded run's fixed cost (one more scatter, two batched matmuls and a gather per group), in
+# slot-ranks of factors streamed: about what reading 48 rank rows of a q, k, v group costs on CPU.
+RUN_COST = 48
+# Adapters of rank <= NARROW (PEFT's default, and most adapters') fill slots from the bottom up, wider ones
+# from the top down. A constant, not a share of max_rank, so that a pool's layout, and so its sums to the
+# last bit, does not depend on how wide it was made.
+NARROW = 8
+
+
+@dataclass
+class PaddedRun:
+    """Slots first..last in the padded layout: tokens start..end (those slots' tokens, in slot order)
+    scattered into (last - first + 1, longest, d_in), then two batched matmuls over views of the pool."""
+
+    first: int
+    last: int
+    start: int
+    end: int
+    longest: int  # tokens in the run's longest segment
+    slots: list[int]  # the slots its tokens use: the matmuls are cut to the largest rank among them
+    rows: torch.Tensor  # (end - start,) each token's row of the layout flattened: (slot - first) * longest + offset
+
+
 @dataclass
 class LoRABatch:
     """Which slot each token of one step uses, in both layouts; built once per step, used by every
@@ -66,26 +92,53 @@ class LoRABatch:
 
     token_slots: torch.Tensor  # (T,) slot of each token, sorted
     segments: list[tuple[int, int, int]]  # (slot, start, end): runs of tokens that share a slot
-    first_slot: int
-    last_slot: int
-    longest: int  # tokens in the longest segment
-    padded_rows: torch.Tensor  # (T,) each token's row in the padded layout flattened: (slot - first) * longest + offset
+    runs: list[PaddedRun]  # the padded layout's runs of slots; slots without low-rank factors need none
 
     @classmethod
-    def build(cls, segments: list[tuple[int, int, int]], device: torch.device | str = "cpu") -> "LoRABatch":
-        slots = [slot for slot, start, end in segments for _ in range(start, end)]
-        offsets = [i for _, start, end in segments for i in range(end - start)]
+    def build(cls, segments: list[tuple[int, int, int]], device: torch.device | str = "cpu",
+              slot_ranks: list[int] | None = None) -> "LoRABatch":
+        """`slot_ranks`: each slot's largest rank (the pool's `slot_rank`); None: one run over every slot."""
         if any(a[0] >= b[0] for a, b in zip(segments, segments[1:])):
             raise ValueError("segments must come in increasing slot order, one per slot")
-        longest = max(end - start for _, start, end in segments)
-        rows = [(slot - segments[0][0]) * longest + offset for slot, offset in zip(slots, offsets)]
-        return cls(torch.tensor(slots, device=device), segments, segments[0][0], segments[-1][0], longest,
-                   torch.tensor(rows, device=device))
+        slots = torch.tensor([slot for slot, start, end in segments for _ in range(start, end)], device=device)
+        if slot_ranks is None:
+            spans = [(segments[0][0], segments[-1][0])]
+        else:
+            spans = _plan_runs([slot for slot, _, _ in segments if slot_ranks[slot]], slot_ranks)
+        return cls(slots, segments, [_padded_run(segments, first, last, device) for first, last in spans])
 
     def prefers_padded(self) -> bool:
         """Many short segments: the loop's fixed cost per matmul call outweighs the padding
         (measured on CPU: padded wins from 3 segments of 8 or fewer tokens on average)."""
         return len(self.segments) >= 3 and len(self.token_slots) <= 8 * len(self.segments)
+
+
+def _padded_run(segments: list[tuple[int, int, int]], first: int, last: int, device: torch.device | str) -> PaddedRun:
+    inside = [seg for seg in segments if first <= seg[0] <= last]
+    longest = max(end - start for _, start, end in inside)
+    rows = [(slot - first) * longest + i for slot, start, end in inside for i in range(end - start)]
+    return PaddedRun(first, last, inside[0][1], inside[-1][2], longest, [slot for slot, _, _ in inside],
+                     torch.tensor(rows, device=device))
+
+
+def _plan_runs(slots: list[int], slot_ranks: list[int]) -> list[tuple[int, int]]:
+    """Cut the used slots (sorted) into runs (first, last) that stream the fewest factor rows: a run reads
+    (last - first + 1) slots at its largest rank, plus RUN_COST. Exact dynamic programme over the cut
+    points (a decode step has at most max_batch slots). Rank-8 adapters beside rank-16 ones then stop
+    being read at rank 16, when the pool placed them apart (`AdapterPool._free_slot`)."""
+    best, cut = [0.0] + [math.inf] * len(slots), [0] * (len(slots) + 1)
+    for j in range(1, len(slots) + 1):
+        rank = 0
+        for i in range(j - 1, -1, -1):  # the last run is slots[i:j]
+            rank = max(rank, slot_ranks[slots[i]])
+            cost = best[i] + (slots[j - 1] - slots[i] + 1) * rank + RUN_COST
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    spans, j = [], len(slots)
+    while j:
+        spans.append((slots[cut[j]], slots[j - 1]))
+        j = cut[j]
+    return spans[::-1]
 
 
 class AdapterPool:
@@ -126,6 +179,7 @@ class AdapterPool:
                   for g in self.groups for i, m in enumerate(g)}
         self.Bt = {n: w.new_zeros(slots, max_rank, m.out_features) for n, m in modules.items()}  # s·Bᵀ
         self.rank = {n: [0] * slots for n in modules}
+        self.slot_rank = [0] * slots  # each slot's largest rank over modules: LoRABatch plans its runs by it
         # DoRA's m / n, 1 for others: one buffer per group, its modules' columns side by side, so that
         # in decode one gather gives every token its gains for the whole group
         self.gain_group = {g: w.new_ones(slots, sum(modules[m].out_features for m in g)) for g in self.groups}
@@ -239,7 +293,7 @@ class AdapterPool:
                 self.hits += 1
                 self.slot_of.move_to_end(name)
             else:
-                slot = self._free_slot()
+                slot = self._free_slot(rank=_rank_of(self.host[name]))
                 if slot is None:
                     return None
                 self.misses += 1
@@ -253,7 +307,7 @@ class AdapterPool:
         with self._lock:
             if name is None or name in self.slot_of or name not in self.host:
                 return
-            slot = self._free_slot(evict=False)
+            slot = self._free_slot(evict=False, rank=_rank_of(self.host[name]))
             if slot is not None:
                 self.misses += 1
                 self._fill(slot, self.host[name])
@@ -264,11 +318,13 @@ class AdapterPool:
             with self._lock:
                 self.refs[name] -= 1
 
-    def _free_slot(self, evict: bool = True) -> int | None:
+    def _free_slot(self, evict: bool = True, rank: int = 0) -> int | None:
+        """An empty slot: the lowest for an adapter of rank <= NARROW, the highest for a wider one, so that
+        the padded layout reads each kind in its own run at its own rank (`_plan_runs`)."""
         used = set(self.slot_of.values())
         free = [s for s in range(1, self.max_loaded + 1) if s not in used]
         if free or not evict:
-            return free[0] if free else None
+            return (free[-1] if rank > NARROW else free[0]) if free else None
         idle = next((n for n in self.slot_of if not self.refs.get(n)), None)  # LRU order
         if idle is None:
             return None
@@ -297,6 +353,7 @@ class AdapterPool:
                 self.dense[module].pop(slot, None)
             else:
                 self.dense[module][slot] = update.dense.to(self.A[module].device)
+        self.slot_rank[slot] = max(self.rank[m][slot] for m in self.modules)
         for path, slots in self.block.items():
             update = host.get(path)
             if update is None:
@@ -378,36 +435,30 @@ class AdapterPool:
 
     def _fused_padded(self, modules: tuple[str, ...], x: torch.Tensor, ys: tuple[torch.Tensor, ...],
                       batch: LoRABatch) -> None:
-        lo, hi, n = batch.first_slot, batch.last_slot + 1, len(modules)
-        ranks = [max(self.rank[m][lo:hi]) for m in modules]  # the largest rank in use: padding past it is never read
-        r = max(ranks)
-        if not r:
-            return
-        padded = self._scatter(x, batch)
-        xa = torch.bmm(padded, self.A_group[modules][lo:hi, :r * n].transpose(1, 2))  # (S, L, d_in) @ (S, d_in, r G)
-        # (G, S, L, r): each module's columns contiguous (bmm on a strided operand was 4x slower)
-        xa = xa.view(*xa.shape[:2], r, n).permute(3, 0, 1, 2).contiguous()
-        for module, y, r_i, part in zip(modules, ys, ranks, xa):
-            if r_i:  # (S, L, r_i) @ (S, r_i, d_out), one row per token
-                y += _gather(torch.bmm(part[:, :, :r_i], self.Bt[module][lo:hi, :r_i]), batch)
-
-    @staticmethod
-    def _scatter(x: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
-        """x's rows in (slots in use, longest segment, d_in). The padding rows are left unset: a row of a
-        matmul's product depends on that row of its input alone, and _gather never reads theirs
-        (zeroing them was 8% of the low-rank path's time in decode)."""
-        padded = x.new_empty(batch.last_slot + 1 - batch.first_slot, batch.longest, x.shape[1])  # (S, L, d_in)
-        padded.view(-1, x.shape[1]).index_copy_(0, batch.padded_rows, x)  # _gather's inverse
-        return padded
+        A, n = self.A_group[modules], len(modules)
+        for run in batch.runs:
+            ranks = [max(map(self.rank[m].__getitem__, run.slots)) for m in modules]  # padding past them is never read
+            r = max(ranks)
+            if not r:
+                continue
+            lo, hi = run.first, run.last + 1
+            xa = torch.bmm(_scatter(x, run), A[lo:hi, :r * n].transpose(1, 2))  # (S, L, d_in) @ (S, d_in, r G)
+            # (G, S, L, r): each module's columns contiguous (bmm on a strided operand was 4x slower)
+            xa = xa.view(*xa.shape[:2], r, n).permute(3, 0, 1, 2).contiguous()
+            for module, y, r_i, part in zip(modules, ys, ranks, xa):
+                if r_i:  # (S, L, r_i) @ (S, r_i, d_out), one row per token
+                    y[run.start:run.end] += _gather(torch.bmm(part[:, :, :r_i], self.Bt[module][lo:hi, :r_i]), run)
 
     def _add_low_rank(self, module: str, x: torch.Tensor, y: torch.Tensor, batch: LoRABatch, padded: bool) -> None:
         rank = self.rank[module]
         A, Bt = self.A[module], self.Bt[module]
         if padded:
-            lo, hi = batch.first_slot, batch.last_slot + 1
-            r = max(rank[lo:hi])  # the largest rank in use, not max_rank: padding beyond it is never read
-            xa = torch.bmm(self._scatter(x, batch), A[lo:hi, :r].transpose(1, 2))  # (S, L, d_in) @ (S, d_in, r)
-            y += _gather(torch.bmm(xa, Bt[lo:hi, :r]), batch)  # (S, L, r) @ (S, r, d_out), one row per token
+            for run in batch.runs:
+                r = max(map(rank.__getitem__, run.slots))
+                if r:
+                    lo, hi = run.first, run.last + 1
+                    xa = torch.bmm(_scatter(x, run), A[lo:hi, :r].transpose(1, 2))  # (S, L, d_in) @ (S, d_in, r)
+                    y[run.start:run.end] += _gather(torch.bmm(xa, Bt[lo:hi, :r]), run)  # (S, L, r) @ (S, r, d_out)
             return
         for slot, start, end in batch.segments:
             r = rank[slot]
@@ -416,7 +467,20 @@ class AdapterPool:
                 y[start:end].addmm_(xa, Bt[slot, :r])  # += (n, r) @ (r, d_out)
 
 
-def _gather(padded: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
-    """Each token's row of a padded (S, L, d) result: (T, d). One index_select on the flattened rows
-    (twice as fast as indexing with the slot and offset tensors)."""
-    return padded.view(-1, padded.shape[-1]).index_select(0, batch.padded_rows)
+def _rank_of(host: HostAdapter) -> int:
+    return max((u.a.shape[0] for u in host.values() if u.a is not None), default=0)
+
+
+def _scatter(x: torch.Tensor, run: PaddedRun) -> torch.Tensor:
+    """The run's tokens of x in (slots of the run, longest segment, d_in). The padding rows are left
+    unset: a row of a matmul's product depends on that row of its input alone, and _gather never reads
+    theirs (zeroing them was 8% of the low-rank path's time in decode)."""
+    padded = x.new_empty(run.last + 1 - run.first, run.longest, x.shape[1])  # (S, L, d_in)
+    padded.view(-1, x.shape[1]).index_copy_(0, run.rows, x[run.start:run.end])  # _gather's inverse
+    return padded
+
+
+def _gather(padded: torch.Tensor, run: PaddedRun) -> torch.Tensor:
+    """Each of the run's tokens' row of a padded (S, L, d) result: (end - start, d). One index_select on
+    the flattened rows (twice as fast as indexing with the slot and offset tensors)."""
+    return padded.view(-1, padded.shape[-1]).index_select(0, run.rows)
