@@ -313,3 +313,17 @@ def test_synthesis_runs_rounds_of_prompts_until_it_has_n(monkeypatch):
     assert got == ["1", "2"] * 5
     assert calls == [(3, 3), (3, 4)]  # 6 candidates at 2 a prompt; then 1.1 x 4 / 2 prompts; each round its own draws
     assert synth.token_budget(Chars(), ["10", "200"], 4) == 2 * 3 + 8 + 3 * (3 + 4)
+
+
+def test_covering_seeds_add_the_most_new_words_each():
+    """--seed-choice cover: each seed adds the most words the earlier ones lack, ties to the earlier row,
+    so that a few seeds name every entity of the task; a bad choice is refused."""
+    from loraforge.core.errors import LoraforgeError
+    from loraforge.transfer.pipeline import covering
+
+    pairs = [("Where is Alba College?", "In Rom."), ("Where is Alba College now?", "In Rom."),
+             ("When does Bex Institute close?", "On 1 May."), ("Where is Alba College?", "Still in Rom.")]
+    assert covering(pairs, 2) == [pairs[2], pairs[1]]  # 8 new words, then 7 (the earlier of two rows with 7)
+    assert covering(pairs, 3)[2] == pairs[3]  # "still": the one word left
+    with pytest.raises(LoraforgeError, match="--seed-choice is random or cover"):
+        prepare(PrepareConfig(adapter="unused", data="unused", out="unused", seed_choice="all"))

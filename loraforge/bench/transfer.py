@@ -6,7 +6,7 @@ tasks, built here because this layer sits above both stages that own them:
              of the demo's phase-1 rows; graded on the demo's held-out questions by the demo's own fact grader
              (fact accuracy, then the Markdown rate). Its adapters take the demo's recipe (rank, alpha,
              targets, rows per step) and their own budget of steps and candidates, a Gemma step being
-             4-8x a SmolLM2 one. The default demo's adapter is refused: trained on
+             4-8x a SmolLM2 one; its kit's seeds are chosen to cover the task (`--seed-choice cover`). The default demo's adapter is refused: trained on
              prompts that carry retrieved pages, it reads facts and holds none, and without pages it
              states no fact (its `lora` condition: 0.00), so there would be nothing to move.
 
@@ -38,6 +38,8 @@ class TransferTasks:
                                  "data/phase1.jsonl is the real data, data/heldout.jsonl the graded questions")
     advisor_steps: int = opt(60, "training steps of the advisor's target adapters (upper bound, Trans-LoRA)")
     advisor_samples: int = opt(256, "candidates the target synthesises for the advisor")
+    advisor_seeds: int = opt(24, "the advisor kit's seeds, chosen to cover the most words (--seed-choice cover): "
+                                 "5 sampled ones name 5 of the demo's 19 universities at most")
 
 
 def offset_task(k: int, n_train: int, n_test: int) -> BenchTask:
@@ -57,7 +59,7 @@ def advisor_grade(model: nn.Module, tokenizer: Any, test: Path) -> dict[str, flo
     return {"fact_accuracy": metrics["fact_accuracy"], "markdown_rate": metrics["markdown_rate"]}
 
 
-def advisor_task(demo: str | Path, steps: int, samples: int) -> BenchTask:
+def advisor_task(demo: str | Path, steps: int, samples: int, seeds: int) -> BenchTask:
     folder = Path(demo)
     paths = {"adapter": folder / "adapter" / "adapter_config.json",
              "real data": folder / "data" / "phase1.jsonl", "held-out questions": folder / "data" / "heldout.jsonl"}
@@ -75,7 +77,7 @@ def advisor_task(demo: str | Path, steps: int, samples: int) -> BenchTask:
     def rows(path: Path) -> list[dict]:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-    settings = {"steps": steps, "samples": samples,
+    settings = {"steps": steps, "samples": samples, "seeds": seeds, "seed_choice": "cover",
                 **{key: recipe[key] for key in ("rank", "alpha", "targets", "batch_size") if key in recipe}}
     return BenchTask("advisor", rows(paths["real data"]), rows(paths["held-out questions"]), grade=advisor_grade,
                      source_adapter=str(folder / "adapter"), settings=settings)
@@ -92,7 +94,7 @@ def run(bench: TransferBench, tasks: TransferTasks, command: str, report: Path |
     if unknown:
         raise LoraforgeError(f"--tasks takes offset and advisor, comma-separated; got {tasks.tasks!r}")
     chosen = [offset_task(tasks.offset, settings.n_train, settings.n_test) if name == "offset" else
-              advisor_task(tasks.demo, tasks.advisor_steps, tasks.advisor_samples) for name in dict.fromkeys(names)]
+              advisor_task(tasks.demo, tasks.advisor_steps, tasks.advisor_samples, tasks.advisor_seeds) for name in dict.fromkeys(names)]
     result = bench_transfer(bench, chosen)
     body = table(result) + "\n\n" + held(result)
     if report:

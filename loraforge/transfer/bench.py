@@ -54,6 +54,7 @@ class TransferBench:
     batch_size: int = opt(16, "rows per step")
     targets: str = opt("q_proj,v_proj", "the adapters' target modules, on both bases")
     seeds: int = opt(5, "real seed rows in the kit")
+    seed_choice: str = opt("random", "how the kit's seeds are chosen: random (the paper) | cover (`transfer prepare`)")
     samples: int = opt(600, "candidates the target synthesises (the paper: until the set reaches the real "
                             "training set's size, n_train)")
     threshold: float = opt(0.5, "the discriminator's threshold P")
@@ -111,7 +112,8 @@ def bench_task(settings: TransferBench, task: BenchTask, work: Path) -> dict[str
     upper = trained(settings.target_model, "upper")
     t0 = time.perf_counter()
     kit = prepare(PrepareConfig(adapter=str(source_adapter), data=str(real), out=str(work / "kit"),
-                                model=settings.source_model, seeds=settings.seeds, disc_steps=settings.disc_steps,
+                                model=settings.source_model, seeds=settings.seeds, seed_choice=settings.seed_choice,
+                                disc_steps=settings.disc_steps,
                                 seed=settings.seed))
     seconds["prepare"] = time.perf_counter() - t0
     run = TransferConfig(kit=str(work / "kit"), out="", target_model=settings.target_model, samples=settings.samples,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -57,6 +58,8 @@ class PrepareConfig:
     out: str = field(metadata={"help": "the kit folder to write"})
     model: str = opt("smollm2-135m", "the source base model: embedded name, local HF folder or .gguf file")
     seeds: int = opt(5, "real rows kept as seeds S (the paper: a handful)")
+    seed_choice: str = opt("random", "random (the paper) | cover: the rows that together hold the most distinct "
+                                     "words, so that a few seeds span the task (every university of the advisor)")
     real: int = opt(128, "real inputs the discriminator learns from, at most; it gets as many synthetic ones")
     disc_steps: int = opt(60, "discriminator training steps")
     disc_rank: int = opt(8, "discriminator LoRA rank")
@@ -98,6 +101,8 @@ def prepare(config: PrepareConfig, progress: bool = True) -> Kit:
     _at_least({"seeds": config.seeds, "disc_steps": config.disc_steps, "disc_rank": config.disc_rank,
                "batch_size": config.batch_size})
     _at_least({"real": config.real}, 2)  # one to train the discriminator on, one held out
+    if config.seed_choice not in ("random", "cover"):
+        raise LoraforgeError(f"--seed-choice is random or cover, got {config.seed_choice!r}")
     adapter_config, _ = read_adapter_config(config.adapter)
     if adapter_config.task_type == "SEQ_CLS":
         raise LoraforgeError(f"--adapter {config.adapter} is a classification adapter; Trans-LoRA transfers "
@@ -107,7 +112,7 @@ def prepare(config: PrepareConfig, progress: bool = True) -> Kit:
         raise LoraforgeError(f"--data has {len(pairs)} rows: --seeds {config.seeds} and at least 2 more are needed")
     rng = random.Random(config.seed)
     rng.shuffle(pairs)
-    seeds = pairs[:config.seeds]
+    seeds = pairs[:config.seeds] if config.seed_choice == "random" else covering(pairs, config.seeds)
     real = list(dict.fromkeys(user for user, _ in pairs))[:config.real]
 
     source, tokenizer = load_model(config.model, task="causal-lm")
@@ -134,6 +139,21 @@ def prepare(config: PrepareConfig, progress: bool = True) -> Kit:
         (tmp / SEEDS).write_text("".join(json.dumps(chat_row(system, user, answer)) + "\n" for user, answer in seeds))
         (tmp / KIT_JSON).write_text(kit_json(kit))
     return kit
+
+
+def covering(pairs: list[tuple[str, str]], n: int) -> list[tuple[str, str]]:
+    """n (input, answer) rows chosen greedily, each adding the most words (lower-cased) that the rows
+    before it do not hold; ties go to the earlier row. An interpretation: the paper samples its seeds,
+    but a handful sampled from a task of many entities names a few of them, and a synthesiser cannot
+    ask about an entity it never saw."""
+    words = [set(re.findall(r"\w+", f"{user} {answer}".lower())) for user, answer in pairs]
+    chosen: list[int] = []
+    covered: set[str] = set()
+    for _ in range(n):
+        best = max((i for i in range(len(pairs)) if i not in chosen), key=lambda i: len(words[i] - covered))
+        chosen.append(best)
+        covered |= words[best]
+    return [pairs[i] for i in chosen]
 
 
 def _load_target(name: str) -> tuple[Any, Any]:
