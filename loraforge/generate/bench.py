@@ -60,7 +60,8 @@ class GenerateBench:
     out: str = opt("runs/bench-generate", "where the zoo, oracles, generators, prior and adapters go")
     json: str | None = opt(None, "also write the figures to this JSON file")
     quick: bool = opt(False, "offset k in 2..20 step 2 (held out 7, 13), 4 training label pairs (2 held out); "
-                             "at most 60 steps a LoRA (offset reaches 0.98 there), 3 checkpoints, 50 test rows")
+                             "at most 60 steps a LoRA (offset reaches 0.98 there), 2 checkpoints, 50 test rows, "
+                             "100 hypernetwork steps, 20 ABMLL meta steps (each is 24 passes of 8 rows)")
     data: str | None = opt(None, "folder holding sst2/train.tsv; default $LORAFORGE_DATA")
     offset_values: str | None = opt(None, "comma-separated zoo offsets (default: the standard or quick zoo)")
     offset_held_out: str | None = opt(None, "comma-separated held-out offsets")
@@ -83,8 +84,9 @@ class GenerateBench:
         """The settings a run uses: --quick caps the LoRA runs, which are most of its time."""
         if not self.quick:
             return self
-        return dataclasses.replace(self, steps=min(self.steps, 60), checkpoints=min(self.checkpoints, 3),
-                                   n_test=min(self.n_test, 50))
+        return dataclasses.replace(self, steps=min(self.steps, 60), checkpoints=min(self.checkpoints, 2),
+                                   n_test=min(self.n_test, 50), hypernet_steps=min(self.hypernet_steps, 100),
+                                   meta_steps=min(self.meta_steps, 20))
 
     def values(self, family: str) -> tuple[list[str], list[str]]:
         """(zoo values, held-out values) of a family."""
