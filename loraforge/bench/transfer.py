@@ -6,9 +6,10 @@ tasks, built here because this layer sits above both stages that own them:
              of the demo's phase-1 rows; graded on the demo's held-out questions by the demo's own fact grader
              (fact accuracy, then the Markdown rate). Its adapters take the demo's recipe (rank, alpha,
              targets, rows per step) and their own budget of steps and candidates, a Gemma step being
-             4-8x a SmolLM2 one; its kit's seeds are chosen to cover the task (`--seed-choice cover`). The default demo's adapter is refused: trained on
-             prompts that carry retrieved pages, it reads facts and holds none, and without pages it
-             states no fact (its `lora` condition: 0.00), so there would be nothing to move.
+             4-8x a SmolLM2 one; its kit's seeds are chosen to cover the task (`--seed-choice cover`).
+             The default demo's adapter is refused: trained on prompts that carry retrieved pages, it
+             reads facts and holds none, and without pages it states no fact (its `lora` condition:
+             0.00), so there would be nothing to move.
 
 `--quick` runs offset only; `--tasks` names the tasks to run. The runs themselves are
 `loraforge.transfer.bench.bench_transfer`.
@@ -94,7 +95,8 @@ def run(bench: TransferBench, tasks: TransferTasks, command: str, report: Path |
     if unknown:
         raise LoraforgeError(f"--tasks takes offset and advisor, comma-separated; got {tasks.tasks!r}")
     chosen = [offset_task(tasks.offset, settings.n_train, settings.n_test) if name == "offset" else
-              advisor_task(tasks.demo, tasks.advisor_steps, tasks.advisor_samples, tasks.advisor_seeds) for name in dict.fromkeys(names)]
+              advisor_task(tasks.demo, tasks.advisor_steps, tasks.advisor_samples, tasks.advisor_seeds)
+              for name in dict.fromkeys(names)]
     result = bench_transfer(bench, chosen)
     body = table(result) + "\n\n" + held(result)
     if report:

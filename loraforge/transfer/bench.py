@@ -113,8 +113,7 @@ def bench_task(settings: TransferBench, task: BenchTask, work: Path) -> dict[str
     t0 = time.perf_counter()
     kit = prepare(PrepareConfig(adapter=str(source_adapter), data=str(real), out=str(work / "kit"),
                                 model=settings.source_model, seeds=settings.seeds, seed_choice=settings.seed_choice,
-                                disc_steps=settings.disc_steps,
-                                seed=settings.seed))
+                                disc_steps=settings.disc_steps, seed=settings.seed))
     seconds["prepare"] = time.perf_counter() - t0
     run = TransferConfig(kit=str(work / "kit"), out="", target_model=settings.target_model, samples=settings.samples,
                          threshold=settings.threshold, **common)
