@@ -354,7 +354,7 @@ class AdapterPool:
                 self.dense[module].pop(slot, None)
             else:
                 self.dense[module][slot] = update.dense.to(self.A[module].device)
-        self.slot_rank[slot] = max(self.rank[m][slot] for m in self.modules)
+        self.slot_rank[slot] = _rank_of(host)  # the rank that placed it (`_free_slot`)
         for path, slots in self.block.items():
             update = host.get(path)
             if update is None:
@@ -469,6 +469,7 @@ class AdapterPool:
 
 
 def _rank_of(host: HostAdapter) -> int:
+    """An adapter's widest rank over its modules (0: none has low-rank factors)."""
     return max((u.a.shape[0] for u in host.values() if u.a is not None), default=0)
 
 
