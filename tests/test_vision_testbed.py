@@ -10,9 +10,19 @@ from vision_helpers import TINY_PRESET
 
 from loraforge.cli import main
 from loraforge.vision.clip_testbed import vocabulary_texts
-from loraforge.vision.glyphs import CHARACTERS, HELDOUT_FONT, build_glyphs, caption, digits, load_glyphs, make_split
+from loraforge.vision.glyphs import (
+    CHARACTERS,
+    COLOURS,
+    HELDOUT_FONT,
+    build_glyphs,
+    caption,
+    digits,
+    load_glyphs,
+    make_split,
+)
+from loraforge.vision.judge import cnn_judge
 from loraforge.vision.testbed import GUIDANCES, PRESETS, build_testbed
-from loraforge.vision.unet_testbed import UNetSize, new_unet
+from loraforge.vision.unet_testbed import UNetSize, min_snr_weights, new_unet
 from loraforge.vision.vocab import caption_tokenizer
 
 
@@ -70,6 +80,8 @@ def test_build_testbed_writes_standard_folders(tmp_path):
     assert saved["clip_zero_shot"] == report["clip_zero_shot"]
     assert set(saved["clip_zero_shot"]) == {"character", "colour", "digits", "heldout_font"}
     assert set(saved["diffusion_clip_agreement"]) == {str(g) for g in GUIDANCES}
+    assert all(set(by_judge) == {"clip", "cnn"} for by_judge in saved["diffusion_clip_agreement"].values())
+    assert set(saved["cnn_judge_accuracy"]) == {"character", "colour"}
     assert saved["clip_curve"] and saved["clip_curve"][0]["step"] == 0
 
 
@@ -96,3 +108,21 @@ def test_unet_cross_attention_from_a_level_on():
     assert unet(torch.randn(2, 3, 16, 16), torch.tensor([3, 7]), encoder_hidden_states=states).sample.shape == (2, 3, 16, 16)
     with pytest.raises(ValueError, match="attention_from must name one of the 2 levels, got 2"):
         new_unet(UNetSize(channels=(8, 16), attention_from=2), 16, 32)
+
+
+def test_min_snr_weights_are_one_below_gamma_and_gamma_over_snr_above():
+    _, scheduler = new_unet(UNetSize(channels=(8, 16)), 16, 32)
+    t = torch.arange(0, 1000, 37)
+    abar = scheduler.alphas_cumprod[t].double()
+    snr = abar / (1 - abar)
+    expected = torch.where(snr > 5.0, 5.0 / snr, torch.ones_like(snr))
+    torch.testing.assert_close(min_snr_weights(scheduler, t, gamma=5.0).double(), expected, rtol=1e-5, atol=0)
+    assert (snr > 5).any() and (snr < 5).any()  # both branches taken on this schedule
+
+
+def test_cnn_judge_reads_colour_and_answers_per_image():
+    train, test = make_split(300, ("sans",), seed=0), make_split(60, ("sans",), seed=1)
+    judge, accuracy = cnn_judge(train, test, steps=150, batch=64)
+    assert accuracy["colour"] > 0.9 and 0 <= accuracy["character"] <= 1
+    verdicts = judge(test.images[:5])
+    assert len(verdicts) == 5 and all(v["char"] in CHARACTERS and v["colour"] in COLOURS for v in verdicts)

@@ -8,10 +8,15 @@ it has seen), and samples with
 
     eps_hat = eps(x_t, "") + g * (eps(x_t, c) - eps(x_t, ""))
 
-Images are 16x16, so there is no VAE: the UNet works on pixels in [-1, 1]. Saved as diffusers
-component folders (`unet/`, `scheduler/`) beside `text_encoder/` and `tokenizer/` (transformers'),
-the layout of a Stable Diffusion folder less its VAE; each loads with `from_pretrained(folder,
-subfolder=...)`.
+The loss is Min-SNR-gamma weighted (Hang et al., arXiv 2303.09556, for eps-prediction):
+
+    L = E_t [ min(SNR_t, gamma) / SNR_t * || eps - eps_theta(x_t, t, c) ||^2 ],   SNR_t = abar_t / (1 - abar_t)
+
+which stops the nearly clean steps (large SNR, where the caption barely matters) from dominating
+the gradient. Measured here on the quick testbed's UNet (1.0M parameters, 5 minutes on two cores):
+the plain loss at lr 1e-3 drew the asked character and colour in 0.23 of guidance-2 samples (by
+the CLIP, 849 steps); Min-SNR with gamma = 5 at lr 2e-3 in 0.57 (by the CLIP and by the CNN judge,
+1,074 steps). The colour was right in both; the shape is what the weighting teaches.
 """
 
 from __future__ import annotations
@@ -23,13 +28,14 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from loraforge.vision.glyphs import CHARACTERS, COLOURS, ImageSet, caption, class_name
+from loraforge.vision.judge import Judge
 
 CAPTION_DROPOUT = 0.1
+SNR_GAMMA = 5.0  # Min-SNR's gamma: the paper's default
 KEEP = {"colour": 1.0, "char": 1.0, "weight": 0.5, "background": 0.5}  # P(word kept) in a non-empty caption
 
 
@@ -79,14 +85,6 @@ def sample(unet: UNet2DConditionModel, scheduler_config: dict, text_encoder: CLI
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def nearest_attributes(images: torch.Tensor, reference: ImageSet) -> list[dict[str, str]]:
-    """The independent check: each image's nearest training glyph (pixel L2) and its attributes."""
-    a = images.flatten(1).float()
-    b = reference.images.flatten(1).float()
-    nearest = torch.cdist(a, b).argmin(1)
-    return [reference.attributes[i] for i in nearest.tolist()]
-
-
 def sanity_prompts(n: int, seed: int) -> tuple[list[str], list[dict[str, str]]]:
     """`n` prompts "a red letter K": every character in turn, colours at random."""
     rng = np.random.default_rng(seed)
@@ -94,18 +92,26 @@ def sanity_prompts(n: int, seed: int) -> tuple[list[str], list[dict[str, str]]]:
     return [f"a {a['colour']} {class_name(a['char'])}" for a in attrs], attrs
 
 
-def agreement(images: torch.Tensor, asked: list[dict[str, str]], judge: Callable[[torch.Tensor], list[dict[str, str]]]) -> float:
+def agreement(images: torch.Tensor, asked: list[dict[str, str]], judge: Judge) -> float:
     """Share of images whose judged character and colour are both the asked ones."""
     judged = judge(images)
     return sum(j["char"] == a["char"] and j["colour"] == a["colour"] for j, a in zip(judged, asked)) / max(1, len(asked))
 
 
+def min_snr_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float = SNR_GAMMA) -> torch.Tensor:
+    """Per-sample weight min(SNR_t, gamma) / SNR_t of the eps-prediction loss (Min-SNR, Eq. 8)."""
+    abar = scheduler.alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    return snr.clamp(max=gamma) / snr
+
+
 def train_unet(unet: UNet2DConditionModel, scheduler: DDPMScheduler, text_encoder: CLIPTextModel, tokenizer: object,
-               train: ImageSet, minutes: float, batch: int = 64, lr: float = 1e-3, seed: int = 0,
-               eval_every: int = 200, judge: Callable[[torch.Tensor], list[dict[str, str]]] | None = None,
+               train: ImageSet, minutes: float, batch: int = 64, lr: float = 2e-3, seed: int = 0,
+               eval_every: int = 200, judge: Judge | None = None,
                sample_steps: int = 25, log: Callable[[str], None] = print) -> list[dict[str, float]]:
-    """Train the UNet in place for `minutes`; the text encoder stays frozen. Returns the curve of
-    (minutes, step, loss, agreement of guidance-2 samples by `judge`)."""
+    """Train the UNet in place for `minutes`; the text encoder stays frozen (its states are computed
+    once per distinct caption). Returns the curve of (minutes, step, loss, agreement of guidance-2
+    samples by `judge`)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     text_encoder.requires_grad_(False).eval()
@@ -113,6 +119,7 @@ def train_unet(unet: UNet2DConditionModel, scheduler: DDPMScheduler, text_encode
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     prompts, asked = sanity_prompts(len(CHARACTERS), seed)
     curve, start, step, running = [], time.monotonic(), 0, None
+    states_of: dict[str, torch.Tensor] = {}  # caption -> (L, D); a few hundred distinct captions
     unet.train()
     while True:
         elapsed = (time.monotonic() - start) / 60
@@ -135,9 +142,13 @@ def train_unet(unet: UNet2DConditionModel, scheduler: DDPMScheduler, text_encode
         x0 = x0_all[torch.from_numpy(index)]
         noise = torch.randn_like(x0)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
-        with torch.no_grad():
-            states = text_states(text_encoder, tokenizer, captions)
-        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=states).sample, noise)
+        new = sorted(set(captions) - states_of.keys())
+        if new:
+            with torch.no_grad():
+                states_of.update(zip(new, text_states(text_encoder, tokenizer, new)))
+        states = torch.stack([states_of[c] for c in captions])
+        pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=states).sample
+        loss = (min_snr_weights(scheduler, t) * (pred - noise).pow(2).mean((1, 2, 3))).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
