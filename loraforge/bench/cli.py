@@ -116,6 +116,28 @@ def _personalize(values: dict[str, Any], command: str, report: Path | None) -> o
     return result
 
 
+def _vision(values: dict[str, Any], command: str, report: Path | None) -> object:
+    import shutil
+
+    from loraforge.bench import append_section, figure_line, figure_name
+    from loraforge.vision.bench import VisionBench, bench_vision, contact_sheet_path, plot, summary_table
+
+    bench = _build(VisionBench, values)
+    result = bench_vision(bench)
+    table = summary_table(result)
+    if report:
+        body = table + figure_line(plot(result), "vision", "Accuracy against shots", report.parent)
+        sheet = contact_sheet_path(result)
+        if sheet is not None:
+            name = figure_name("datadream-sheet", report.parent)
+            shutil.copyfile(sheet, report.parent / name)
+            body += f"\nDataDream on digits (per class: the real shots, then the generated images): ![]({name})\n"
+        append_section(report, f"bench vision{' --quick' if bench.quick else ''}: CLIP few-shot and DataDream on the testbed",
+                       command, body)
+    print(table)
+    return result
+
+
 def _class(module: str, name: str) -> type:
     return getattr(importlib.import_module(module), name)
 
@@ -161,9 +183,8 @@ BENCHES: dict[str, Bench] = {
     "generate": _tabled("adapters for held-out tasks: zoo neighbours, generators, ABMLL, multi-task LoRA, few-shot",
                         "loraforge.generate.bench", "GenerateBench", "bench_generate",
                         lambda b: f"bench generate{' --quick' if b.quick else ''}: adapters for held-out tasks, {b.model}"),
-    "vision": _tabled("CLIP few-shot (LoRA, Block-LoRA, Comp-LoRA, GLAD) and DataDream on the vision testbed",
-                      "loraforge.vision.bench", "VisionBench", "bench_vision",
-                      lambda b: f"bench vision{' --quick' if b.quick else ''}: CLIP few-shot and DataDream on the testbed"),
+    "vision": Bench("CLIP few-shot (LoRA, Block-LoRA, Comp-LoRA, GLAD) and DataDream on the vision testbed",
+                    lambda: (_class("loraforge.vision.bench", "VisionBench"),), _vision),
     "transfer": Bench("Trans-LoRA SmolLM2-135M -> Gemma-3-270M on offset k=9 and the demo's advisor (--quick: offset)",
                       lambda: (_class("loraforge.transfer.bench", "TransferBench"),
                                _class("loraforge.bench.transfer", "TransferTasks")), _transfer),

@@ -94,3 +94,31 @@ def summary_table(result: dict[str, Any]) -> str:
               for (data, shots), acc in cells.items()]
     lines.append("| trainable parameters | | " + " | ".join(f"{params[s]:,}" for s in systems) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any]):
+    """Accuracy against shots per class, one panel per data set, one line per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = list(dict.fromkeys(r["data"] for r in result["rows"]))
+    fig, axes = plt.subplots(1, len(data), figsize=(6 * len(data), 4), squeeze=False)
+    for ax, name in zip(axes.flat, data):
+        rows = [r for r in result["rows"] if r["data"] == name]
+        for system in dict.fromkeys(r["system"] for r in rows):
+            points = sorted((r["shots"], r["accuracy"]) for r in rows if r["system"] == system)
+            ax.plot(*zip(*points), "o-" if system.startswith("datadream") else ".-", label=system)
+        ax.set(xscale="log", xlabel="shots per class", ylabel="test accuracy", title=name, ylim=(0, 1))
+        ax.legend(fontsize=7)
+    return fig
+
+
+def contact_sheet_path(result: dict[str, Any], data: str = "digits") -> Path | None:
+    """DataDream's contact sheet (real shots, then generated images, per class) at the most shots on `data`."""
+    shots = max((r["shots"] for r in result["rows"] if r["data"] == data and r["system"] == "datadream"), default=None)
+    if shots is None:
+        return None
+    path = Path(result["config"]["out"]) / f"datadream-{data.replace(':', '-')}-{shots}" / "contact_sheet.png"
+    return path if path.is_file() else None

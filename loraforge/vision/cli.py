@@ -46,6 +46,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     out = args.out or testbed_dir(args.quick)
     report = build_testbed(out, dataclasses.replace(preset, **overrides), log=lambda line: print(line, file=sys.stderr))
     print(json.dumps({"out": str(out), "minutes": report["minutes"], "clip_zero_shot": report["clip_zero_shot"],
+                      "cnn_judge_accuracy": report["cnn_judge_accuracy"],
                       "diffusion_clip_agreement": report["diffusion_clip_agreement"]}, indent=2))
     return 0
 
