@@ -31,7 +31,7 @@ def test_glyphs_are_deterministic_and_hold_out_a_font(tmp_path):
     assert torch.equal(a.images, b.images) and a.attributes == b.attributes
     assert not torch.equal(a.images, make_split(30, ("sans", "mono"), seed=4).images)
     assert a.images.shape == (30, 16, 16, 3) and a.images.dtype == torch.uint8
-    splits = build_glyphs(tmp_path / "g", n_train=60, n_test=20, seed=0)
+    splits = build_glyphs(tmp_path / "g", n_train=60, n_test=20, n_heldout=30, seed=0)
     assert HELDOUT_FONT not in {x["font"] for x in splits["train"].attributes + splits["test"].attributes}
     assert {x["font"] for x in splits["heldout_font"].attributes} == {HELDOUT_FONT}
     back = load_glyphs(tmp_path / "g", "heldout_font")

@@ -13,7 +13,7 @@ from loraforge.vision.testbed import TestbedPreset
 from loraforge.vision.unet_testbed import UNetSize, new_unet
 
 TINY_CLIP = ClipSize(hidden=32, vision_layers=1, text_layers=1, heads=2, projection=16)
-TINY_PRESET = TestbedPreset(n_train=120, n_test=40, clip=TINY_CLIP, clip_minutes=0.005, unet=UNetSize(channels=(8, 16)),
+TINY_PRESET = TestbedPreset(n_train=120, n_test=40, n_heldout=40, clip=TINY_CLIP, clip_minutes=0.005, unet=UNetSize(channels=(8, 16)),
                             unet_minutes=0.005, sanity_samples=4, eval_every=2, sample_steps=2)
 
 

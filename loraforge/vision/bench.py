@@ -34,7 +34,7 @@ class VisionBench:
     shots: str = opt("1,4,16", "shot counts per class")
     seeds: int = opt(3, "seeds averaged per shot count (--quick: at most 2)")
     steps_per_shot: int = opt(25, "optimizer steps per shot for every adapter")
-    lr: float = opt(1e-3, "AdamW learning rate for every adapter")
+    lr: float = opt(5e-3, "AdamW learning rate for every CLIP adapter")
     images_per_class: int = opt(20, "DataDream's generated images per class (--quick: at most 10)")
     unet_steps: int = opt(200, "DataDream's diffusion LoRA steps")
     sample_steps: int = opt(25, "DataDream's DDIM steps per generated image")

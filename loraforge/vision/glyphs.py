@@ -7,7 +7,8 @@ STIX), regular or bold, in a colour on a background, at a random size, shift and
     "a red bold letter K on a grey background"        (the full caption; training drops words at random)
 
 Splits: `train` and `test` draw from the same attributes; `heldout_font` uses a font never seen in
-training (STIX), the shifted domain `glyphs:font` of the few-shot benchmark. The handwritten digits
+training (STIX), the shifted domain `glyphs:font` of the few-shot benchmark (split in halves there,
+so it holds at least 64 glyphs a class: a 16-shot pool in each half). The handwritten digits
 of scikit-learn's `load_digits` (1,797 8x8 images, shipped inside the package) are the other shift:
 `digits()` paints them in the glyph style (a palette colour on a grey background, upsampled to the
 glyph size), so only the shapes differ.
@@ -116,11 +117,12 @@ def make_split(n: int, fonts: tuple[str, ...], seed: int, size: int = 16) -> Ima
     return ImageSet(torch.from_numpy(images), labels, [class_name(c) for c in CHARACTERS], attributes)
 
 
-def build_glyphs(out: str | Path, n_train: int, n_test: int, seed: int = 0, size: int = 16) -> dict[str, ImageSet]:
+def build_glyphs(out: str | Path, n_train: int, n_test: int, n_heldout: int, seed: int = 0,
+                 size: int = 16) -> dict[str, ImageSet]:
     """Render the three splits and write them to `out` (one safetensors file each + glyphs.json)."""
     seen = tuple(f for f in FONTS if f != HELDOUT_FONT)
     splits = {"train": make_split(n_train, seen, seed, size), "test": make_split(n_test, seen, seed + 1, size),
-              "heldout_font": make_split(n_test, (HELDOUT_FONT,), seed + 2, size)}
+              "heldout_font": make_split(n_heldout, (HELDOUT_FONT,), seed + 2, size)}
     meta = {"classes": splits["train"].classes, "size": size, "seed": seed, "heldout_font": HELDOUT_FONT,
             "attributes": {name: s.attributes for name, s in splits.items()}}
     with atomic_dir(out) as tmp:

@@ -3,8 +3,9 @@
 DDPM (Ho et al., arXiv 2006.11239, Eq. 14) with classifier-free guidance (Ho & Salimans, arXiv
 2207.12598): the UNet learns eps from x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps given the
 caption's text-tower states (the empty caption 10% of the time; otherwise weight and background are
-each dropped half the time, so that the short prompts it is asked for, "a red letter K", are captions
-it has seen), and samples with
+each dropped half the time and the colour a quarter of the time, so that the short prompts it is
+asked for, "a red letter K" and DataDream's class prompts "a digit 3", are captions it has seen),
+and samples with
 
     eps_hat = eps(x_t, "") + g * (eps(x_t, c) - eps(x_t, ""))
 
@@ -36,7 +37,7 @@ from loraforge.vision.judge import Judge
 
 CAPTION_DROPOUT = 0.1
 SNR_GAMMA = 5.0  # Min-SNR's gamma: the paper's default
-KEEP = {"colour": 1.0, "char": 1.0, "weight": 0.5, "background": 0.5}  # P(word kept) in a non-empty caption
+KEEP = {"colour": 0.75, "char": 1.0, "weight": 0.5, "background": 0.5}  # P(word kept) in a non-empty caption
 
 
 @dataclass
@@ -105,6 +106,15 @@ def min_snr_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float = SN
     return snr.clamp(max=gamma) / snr
 
 
+def denoising_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler, x0: torch.Tensor, states: torch.Tensor,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """The Min-SNR-weighted eps-prediction loss on clean images `x0` (B, 3, H, W) given text `states`."""
+    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+    pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=states).sample
+    return (min_snr_weights(scheduler, t) * (pred - noise).pow(2).mean((1, 2, 3))).mean()
+
+
 def train_unet(unet: UNet2DConditionModel, scheduler: DDPMScheduler, text_encoder: CLIPTextModel, tokenizer: object,
                train: ImageSet, minutes: float, batch: int = 64, lr: float = 2e-3, seed: int = 0,
                eval_every: int = 200, judge: Judge | None = None,
@@ -139,16 +149,12 @@ def train_unet(unet: UNet2DConditionModel, scheduler: DDPMScheduler, text_encode
         index = rng.integers(0, len(train), batch)
         captions = ["" if rng.random() < CAPTION_DROPOUT else
                     caption(train.attributes[i], {k: rng.random() < p for k, p in KEEP.items()}) for i in index.tolist()]
-        x0 = x0_all[torch.from_numpy(index)]
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
         new = sorted(set(captions) - states_of.keys())
         if new:
             with torch.no_grad():
                 states_of.update(zip(new, text_states(text_encoder, tokenizer, new)))
         states = torch.stack([states_of[c] for c in captions])
-        pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=states).sample
-        loss = (min_snr_weights(scheduler, t) * (pred - noise).pow(2).mean((1, 2, 3))).mean()
+        loss = denoising_loss(unet, scheduler, x0_all[torch.from_numpy(index)], states)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
