@@ -22,7 +22,7 @@ from loraforge.vision.glyphs import (
 )
 from loraforge.vision.judge import cnn_judge
 from loraforge.vision.testbed import GUIDANCES, PRESETS, build_testbed
-from loraforge.vision.unet_testbed import UNetSize, min_snr_weights, new_unet
+from loraforge.vision.unet_testbed import UNetSize, denoising_loss, min_snr_weights, new_unet
 from loraforge.vision.vocab import caption_tokenizer
 
 
@@ -126,3 +126,17 @@ def test_cnn_judge_reads_colour_and_answers_per_image():
     assert accuracy["colour"] > 0.9 and 0 <= accuracy["character"] <= 1
     verdicts = judge(test.images[:5])
     assert len(verdicts) == 5 and all(v["char"] in CHARACTERS and v["colour"] in COLOURS for v in verdicts)
+
+
+def test_denoising_loss_is_the_min_snr_weighted_eps_error():
+    torch.manual_seed(0)
+    unet, scheduler = new_unet(UNetSize(channels=(8, 16)), 16, 32)
+    x0, states = torch.rand(3, 3, 16, 16) * 2 - 1, torch.randn(3, 5, 32)
+    loss = denoising_loss(unet, scheduler, x0, states, torch.Generator().manual_seed(7))
+    generator = torch.Generator().manual_seed(7)
+    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.randint(0, 1000, (3,), generator=generator)
+    abar = scheduler.alphas_cumprod[t][:, None, None, None]
+    pred = unet(abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t, encoder_hidden_states=states).sample
+    expected = (min_snr_weights(scheduler, t) * (pred - noise).pow(2).mean((1, 2, 3))).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)

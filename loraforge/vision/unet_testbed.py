@@ -100,7 +100,7 @@ def agreement(images: torch.Tensor, asked: list[dict[str, str]], judge: Judge) -
 
 
 def min_snr_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float = SNR_GAMMA) -> torch.Tensor:
-    """Per-sample weight min(SNR_t, gamma) / SNR_t of the eps-prediction loss (Min-SNR, Eq. 8)."""
+    """Per-sample weight min(SNR_t, gamma) / SNR_t of the eps-prediction loss (Min-SNR-gamma)."""
     abar = scheduler.alphas_cumprod[t]
     snr = abar / (1 - abar)
     return snr.clamp(max=gamma) / snr
@@ -109,10 +109,12 @@ def min_snr_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float = SN
 def denoising_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler, x0: torch.Tensor, states: torch.Tensor,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """The Min-SNR-weighted eps-prediction loss on clean images `x0` (B, 3, H, W) given text `states`."""
-    noise = torch.randn(x0.shape, generator=generator)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)  # drawn on the CPU: the same on any device
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+    weights = min_snr_weights(scheduler, t).to(x0.device)
+    t = t.to(x0.device)
     pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=states).sample
-    return (min_snr_weights(scheduler, t) * (pred - noise).pow(2).mean((1, 2, 3))).mean()
+    return (weights * (pred - noise).pow(2).mean((1, 2, 3))).mean()
 
 
 def train_unet(unet: UNet2DConditionModel, scheduler: DDPMScheduler, text_encoder: CLIPTextModel, tokenizer: object,
