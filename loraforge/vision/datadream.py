@@ -84,9 +84,8 @@ def fit_diffusion_lora(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, 
 
     The loss is the testbed's own (Min-SNR weighted, the class prompt dropped to "" 10% of the time,
     as the base UNet was trained): without the empty prompt in training, the text encoder's LoRA
-    moves the unconditional branch of classifier-free guidance where no step fits it, and the
-    samples at guidance 2 fell apart on the quick testbed (an interpretation at this scale: the
-    paper's recipe is plain MSE on the class prompts)."""
+    would move the unconditional branch of classifier-free guidance where no step fits it (an
+    interpretation at this scale: the paper's recipe is plain MSE on the class prompts)."""
     for model, targets in ((unet, UNET_TARGETS), (text_encoder, TEXT_TARGETS)):
         attach(model, AdapterConfig(rank=settings.rank, alpha=settings.rank, target_modules=targets, seed=seed,
                                     task_type="FEATURE_EXTRACTION"))
