@@ -41,6 +41,7 @@ from loraforge.personalize.references import Subject, read_subjects
 from loraforge.personalize.sampling import fingerprint
 from loraforge.vision.clip import image_features, load_clip, pixels
 from loraforge.vision.datadream import load_diffusion
+from loraforge.vision.glyphs import signed_pixels
 from loraforge.vision.unet_testbed import text_states
 
 KIND = "easyref"
@@ -202,7 +203,7 @@ def train_easyref(diffusion: str | Path, encoder: str | Path, subjects: list[Sub
     for m in (unet, text_encoder, clip):
         m.requires_grad_(False).eval()
     inputs = [vision_inputs(clip, processor, s.images, config.encoder) for s in subjects]
-    x0 = [s.images.permute(0, 3, 1, 2).float() / 127.5 - 1 for s in subjects]
+    x0 = [signed_pixels(s.images) for s in subjects]
     with torch.no_grad():
         states = {p: text_states(text_encoder, tokenizer, [p])[0] for p in {s.prompt for s in subjects}}
     if config.encoder == "mean":  # one stage, the same total budget

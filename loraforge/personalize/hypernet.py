@@ -38,6 +38,7 @@ from loraforge.personalize.references import Subject, load_images, read_subjects
 from loraforge.personalize.sampling import FINGERPRINT, fingerprint
 from loraforge.vision.clip import image_features, load_clip, pixels
 from loraforge.vision.datadream import UNET_TARGETS, load_diffusion
+from loraforge.vision.glyphs import signed_pixels
 from loraforge.vision.unet_testbed import text_states
 
 KIND = "hypernet-t2i"
@@ -130,7 +131,7 @@ def fit(hyper: HyperNetwork, unet: nn.Module, scheduler: object, text_encoder: n
     for model in (unet, text_encoder, clip):
         model.requires_grad_(False).eval()
     features = [encode(clip, processor, s.images) for s in subjects]  # E frozen: its outputs are constants
-    x0 = [s.images.permute(0, 3, 1, 2).float() / 127.5 - 1 for s in subjects]  # (N, 3, S, S)
+    x0 = [signed_pixels(s.images) for s in subjects]  # (N, 3, S, S)
     prompts = {s.prompt for s in subjects}
     with torch.no_grad():
         states = {p: text_states(text_encoder, tokenizer, [p])[0] for p in prompts}  # (L, D) each

@@ -16,6 +16,7 @@ from loraforge.adapters.functional import RowLoRA, rows_from_state
 from loraforge.adapters.inject import adapter_state_dict, attach, detach
 from loraforge.core.config import AdapterConfig
 from loraforge.vision.datadream import UNET_TARGETS
+from loraforge.vision.glyphs import signed_pixels
 from loraforge.vision.unet_testbed import text_states
 
 
@@ -24,7 +25,7 @@ def fit_lora(unet: nn.Module, scheduler: object, text_encoder: nn.Module, tokeni
              seed: int = 0) -> dict[str, RowLoRA]:
     """LoRA fitted to `images` (N, S, S, 3) uint8 under `prompt`; the UNet comes back as it was given."""
     config = AdapterConfig(rank=rank, alpha=rank, target_modules=UNET_TARGETS, seed=seed, task_type="FEATURE_EXTRACTION")
-    x0 = images.permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, S, S)
+    x0 = signed_pixels(images)  # (N, 3, S, S)
     with torch.no_grad():
         cond = text_states(text_encoder, tokenizer, [prompt])  # (1, L, D)
     attach(unet, config)

@@ -64,6 +64,11 @@ def bench_vision(bench: VisionBench, log: Callable[[str], None] = print) -> dict
     return result
 
 
+def datadream_out(out: str | Path, system: str, data: str, shots: int) -> Path:
+    """The folder of one DataDream run of the bench: adapters, contact sheet, report."""
+    return Path(out) / f"{system}-{data.replace(':', '-')}-{shots}"
+
+
 def datadream_rows(bench: VisionBench, testbed: Path, data: str, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """DataDream and DataDream on the unadapted model, one seed (the generation is the cost)."""
     rows = []
@@ -73,7 +78,7 @@ def datadream_rows(bench: VisionBench, testbed: Path, data: str, log: Callable[[
                 diffusion=str(testbed / "diffusion"), clip=str(testbed / "clip"), data=data, testbed=str(testbed),
                 shots=shots, images_per_class=min(bench.images_per_class, 10) if bench.quick else bench.images_per_class,
                 unadapted=unadapted, unet_steps=bench.unet_steps, sample_steps=bench.sample_steps, clip_steps_per_shot=bench.steps_per_shot,
-                clip_lr=bench.lr, out=str(Path(bench.out) / f"{system}-{data.replace(':', '-')}-{shots}"))
+                clip_lr=bench.lr, out=str(datadream_out(bench.out, system, data, shots)))
             report = run_datadream(settings, log)
             params = sum(report["diffusion_adapter_params"].values())
             rows.append({"data": data, "shots": shots, "system": system, "accuracy": report["accuracy"],
@@ -120,5 +125,5 @@ def contact_sheet_path(result: dict[str, Any], data: str = "digits") -> Path | N
     shots = max((r["shots"] for r in result["rows"] if r["data"] == data and r["system"] == "datadream"), default=None)
     if shots is None:
         return None
-    path = Path(result["config"]["out"]) / f"datadream-{data.replace(':', '-')}-{shots}" / "contact_sheet.png"
+    path = datadream_out(result["config"]["out"], "datadream", data, shots) / "contact_sheet.png"
     return path if path.is_file() else None

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from loraforge.vision.clip import pixels, zero_shot_accuracy
-from loraforge.vision.glyphs import BACKGROUNDS, CHARACTERS, COLOURS, ImageSet, caption
+from loraforge.vision.glyphs import BACKGROUNDS, CHARACTERS, COLOURS, ImageSet, caption, colour_labels
 from loraforge.vision.vocab import caption_tokenizer
 
 KEEP = {"colour": 0.6, "weight": 0.5, "char": 0.7, "background": 0.5}  # P(word kept) in a training caption
@@ -67,10 +67,9 @@ def new_clip(folder: str | Path, size: ClipSize, image_size: int) -> tuple[CLIPM
 
 def sanity(model: CLIPModel, tokenizer: object, pixel_values: torch.Tensor, test: ImageSet) -> dict[str, float]:
     """Zero-shot accuracy on `test`: character by "a letter K", colour by "a red character"."""
-    colours = list(COLOURS)
-    colour_labels = torch.tensor([colours.index(a["colour"]) for a in test.attributes])
     return {"character": zero_shot_accuracy(model, tokenizer, pixel_values, test.labels, [f"a {c}" for c in test.classes]),
-            "colour": zero_shot_accuracy(model, tokenizer, pixel_values, colour_labels, [f"a {c} character" for c in colours])}
+            "colour": zero_shot_accuracy(model, tokenizer, pixel_values, colour_labels(test),
+                                         [f"a {c} character" for c in COLOURS])}
 
 
 def train_clip(model: CLIPModel, processor: CLIPImageProcessor, tokenizer: object, train: ImageSet, test: ImageSet,
@@ -80,10 +79,9 @@ def train_clip(model: CLIPModel, processor: CLIPImageProcessor, tokenizer: objec
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     train_px, test_px = pixels(processor, train.images), pixels(processor, test.images)
-    colours = list(COLOURS)
-    colour_labels = torch.tensor([colours.index(a["colour"]) for a in train.attributes])
+    colours = colour_labels(train)
     heads = nn.ModuleDict({"char": nn.Linear(model.config.projection_dim, len(CHARACTERS)),
-                           "colour": nn.Linear(model.config.projection_dim, len(colours))})
+                           "colour": nn.Linear(model.config.projection_dim, len(COLOURS))})
     params = list(model.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     token_cache: dict[str, list[int]] = {}
@@ -112,7 +110,7 @@ def train_clip(model: CLIPModel, processor: CLIPImageProcessor, tokenizer: objec
         contrastive = (F.cross_entropy(out.logits_per_image, target) + F.cross_entropy(out.logits_per_text, target)) / 2
         embeds = out.image_embeds  # (N, D), already normalised: the heads read the direction CLIP compares
         aux = F.cross_entropy(heads["char"](embeds * 8), train.labels[index]) + \
-            F.cross_entropy(heads["colour"](embeds * 8), colour_labels[index])
+            F.cross_entropy(heads["colour"](embeds * 8), colours[index])
         optimizer.zero_grad(set_to_none=True)
         (contrastive + aux).backward()
         nn.utils.clip_grad_norm_(params, 1.0)

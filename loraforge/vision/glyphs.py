@@ -61,6 +61,16 @@ class ImageSet:
         return len(self.labels)
 
 
+def signed_pixels(images: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]: the diffusion models' and the CNN judge's input."""
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def colour_labels(data: ImageSet) -> torch.Tensor:
+    """(N,) int64 index of each image's colour into COLOURS."""
+    return torch.tensor([list(COLOURS).index(a["colour"]) for a in data.attributes])
+
+
 def testbed_dir(quick: bool) -> Path:
     """Where `loraforge testbed build glyphs` keeps the testbed: under the user cache (core.models)."""
     return Path(cache_dir()) / "testbed" / ("glyphs-quick" if quick else "glyphs")

@@ -15,9 +15,13 @@ from torch import nn
 from transformers import CLIPModel
 
 from loraforge.vision.clip import class_logits, pixels, text_features
-from loraforge.vision.glyphs import CHARACTERS, COLOURS, ImageSet, class_name
+from loraforge.vision.glyphs import CHARACTERS, COLOURS, ImageSet, class_name, colour_labels, signed_pixels
 
 Judge = Callable[[torch.Tensor], list[dict[str, str]]]  # (B, H, W, 3) uint8 -> [{"char", "colour"}] per image
+
+
+def _verdicts(chars: list[int], colours: list[int]) -> list[dict[str, str]]:
+    return [{"char": CHARACTERS[c], "colour": list(COLOURS)[k]} for c, k in zip(chars, colours)]
 
 
 def clip_judge(clip: CLIPModel, processor: object, tokenizer: object) -> Judge:
@@ -29,18 +33,8 @@ def clip_judge(clip: CLIPModel, processor: object, tokenizer: object) -> Judge:
     @torch.no_grad()
     def judge(images: torch.Tensor) -> list[dict[str, str]]:
         px = pixels(processor, images)
-        char = class_logits(clip, px, chars).argmax(-1).tolist()
-        colour = class_logits(clip, px, colours).argmax(-1).tolist()
-        return [{"char": CHARACTERS[c], "colour": list(COLOURS)[k]} for c, k in zip(char, colour)]
+        return _verdicts(class_logits(clip, px, chars).argmax(-1).tolist(), class_logits(clip, px, colours).argmax(-1).tolist())
     return judge
-
-
-def _as_input(images: torch.Tensor) -> torch.Tensor:
-    return images.permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
-
-
-def _colour_labels(data: ImageSet) -> torch.Tensor:
-    return torch.tensor([list(COLOURS).index(a["colour"]) for a in data.attributes])
 
 
 def cnn_judge(train: ImageSet, test: ImageSet, steps: int = 1500, batch: int = 128, seed: int = 0) -> tuple[Judge, dict[str, float]]:
@@ -53,7 +47,7 @@ def cnn_judge(train: ImageSet, test: ImageSet, steps: int = 1500, batch: int = 1
         nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
         nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(),
         nn.Flatten(), nn.Linear(64 * (size // 4) ** 2, 128), nn.ReLU(), nn.Linear(128, len(CHARACTERS) + len(COLOURS)))
-    x, chars, colours = _as_input(train.images), train.labels, _colour_labels(train)
+    x, chars, colours = signed_pixels(train.images), train.labels, colour_labels(train)
     optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -67,9 +61,8 @@ def cnn_judge(train: ImageSet, test: ImageSet, steps: int = 1500, batch: int = 1
 
     @torch.no_grad()
     def judge(images: torch.Tensor) -> list[dict[str, str]]:
-        out = net(_as_input(images))
-        char, colour = out[:, :len(CHARACTERS)].argmax(1).tolist(), out[:, len(CHARACTERS):].argmax(1).tolist()
-        return [{"char": CHARACTERS[c], "colour": list(COLOURS)[k]} for c, k in zip(char, colour)]
+        out = net(signed_pixels(images))
+        return _verdicts(out[:, :len(CHARACTERS)].argmax(1).tolist(), out[:, len(CHARACTERS):].argmax(1).tolist())
 
     verdicts = judge(test.images)
     accuracy = {"character": sum(v["char"] == a["char"] for v, a in zip(verdicts, test.attributes)) / max(1, len(test)),

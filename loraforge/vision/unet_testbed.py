@@ -32,7 +32,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from loraforge.vision.glyphs import CHARACTERS, COLOURS, ImageSet, caption, class_name
+from loraforge.vision.glyphs import CHARACTERS, COLOURS, ImageSet, caption, class_name, signed_pixels
 from loraforge.vision.judge import Judge
 
 CAPTION_DROPOUT = 0.1
@@ -127,7 +127,7 @@ def train_unet(unet: UNet2DConditionModel, scheduler: DDPMScheduler, text_encode
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     text_encoder.requires_grad_(False).eval()
-    x0_all = train.images.permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, H, W) in [-1, 1]
+    x0_all = signed_pixels(train.images)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     prompts, asked = sanity_prompts(len(CHARACTERS), seed)
     curve, start, step, running = [], time.monotonic(), 0, None
