@@ -327,8 +327,14 @@ def test_bench_personalize_rows_json_and_report(models, tmp_path):
     assert main(["bench", "personalize", "--testbed", str(testbed), "--json", str(tmp_path / "p.json"),
                  "--report", str(report), "--train-subjects", "3", "--heldout-subjects", "2",
                  "--images-per-subject", "3", "--references", "2", "--hyper-steps", "1", "--easyref-steps", "1",
-                 "--lora-steps", "1", "--samples", "1", "--sample-steps", "1"]) == 0
+                 "--lora-steps", "1", "--samples", "1", "--sample-steps", "1", "--cfg-sweep", "1,3",
+                 "--hm-cfg-sweep", "3,2 2,1"]) == 0
     result = json.loads((tmp_path / "p.json").read_text())
+    sweep = result["guidance_sweep"]  # the hypernet adapter's trade-off curves, one point per weight
+    assert [(r["sampling"], r["weights"]) for r in sweep] == [("cfg", [1.0]), ("cfg", [3.0]), ("hm-cfg", [3.0, 2.0]),
+                                                             ("hm-cfg", [2.0, 1.0])]
+    hm = next(r for r in result["rows"] if r["system"] == "hypernet-hm-cfg")
+    assert sweep[3]["subject_fidelity"] == hm["subject_fidelity"]  # 2,1 is the row's own --hm-cfg: same samples
     assert [r["system"] for r in result["rows"]] == list(SYSTEMS) == [
         "subject-lora", "hypernet", "hypernet-hm-cfg", "easyref", "embedding-mean", "group-lora", "subject-lora-decor"]
     for row in result["rows"]:
@@ -341,3 +347,4 @@ def test_bench_personalize_rows_json_and_report(models, tmp_path):
     assert "bench personalize" in text and "| hypernet-hm-cfg |" in text
     assert len(list(tmp_path.glob("personalize-sheet-*.png"))) == 1 and len(list(tmp_path.glob("personalize-2*.png"))) == 1
     assert main(["bench", "personalize", "--testbed", str(tmp_path / "none")]) == 2
+    assert main(["bench", "personalize", "--testbed", str(testbed), "--hm-cfg-sweep", "3,99"]) == 2  # refused up front
