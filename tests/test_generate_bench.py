@@ -38,3 +38,14 @@ def test_bench_generate_scores_every_system(tmp_path):
     index = (tmp_path / "out" / "zoo" / "index.json").read_text()
     bench_generate(bench, progress=False)
     assert (tmp_path / "out" / "zoo" / "index.json").read_text() == index
+
+
+def test_quick_caps_the_budget_and_keeps_what_was_asked_for():
+    from loraforge.generate.bench import QUICK_CHANNELS
+
+    quick = GenerateBench(quick=True).resolved()
+    assert (quick.steps, quick.checkpoints, quick.cvae_steps, quick.cvae_batch) == (60, 2, 200, 8)
+    assert quick.channels == ",".join(map(str, QUICK_CHANNELS))  # the reference's widths are too slow for --quick
+    assert GenerateBench(quick=True, channels="4,4", cvae_steps=50).resolved().channels == "4,4"  # given: kept
+    assert GenerateBench(quick=True, cvae_steps=50).resolved().cvae_steps == 50
+    assert GenerateBench().resolved() == GenerateBench()  # the full run is not capped
