@@ -172,7 +172,8 @@ def bench_personalize(bench: PersonalizeBench, sheet_path: Path | None = None,
                 sweep.setdefault(("cfg", g), []).append(measure(judge, s, prompts, models, plain, g, bench)[0])
             for pair in hm_pairs:
                 condition = Conditioning(adapter=plain.adapter, hm=pair)
-                sweep.setdefault(("hm-cfg", pair), []).append(measure(judge, s, prompts, models, condition, 0.0, bench)[0])
+                sweep.setdefault(("hm-cfg", pair), []).append(  # HM-CFG's weights replace the plain guidance
+                    measure(judge, s, prompts, models, condition, bench.guidance, bench)[0])
     rows = [{"system": system, **{k: round(sum(r[k] for r in per_system[system]) / len(per_system[system]), 4)
                                   for k in ROW_KEYS[1:]}} for system in SYSTEMS]
     base = {k: round(sum(r[k] for r in per_system["base"]) / len(per_system["base"]), 4) for k in ROW_KEYS[1:]}
@@ -190,7 +191,7 @@ def bench_personalize(bench: PersonalizeBench, sheet_path: Path | None = None,
     return result
 
 
-def measure(judge: "Judge", s: Subject, prompts: dict[str, str], models: tuple, condition: Conditioning,
+def measure(judge: Judge, s: Subject, prompts: dict[str, str], models: tuple, condition: Conditioning,
             guidance: float, bench: PersonalizeBench) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """One system on one subject: the three figures and the samples of each prompt."""
     unet, scheduler, text_encoder, tokenizer = models
