@@ -167,19 +167,19 @@ def bench_personalize(bench: PersonalizeBench, sheet_path: Path | None = None,
                 log(f"{s.name} {system}: " + " ".join(f"{k} {v:.3f}" for k, v in per_system[system][-1].items()))
             if s is heldout[0]:
                 sheet_rows.insert(0, s.images)
-            plain, _, models = runs["hypernet"]  # the trade-off curves: plain CFG and HM-CFG at several weights
-            for g in cfg_weights:
-                sweep.setdefault(("cfg", g), []).append(measure(judge, s, prompts, models, plain, g, bench)[0])
-            for pair in hm_pairs:
-                condition = Conditioning(adapter=plain.adapter, hm=pair)
-                sweep.setdefault(("hm-cfg", pair), []).append(  # HM-CFG's weights replace the plain guidance
-                    measure(judge, s, prompts, models, condition, bench.guidance, bench)[0])
-    rows = [{"system": system, **{k: round(sum(r[k] for r in per_system[system]) / len(per_system[system]), 4)
-                                  for k in ROW_KEYS[1:]}} for system in SYSTEMS]
-    base = {k: round(sum(r[k] for r in per_system["base"]) / len(per_system["base"]), 4) for k in ROW_KEYS[1:]}
-    result = {"rows": rows, "base": base, "guidance_sweep": [
-                  {"sampling": kind, "weights": list(w) if kind == "hm-cfg" else [w],
-                   **{k: round(sum(r[k] for r in got) / len(got), 4) for k in ROW_KEYS[1:4]}}
+            # the trade-off curves: plain CFG and HM-CFG at several weights; the rows' own points are reused
+            plain, _, models = runs["hypernet"]
+            sampled = {("cfg", bench.guidance): per_system["hypernet"][-1],
+                       ("hm-cfg", (w_c, w_s)): per_system["hypernet-hm-cfg"][-1]}
+            for key in [("cfg", g) for g in cfg_weights] + [("hm-cfg", pair) for pair in hm_pairs]:
+                if key not in sampled:  # HM-CFG's weights replace the plain guidance
+                    condition = plain if key[0] == "cfg" else Conditioning(adapter=plain.adapter, hm=key[1])
+                    guidance = key[1] if key[0] == "cfg" else bench.guidance
+                    sampled[key] = measure(judge, s, prompts, models, condition, guidance, bench)[0]
+                sweep.setdefault(key, []).append(sampled[key])
+    rows = [{"system": system, **_mean(per_system[system], ROW_KEYS[1:])} for system in SYSTEMS]
+    result = {"rows": rows, "base": _mean(per_system["base"], ROW_KEYS[1:]), "guidance_sweep": [
+                  {"sampling": kind, "weights": list(w) if kind == "hm-cfg" else [w], **_mean(got, ROW_KEYS[1:4])}
                   for (kind, w), got in sweep.items()],
               "training": shared, "targets": targets(rows),
               "sheet_rows": ["references", *runs], "minutes": round((time.monotonic() - start) / 60, 2),
@@ -189,6 +189,11 @@ def bench_personalize(bench: PersonalizeBench, sheet_path: Path | None = None,
     if bench.json:
         atomic_write_text(bench.json, json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _mean(records: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, float]:
+    """Each key's mean over the held-out subjects, to 4 places."""
+    return {k: round(sum(r[k] for r in records) / len(records), 4) for k in keys}
 
 
 def measure(judge: Judge, s: Subject, prompts: dict[str, str], models: tuple, condition: Conditioning,

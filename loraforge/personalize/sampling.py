@@ -26,6 +26,7 @@ from PIL import Image
 from loraforge.adapters.functional import RowLoRA, per_row_lora
 from loraforge.core.errors import LoraforgeError
 from loraforge.personalize.decor import project
+from loraforge.vision.glyphs import uint8_pixels
 from loraforge.vision.unet_testbed import text_states
 
 FINGERPRINT = "diffusion_fingerprint"  # an adapter's provenance key: the model it was made for
@@ -104,7 +105,7 @@ def generate(unet: UNet2DConditionModel, scheduler_config: dict, text_encoder: t
             else:
                 eps_hat = eps[0] + guidance * (eps[1] - eps[0])
             x = scheduler.step(eps_hat, t, x).prev_sample
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return uint8_pixels(x)
 
 
 def fingerprint(unet: UNet2DConditionModel) -> str:

@@ -66,6 +66,11 @@ def signed_pixels(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def uint8_pixels(x: torch.Tensor) -> torch.Tensor:
+    """signed_pixels' inverse for a sampler's output: (N, 3, H, W) in [-1, 1] (clamped) -> (N, H, W, 3) uint8."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
 def colour_labels(data: ImageSet) -> torch.Tensor:
     """(N,) int64 index of each image's colour into COLOURS."""
     return torch.tensor([list(COLOURS).index(a["colour"]) for a in data.attributes])

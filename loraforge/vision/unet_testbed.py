@@ -32,7 +32,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from loraforge.vision.glyphs import CHARACTERS, COLOURS, ImageSet, caption, class_name, signed_pixels
+from loraforge.vision.glyphs import CHARACTERS, COLOURS, ImageSet, caption, class_name, signed_pixels, uint8_pixels
 from loraforge.vision.judge import Judge
 
 CAPTION_DROPOUT = 0.1
@@ -83,7 +83,7 @@ def sample(unet: UNet2DConditionModel, scheduler_config: dict, text_encoder: CLI
     for t in scheduler.timesteps:
         eps_uncond, eps_cond = unet(torch.cat([x, x]), t, encoder_hidden_states=states).sample.chunk(2)
         x = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, x).prev_sample
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    return uint8_pixels(x).cpu()
 
 
 def sanity_prompts(n: int, seed: int) -> tuple[list[str], list[dict[str, str]]]:
