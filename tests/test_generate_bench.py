@@ -44,7 +44,8 @@ def test_quick_caps_the_budget_and_keeps_what_was_asked_for():
     from loraforge.generate.bench import QUICK_CHANNELS
 
     quick = GenerateBench(quick=True).resolved()
-    assert (quick.steps, quick.checkpoints, quick.cvae_steps, quick.cvae_batch) == (60, 2, 200, 8)
+    assert (quick.steps, quick.checkpoints, quick.cvae_steps, quick.cvae_batch) == (40, 2, 120, 8)
+    assert (quick.hypernet_steps, quick.meta_steps) == (60, 12)
     assert quick.channels == ",".join(map(str, QUICK_CHANNELS))  # the reference's widths are too slow for --quick
     assert GenerateBench(quick=True, channels="4,4", cvae_steps=50).resolved().channels == "4,4"  # given: kept
     assert GenerateBench(quick=True, cvae_steps=50).resolved().cvae_steps == 50
