@@ -2,7 +2,7 @@
 
 import json
 
-from loraforge.generate.bench import GENERATORS, GenerateBench, bench_generate, summary_table
+from loraforge.generate.bench import GENERATORS, GenerateBench, bench_generate, plot, summary_table
 from loraforge.testing import tiny_llama, tiny_tokenizer
 
 SYSTEMS = {"base", "oracle", "nearest", "zoo-average", "icm-lora", "sg-lora", "hypernet", "abmll", "multitask-lora",
@@ -34,6 +34,9 @@ def test_bench_generate_scores_every_system(tmp_path):
     assert all((tmp_path / "out" / "generators" / kind / "generator.json").is_file() for kind in GENERATORS)
     table = summary_table(result)
     assert "| offset 2 |" in table and "| labels up/down |" in table and "| hypernet |" in table
+    fig = plot(result)  # a row per system; offset's panel shows its task, the cosine panel both
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == list(offset["scores"])
+    assert [len(ax.collections) for ax in fig.axes] == [1, 1, 1, 2]
     # A second run reuses the zoo, the oracles and the multi-task LoRAs.
     index = (tmp_path / "out" / "zoo" / "index.json").read_text()
     bench_generate(bench, progress=False)

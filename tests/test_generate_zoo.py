@@ -1,5 +1,6 @@
 """The adapter zoo: procedural families, index.json's schema, PEFT-format checkpoints, the loader's refusals."""
 
+import dataclasses
 import json
 import shutil
 
@@ -91,6 +92,11 @@ def test_zoo_build_writes_the_index_and_peft_checkpoints(tiny_model, tmp_path):
     before = (root / "index.json").read_text()
     build_zoo(config, progress=False)
     assert (root / "index.json").read_text() == before
+
+    # Growing the zoo with another recipe is refused, naming the field; nothing is trained or written.
+    with pytest.raises(LoraforgeError, match=r"trained with steps=2, this build asks for steps=3"):
+        build_zoo(dataclasses.replace(config, values=["5"], steps=3), progress=False)
+    assert (root / "index.json").read_text() == before and not (root / "offset-5").exists()
 
     # An adapter of another rank is refused, by name, through the CLI with exit 2.
     other = tmp_path / "other"

@@ -144,16 +144,18 @@ def _class(module: str, name: str) -> type:
 
 def _tabled(help_text: str, module: str, settings: str, runner: str, title: Callable[[Any], str]) -> Bench:
     """A stage's benchmark: `module.runner(settings)` gives the figures and `module.summary_table` their table,
-    printed, and appended under `title(settings)` with --report."""
+    printed, and appended under `title(settings)` with --report (with `module.plot`'s figure where it has one)."""
     def run(values: dict[str, Any], command: str, report: Path | None) -> object:
-        from loraforge.bench import append_section
+        from loraforge.bench import append_section, figure_line
 
         stage = importlib.import_module(module)
         bench = _build(getattr(stage, settings), values)
         result = getattr(stage, runner)(bench)
         table = stage.summary_table(result)
         if report:
-            append_section(report, title(bench), command, table)
+            figure = figure_line(stage.plot(result), runner.removeprefix("bench_"), "Every system per held-out task",
+                                 report.parent) if hasattr(stage, "plot") else ""
+            append_section(report, title(bench), command, table + figure)
         print(table)
         return result
     return Bench(help_text, lambda: (_class(module, settings),), run)

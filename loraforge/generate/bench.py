@@ -172,6 +172,33 @@ def summary_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(result: dict[str, Any]):
+    """Four panels, one row per system, one marker per held-out task: exact match (offset), accuracy and ECE
+    (labels), and the cosine of each generated delta W to the oracle's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(result["tasks"][0]["scores"]) if result["tasks"] else []
+    panels = (("offset", "exact_match", "offset: exact match"), ("labels", "accuracy", "labels: accuracy"),
+              ("labels", "ece", "labels: ECE (lower is better)"), (None, "cosine", "cosine of delta W to the oracle's"))
+    fig, axes = plt.subplots(1, 4, figsize=(14, 0.3 * len(systems) + 1.5), sharey=True)
+    for ax, (family, key, title) in zip(axes, panels):
+        for n, task in enumerate(result["tasks"]):  # one colour per task in every panel
+            if family not in (None, task["family"]):
+                continue
+            values = task["cosine_to_oracle"] if key == "cosine" else {s: v[key] for s, v in task["scores"].items()}
+            points = [(v, systems.index(s)) for s, v in values.items() if s in systems]
+            ax.scatter(*zip(*points), s=18, color=f"C{n}", label=f"{task['family']} {task['value']}")
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0].set_yticks(range(len(systems)), systems, fontsize=8)
+    axes[0].invert_yaxis()
+    return fig
+
+
 def _train_generators(bench: GenerateBench, zoo: Zoo, model: Any, tokenizer: Any, encoder: Any, out: Path,
                       progress: bool) -> dict[str, dict[str, float]]:
     cvae = CVAEConfig(channels=tuple(int(c) for c in bench.channels.split(",")), steps=bench.cvae_steps,

@@ -13,7 +13,8 @@ points. Every task starts from the same adapter init (one seed), so the zoo's ad
 and differences between them are differences between the tasks, not between random starts.
 
 Paths in the index are relative to ZOO. The index is rewritten after each task, so a killed build
-resumes at the first task it lacks.
+resumes at the first task it lacks; a build with another training recipe than the zoo's (steps, rank,
+learning rate, ...) is refused, so that a zoo never mixes adapters trained two ways.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from loraforge.core.files import atomic_write_text, write_jsonl
 from loraforge.generate.families import Task, make_task
 
 INDEX = "index.json"
+# ZooConfig fields that say which task a build trains, or where: the rest is the training recipe
+TASK_FIELDS = ("family", "values", "out", "data")
 
 
 @dataclass
@@ -155,6 +158,8 @@ def build_zoo(config: ZooConfig, progress: bool = True) -> Path:
     index = read_index(root) if (root / INDEX).is_file() else {"model": config.model, "tasks": []}
     if index["model"] != config.model:
         raise LoraforgeError(f"{root}: this zoo's base model is {index['model']!r}, not {config.model!r}")
+    if index["tasks"]:
+        _check_recipe(root, config)
     done = {t["id"] for t in index["tasks"]}
     todo = [t for t in tasks if t.id not in done]
     # bad data fails here, before anything is written and before any model loads
@@ -184,6 +189,20 @@ def build_zoo(config: ZooConfig, progress: bool = True) -> Path:
         index["tasks"].append(dataclasses.asdict(entry))
         atomic_write_text(root / INDEX, json.dumps(index, indent=2) + "\n")
     return root
+
+
+def _check_recipe(root: Path, config: ZooConfig) -> None:
+    """Refuse to add tasks to a zoo whose adapters were trained with another recipe, naming the field."""
+    path = root / "zoo_config.json"
+    try:
+        built = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LoraforgeError(f"{root}: the zoo has tasks but {path.name} cannot be read ({exc})") from None
+    wanted = dataclasses.asdict(config)
+    for name, value in wanted.items():
+        if name not in TASK_FIELDS and built.get(name) != value:
+            raise LoraforgeError(f"zoo {root}: its adapters were trained with {name}={built.get(name)!r}, this build "
+                                 f"asks for {name}={value!r}; use the zoo's recipe or another --out")
 
 
 def _write_data(root: Path, task: Task, train_rows: list[dict], test_rows: list[dict]) -> ZooTask:
