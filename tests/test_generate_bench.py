@@ -1,5 +1,6 @@
 """`bench generate` end to end on a tiny model: every system scored on every held-out task, the JSON's keys."""
 
+import dataclasses
 import json
 
 from loraforge.generate.bench import GENERATORS, GenerateBench, bench_generate, plot, summary_table
@@ -37,10 +38,19 @@ def test_bench_generate_scores_every_system(tmp_path):
     fig = plot(result)  # a row per system; offset's panel shows its task, the cosine panel both
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == list(offset["scores"])
     assert [len(ax.collections) for ax in fig.axes] == [1, 1, 1, 2]
-    # A second run reuses the zoo, the oracles and the multi-task LoRAs.
+    # A second run (a killed run resumed) reuses the zoo, the oracles, the multi-task LoRAs, the generators
+    # and the prior, and reports their recorded seconds; a changed setting retrains that stage alone.
     index = (tmp_path / "out" / "zoo" / "index.json").read_text()
-    bench_generate(bench, progress=False)
+    records = {kind: (tmp_path / "out" / "generators" / kind / "generator.json").read_text() for kind in GENERATORS}
+    again = bench_generate(bench, progress=False)
     assert (tmp_path / "out" / "zoo" / "index.json").read_text() == index
+    assert again["generators"] == result["generators"]
+    assert again["adapt_seconds"]["oracle"] == result["adapt_seconds"]["oracle"] > 0
+    changed = bench_generate(dataclasses.replace(bench, hypernet_steps=3), progress=False)
+    assert (tmp_path / "out" / "generators" / "hypernet" / "generator.json").read_text() != records["hypernet"]
+    assert all((tmp_path / "out" / "generators" / kind / "generator.json").read_text() == records[kind]
+               for kind in ("icm-lora", "sg-lora"))
+    assert changed["generators"]["abmll"] == result["generators"]["abmll"]
 
 
 def test_quick_caps_the_budget_and_keeps_what_was_asked_for():

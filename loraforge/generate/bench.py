@@ -14,6 +14,9 @@ the description), abmll (adapted on the same examples, S weight samples), multit
 (the base model after `few_shot` example turns), and `<kind>:random` for each description-conditioned
 generator given a random string as long as the description (the description must matter). Also the
 cosine between each generated delta W and the oracle's, seconds to get each adapter, generator sizes.
+
+A killed run resumes: the zoo and the oracles task by task (zoo.py), the multi-task LoRAs, generators and
+prior when OUT/stages.json records them done with the same settings (it keeps their seconds too).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import string
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -120,13 +123,14 @@ def bench_generate(bench: GenerateBench, progress: bool = True) -> dict[str, Any
                            checkpoints=bench.checkpoints, rank=bench.rank, n_train=bench.n_train, n_test=bench.n_test,
                            data=bench.data, seed=bench.seed)
     oracle_config = dataclasses.replace(zoo_config, out=str(out / "oracle"), checkpoints=1)
-    oracle_seconds = 0.0  # training the held-out tasks' own LoRAs (0 when reused from an earlier run)
+    stages = Stages(out)
+    oracle_seconds = 0.0  # training the held-out tasks' own LoRAs
     for family in ("offset", "labels"):
         zoo_values, held_out = bench.values(family)
         build_zoo(dataclasses.replace(zoo_config, family=family, values=zoo_values), progress=progress)
-        t0 = time.perf_counter()
-        build_zoo(dataclasses.replace(oracle_config, family=family, values=held_out), progress=progress)
-        oracle_seconds += time.perf_counter() - t0
+        config = dataclasses.replace(oracle_config, family=family, values=held_out)
+        oracle_seconds += stages.run(f"oracle-{family}", dataclasses.asdict(config), out / "oracle" / "index.json",
+                                     lambda: build_zoo(config, progress=progress))
     zoo, oracles = load_zoo(out / "zoo"), load_zoo(out / "oracle")
     seconds = {"oracle": oracle_seconds / len(oracles.tasks)}
     model, tokenizer = load_model(bench.model, task="causal-lm")
@@ -134,12 +138,16 @@ def bench_generate(bench: GenerateBench, progress: bool = True) -> dict[str, Any
     multitask = {family: _multitask(zoo, family, zoo_config, model, tokenizer, out, progress)
                  for family in ("offset", "labels")}
     encoder = load_text_encoder()
-    generators = _train_generators(bench, zoo, model, tokenizer, encoder, out, progress)
-    t0 = time.perf_counter()
-    meta = train_meta(zoo, out / "meta", ABMLLConfig(rank=bench.rank, meta_steps=bench.meta_steps, seed=bench.seed),
-                      model=model, tokenizer=tokenizer, progress=progress)
-    generators["abmll"] = {"train_seconds": time.perf_counter() - t0, "bytes": _bytes(meta)}
-    detach_bayes(model, zoo.targets)
+    generators = _train_generators(bench, zoo, model, tokenizer, encoder, out, stages, progress)
+    meta, meta_config = out / "meta", ABMLLConfig(rank=bench.rank, meta_steps=bench.meta_steps, seed=bench.seed)
+
+    def meta_train() -> None:
+        train_meta(zoo, meta, meta_config, model=model, tokenizer=tokenizer, progress=progress)
+        detach_bayes(model, zoo.targets)  # the model goes on without the prior's layers
+
+    train_seconds = stages.run("abmll", {"config": dataclasses.asdict(meta_config), "tasks": [t.id for t in zoo.tasks]},
+                               meta / "meta.json", meta_train)
+    generators["abmll"] = {"train_seconds": train_seconds, "bytes": _bytes(meta)}
 
     loaded = {"icm-lora": ICMLoRA.load(out / "generators" / "icm-lora"),
               "sg-lora": SGLoRA.load(out / "generators" / "sg-lora", encoder=encoder),
@@ -199,22 +207,45 @@ def plot(result: dict[str, Any]):
     return fig
 
 
+class Stages:
+    """OUT/stages.json: each finished stage's settings and seconds. A rerun (a killed run resumed) skips a
+    stage recorded with the same settings whose output is there, and still reports what it cost."""
+
+    def __init__(self, out: Path):
+        self.path = out / "stages.json"
+        self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def run(self, name: str, settings: dict[str, Any], output: Path, work: Callable[[], object]) -> float:
+        """Seconds of stage `name`: `work()` timed, or the recorded figure when it is done already."""
+        settings = json.loads(json.dumps(settings))  # as stored: tuples are lists
+        entry = self.done.get(name)
+        if entry is not None and entry["settings"] == settings and output.exists():
+            return entry["seconds"]
+        t0 = time.perf_counter()
+        work()
+        self.done[name] = {"settings": settings, "seconds": time.perf_counter() - t0}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps(self.done, indent=2) + "\n")
+        return self.done[name]["seconds"]
+
+
 def _train_generators(bench: GenerateBench, zoo: Zoo, model: Any, tokenizer: Any, encoder: Any, out: Path,
-                      progress: bool) -> dict[str, dict[str, float]]:
+                      stages: Stages, progress: bool) -> dict[str, dict[str, float]]:
     cvae = CVAEConfig(channels=tuple(int(c) for c in bench.channels.split(",")), steps=bench.cvae_steps,
                       batch_size=bench.cvae_batch, seed=bench.seed)
+    configs = {"icm-lora": ICMLoRAConfig(cvae=cvae, seed=bench.seed), "sg-lora": SGLoRAConfig(cvae=cvae, seed=bench.seed),
+               "hypernet": HypernetConfig(steps=bench.hypernet_steps, seed=bench.seed)}
     trainers = {
-        "icm-lora": lambda p: train_icm_lora(zoo, p, ICMLoRAConfig(cvae=cvae, seed=bench.seed), model, tokenizer,
-                                             progress),
-        "sg-lora": lambda p: train_sg_lora(zoo, p, SGLoRAConfig(cvae=cvae, seed=bench.seed), encoder, progress),
-        "hypernet": lambda p: train_hypernet(zoo, p, HypernetConfig(steps=bench.hypernet_steps, seed=bench.seed),
-                                             model, tokenizer, encoder, progress),
+        "icm-lora": lambda p: train_icm_lora(zoo, p, configs["icm-lora"], model, tokenizer, progress),
+        "sg-lora": lambda p: train_sg_lora(zoo, p, configs["sg-lora"], encoder, progress),
+        "hypernet": lambda p: train_hypernet(zoo, p, configs["hypernet"], model, tokenizer, encoder, progress),
     }
     sizes = {}
     for kind, trainer in trainers.items():
-        t0 = time.perf_counter()
-        path = trainer(out / "generators" / kind)
-        sizes[kind] = {"train_seconds": time.perf_counter() - t0, "bytes": _bytes(path / "generator.safetensors")}
+        path = out / "generators" / kind
+        settings = {"config": dataclasses.asdict(configs[kind]), "tasks": [t.id for t in zoo.tasks]}
+        seconds = stages.run(kind, settings, path / "generator.json", lambda: trainer(path))
+        sizes[kind] = {"train_seconds": seconds, "bytes": _bytes(path / "generator.safetensors")}
     return sizes
 
 
