@@ -166,17 +166,23 @@ def bench_generate(bench: GenerateBench, progress: bool = True) -> dict[str, Any
 
 
 def summary_table(result: dict[str, Any]) -> str:
-    """A markdown table: one row per held-out task, one column per system (exact match, or accuracy / ECE)."""
-    systems = list(result["tasks"][0]["scores"]) if result["tasks"] else []
-    lines = ["| task | " + " | ".join(systems) + " |", "|---|" + "---:|" * len(systems)]
-    for task in result["tasks"]:
-        cells = [f"{s['exact_match']:.2f}" if "exact_match" in s else f"{s['accuracy']:.2f} / {s['ece']:.2f}"
-                 for s in task["scores"].values()]
-        lines.append(f"| {task['family']} {task['value']} | " + " | ".join(cells) + " |")
-    sizes = result["generators"]
-    lines += ["", "| generator | bytes | x zoo | train s |", "|---|---:|---:|---:|"]
-    lines += [f"| {kind} | {v['bytes']:,} | {v['bytes'] / sizes['zoo_bytes']:.3f} | {v['train_seconds']:.0f} |"
-              for kind, v in sizes.items() if kind != "zoo_bytes"]
+    """Markdown tables, one row per held-out task: each system's exact match (or accuracy / ECE), then the
+    cosine of its delta W to the oracle's; then each generator's size against the zoo's, its training
+    seconds and seconds to adapt to one task."""
+    lines = []
+    for key, title in (("scores", "exact match, or accuracy / ECE"), ("cosine_to_oracle", "cosine of delta W to the oracle's")):
+        systems = list(result["tasks"][0][key]) if result["tasks"] else []
+        lines += [f"| task: {title} | " + " | ".join(systems) + " |", "|---|" + "---:|" * len(systems)]
+        for task in result["tasks"]:
+            cells = [f"{v:.2f}" if key == "cosine_to_oracle" else f"{v['exact_match']:.2f}" if "exact_match" in v
+                     else f"{v['accuracy']:.2f} / {v['ece']:.2f}" for v in task[key].values()]
+            lines.append(f"| {task['family']} {task['value']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    sizes, adapt = result["generators"], result["adapt_seconds"]
+    lines += ["| generator | bytes | x zoo | train s | adapt s |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {kind} | {v['bytes']:,} | {v['bytes'] / sizes['zoo_bytes']:.3f} | {v['train_seconds']:.0f} | "
+              f"{adapt[kind]:.3f} |" for kind, v in sizes.items() if kind != "zoo_bytes"]
+    lines.append(f"| oracle (trains a LoRA) | | | | {adapt['oracle']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
