@@ -129,7 +129,8 @@ def bench_generate(bench: GenerateBench, progress: bool = True) -> dict[str, Any
         zoo_values, held_out = bench.values(family)
         build_zoo(dataclasses.replace(zoo_config, family=family, values=zoo_values), progress=progress)
         config = dataclasses.replace(oracle_config, family=family, values=held_out)
-        oracle_seconds += stages.run(f"oracle-{family}", dataclasses.asdict(config), out / "oracle" / "index.json",
+        recipe = {k: v for k, v in dataclasses.asdict(config).items() if k != "out"}  # OUT may be spelt another way
+        oracle_seconds += stages.run(f"oracle-{family}", recipe, out / "oracle" / "index.json",
                                      lambda: build_zoo(config, progress=progress))
     zoo, oracles = load_zoo(out / "zoo"), load_zoo(out / "oracle")
     seconds = {"oracle": oracle_seconds / len(oracles.tasks)}
