@@ -63,3 +63,23 @@ def test_quick_caps_the_budget_and_keeps_what_was_asked_for():
     assert GenerateBench(quick=True, channels="4,4", cvae_steps=50).resolved().channels == "4,4"  # given: kept
     assert GenerateBench(quick=True, cvae_steps=50).resolved().cvae_steps == 50
     assert GenerateBench().resolved() == GenerateBench()  # the full run is not capped
+
+
+def test_support_holds_each_answer_equally_and_distinct_answers_otherwise():
+    import random
+
+    from loraforge.generate.bench import _support
+
+    def rows(answers):
+        return [{"messages": [{"role": "user", "content": str(i)}, {"role": "assistant", "content": a}]}
+                for i, a in enumerate(answers)]
+
+    skewed = rows(["red"] * 30 + ["blue"] * 6)  # a random 8 of these would hold about 7 reds
+    labels = [r["messages"][-1]["content"] for r in _support(skewed, 8, random.Random(0))]
+    assert sorted(labels) == ["blue"] * 4 + ["red"] * 4
+    scarce = rows(["red"] * 30 + ["blue"] * 2)  # too few blues: the rest are reds, still 8 rows
+    assert sorted(r["messages"][-1]["content"] for r in _support(scarce, 8, random.Random(0))) == ["blue"] * 2 + ["red"] * 6
+    offsets = _support(rows([str(i + 7) for i in range(50)]), 8, random.Random(1))
+    assert len({r["messages"][-1]["content"] for r in offsets}) == 8
+    assert len(_support(rows(["a", "b"]), 8, random.Random(0))) == 2  # fewer rows than asked: all of them
+    assert _support(skewed, 8, random.Random(3)) == _support(skewed, 8, random.Random(3))  # seeded
