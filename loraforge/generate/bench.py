@@ -175,9 +175,7 @@ def summary_table(result: dict[str, Any]) -> str:
         systems = list(result["tasks"][0][key]) if result["tasks"] else []
         lines += [f"| task: {title} | " + " | ".join(systems) + " |", "|---|" + "---:|" * len(systems)]
         for task in result["tasks"]:
-            cells = [f"{v:.2f}" if key == "cosine_to_oracle" else f"{v['exact_match']:.2f}" if "exact_match" in v
-                     else f"{v['accuracy']:.2f} / {v['ece']:.2f}" for v in task[key].values()]
-            lines.append(f"| {task['family']} {task['value']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {task['family']} {task['value']} | " + " | ".join(map(_cell, task[key].values())) + " |")
         lines.append("")
     sizes, adapt = result["generators"], result["adapt_seconds"]
     lines += ["| generator | bytes | x zoo | train s | adapt s |", "|---|---:|---:|---:|---:|"]
@@ -185,6 +183,13 @@ def summary_table(result: dict[str, Any]) -> str:
               f"{adapt[kind]:.3f} |" for kind, v in sizes.items() if kind != "zoo_bytes"]
     lines.append(f"| oracle (trains a LoRA) | | | | {adapt['oracle']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(value: float | dict[str, float]) -> str:
+    """A cosine, an exact match, or accuracy / ECE."""
+    if not isinstance(value, dict):
+        return f"{value:.2f}"
+    return f"{value['exact_match']:.2f}" if "exact_match" in value else f"{value['accuracy']:.2f} / {value['ece']:.2f}"
 
 
 def plot(result: dict[str, Any]):
