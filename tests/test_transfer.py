@@ -137,11 +137,19 @@ def test_a_pool_is_reused_not_synthesised_again(setup, tmp_path, monkeypatch):
     pool = pipeline.candidate_pool(config, target, tok, progress=False)
     assert pool.generated == QUICK["samples"] and len(pool.texts) == len(pool.p_real) > 0
     monkeypatch.setattr(pipeline, "synthesize_inputs", lambda *a, **k: pytest.fail("the pool was synthesised again"))
+    labelled, teacher = [], pipeline.label
+    monkeypatch.setattr(pipeline, "label", lambda kit, kit_dir, inputs: labelled.append(inputs) or teacher(kit, kit_dir, inputs))
     filtered = transfer(config, progress=False, pool=pool)
     unfiltered = transfer(dataclasses.replace(config, out=str(tmp_path / "all"), filter=False),
                           progress=False, pool=pool)
     assert filtered["pool_reused"] and filtered["accepted"] == sum(p >= 0.5 for p in pool.p_real)
     assert unfiltered["accepted"] == len(pool.texts) and "synthesise" not in unfiltered["stage_seconds"]
+    # the teacher labels each candidate once: the unfiltered run asks only for those the filter dropped
+    kept = [text for text, p in zip(pool.texts, pool.p_real) if p >= 0.5]
+    assert sorted(sum(labelled, [])) == sorted(pool.texts) and labelled[0] == kept
+    answers = {row["messages"][-2]["content"]: row["messages"][-1]["content"] for row in _rows(tmp_path / "all")}
+    assert all(answers[row["messages"][-2]["content"]] == row["messages"][-1]["content"]
+               for row in _rows(tmp_path / "filtered"))
 
 
 def test_teacher_labels_are_deterministic(setup):

@@ -182,12 +182,14 @@ def label(kit: Kit, kit_dir: str | Path, inputs: list[str]) -> list[str]:
 class Pool:
     """Steps 2-3 before the threshold: how many candidates the target generated, the distinct new ones
     (no empty text, no copy of a seed) and the discriminator's p_real of each. A filtered and an
-    unfiltered run of one config share it (the bench measures the filter on the same candidates)."""
+    unfiltered run of one config share it (the bench measures the filter on the same candidates), and
+    with it the teacher's labels (step 4): each candidate is labelled once, by the first run that keeps it."""
 
     generated: int
     texts: list[str]
     p_real: list[float]
     seconds: dict[str, float]
+    labels: dict[str, str] = field(default_factory=dict)  # candidate -> the teacher's greedy answer
 
 
 def candidate_pool(config: TransferConfig, target: Any, tokenizer: Any, progress: bool = True) -> Pool:
@@ -230,9 +232,11 @@ def transfer(config: TransferConfig, progress: bool = True, pool: Pool | None = 
                              f"--threshold {config.threshold}): lower --threshold, raise --samples, or --no-filter")
 
     t0 = time.perf_counter()
-    answers = label(kit, config.kit, [text for text, _ in accepted])
-    rows = [{**chat_row(kit.system, text, answer), "p_real": round(score, 4)}
-            for (text, score), answer in zip(accepted, answers) if answer]
+    unlabelled = [text for text, _ in accepted if text not in pool.labels]
+    if unlabelled:
+        pool.labels.update(zip(unlabelled, label(kit, config.kit, unlabelled)))
+    rows = [{**chat_row(kit.system, text, pool.labels[text]), "p_real": round(score, 4)}
+            for text, score in accepted if pool.labels[text]]
     seconds["label"] = time.perf_counter() - t0
     if not rows:
         raise LoraforgeError(f"the teacher gave an empty answer to all {len(accepted)} accepted inputs: nothing to "
