@@ -36,13 +36,14 @@ def _bench(models, *flags):
 def test_quick_runs_offset_and_reports(models, tmp_path, capsys):
     report = tmp_path / "docs" / "benchmarks.md"
     assert _bench(models, "--quick", "--offset", "11", "--json", str(tmp_path / "r.json"), "--report", str(report),
-                  "--work", str(tmp_path / "work")) == 0
+                  "--work", str(tmp_path / "work"), "--disc-real", "20") == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert [t["task"] for t in result["tasks"]] == ["offset-11"]
     (task,) = result["tasks"]
     assert set(task["scores"]) == set(SYSTEMS) and task["metric"] == "exact_match"
     runs = tmp_path / "work" / "offset-11"  # --work keeps the runs; one candidate pool serves both transfers
     assert (runs / "kit" / "kit.json").is_file() and (runs / "filtered" / "candidates.jsonl").is_file()
+    assert json.loads((runs / "kit" / "kit.json").read_text())["n_real"] == 20  # --disc-real reaches the kit
     assert (runs / "filtered" / "candidates.jsonl").read_text().replace("true", "?").replace("false", "?") == \
         (runs / "unfiltered" / "candidates.jsonl").read_text().replace("true", "?").replace("false", "?")
     assert "offset-11: Trans-LoRA" in capsys.readouterr().out
