@@ -62,12 +62,13 @@ def test_full_moves_the_demo_advisor(models, tmp_path):
     recipe = {"rag": False, "rank": 2, "alpha": 4.0, "targets": "q_proj", "batch_size": 4}
     (demo / "results.json").write_text(json.dumps({"settings": recipe}))
     assert _bench(models, "--demo", str(demo), "--json", str(tmp_path / "r.json"), "--advisor-steps", "2",
-                  "--advisor-samples", "10", "--advisor-seeds", "3", "--work", str(tmp_path / "work")) == 0
+                  "--advisor-samples", "10", "--advisor-seeds", "3", "--advisor-disc-real", "6", "--work", str(tmp_path / "work")) == 0
     offset, advisor = json.loads((tmp_path / "r.json").read_text())["tasks"]
     # the advisor's adapters take the demo's recipe and their own budget; offset keeps the bench's
-    assert advisor["settings"] == {"steps": 2, "samples": 10, "seeds": 3, "seed_choice": "cover", "rank": 2,
+    assert advisor["settings"] == {"steps": 2, "samples": 10, "seeds": 3, "seed_choice": "cover", "disc_real": 6, "rank": 2,
                                    "alpha": 4.0, "targets": "q_proj", "batch_size": 4} and offset["settings"] == {}
     upper = json.loads((tmp_path / "work" / "advisor" / "upper" / "adapter" / "adapter_config.json").read_text())
+    assert json.loads((tmp_path / "work" / "advisor" / "kit" / "kit.json").read_text())["n_real"] == 6
     assert upper["r"] == 2 and all(m.endswith("q_proj") for m in upper["target_modules"])
     assert offset["task"] == "offset-9" and advisor["task"] == "advisor" and advisor["metric"] == "fact_accuracy"
     assert all(set(values) == {"fact_accuracy", "markdown_rate"} for values in advisor["details"].values())
