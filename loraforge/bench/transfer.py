@@ -62,8 +62,9 @@ def advisor_grade(model: nn.Module, tokenizer: Any, test: Path) -> dict[str, flo
     return {"fact_accuracy": metrics["fact_accuracy"], "markdown_rate": metrics["markdown_rate"]}
 
 
-def advisor_task(demo: str | Path, steps: int, samples: int, seeds: int, disc_real: int) -> BenchTask:
-    folder = Path(demo)
+def advisor_task(tasks: TransferTasks) -> BenchTask:
+    """The advisor of `tasks.demo`, with the advisor's own budget (`tasks.advisor_*`)."""
+    folder = Path(tasks.demo)
     paths = {"adapter": folder / "adapter" / "adapter_config.json",
              "real data": folder / "data" / "phase1.jsonl", "held-out questions": folder / "data" / "heldout.jsonl"}
     missing = [f"{name} ({path})" for name, path in paths.items() if not path.is_file()]
@@ -80,7 +81,8 @@ def advisor_task(demo: str | Path, steps: int, samples: int, seeds: int, disc_re
     def rows(path: Path) -> list[dict]:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-    settings = {"steps": steps, "samples": samples, "seeds": seeds, "seed_choice": "cover", "disc_real": disc_real,
+    settings = {"steps": tasks.advisor_steps, "samples": tasks.advisor_samples, "seeds": tasks.advisor_seeds,
+                "seed_choice": "cover", "disc_real": tasks.advisor_disc_real,
                 **{key: recipe[key] for key in ("rank", "alpha", "targets", "batch_size") if key in recipe}}
     return BenchTask("advisor", rows(paths["real data"]), rows(paths["held-out questions"]), grade=advisor_grade,
                      source_adapter=str(folder / "adapter"), settings=settings)
@@ -97,8 +99,7 @@ def run(bench: TransferBench, tasks: TransferTasks, command: str, report: Path |
     if unknown:
         raise LoraforgeError(f"--tasks takes offset and advisor, comma-separated; got {tasks.tasks!r}")
     chosen = [offset_task(tasks.offset, settings.n_train, settings.n_test) if name == "offset" else
-              advisor_task(tasks.demo, tasks.advisor_steps, tasks.advisor_samples, tasks.advisor_seeds,
-                           tasks.advisor_disc_real)
+              advisor_task(tasks)
               for name in dict.fromkeys(names)]
     result = bench_transfer(bench, chosen)
     body = table(result) + "\n\n" + held(result)
