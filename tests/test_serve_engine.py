@@ -45,7 +45,7 @@ def make_engine(adapters_dir, **kw) -> Engine:
     return Engine(tiny_llama(), tiny_tokenizer(), adapters_dir=adapters_dir, block_size=4, **kw)
 
 
-@pytest.mark.parametrize("kernel", ["auto", "segment", "padded"])
+@pytest.mark.parametrize("kernel", ["auto", "segment", "padded", "native"])
 def test_mixed_batch_equals_each_adapter_merged_alone(adapters_dir, kernel):
     names = [None, "a4", "b8", "c4", "d8", "a4"]
     engine = make_engine(adapters_dir, lora_kernel=kernel, max_loaded=4)
@@ -71,7 +71,7 @@ def test_requests_join_mid_batch_and_preemption_is_exact(adapters_dir):
     assert engine.preemptions >= 1 and engine.kv.free_blocks == engine.kv.num_blocks
 
 
-@pytest.mark.parametrize("kernel", ["segment", "padded"])
+@pytest.mark.parametrize("kernel", ["segment", "padded", "native"])
 def test_zero_padded_rank_is_exact_and_rows_ignore_their_batch(adapters_dir, kernel):
     """Spec checks 2 and 3. Padding a slot with zero rows is exact. Batch invariance holds to 1e-5,
     not the spec's 1e-6: the shared base matmul runs over all T tokens, and CPU BLAS sums in a
@@ -149,5 +149,5 @@ def test_refuses_models_outside_the_llama_family():
 
 
 def test_an_unknown_lora_kernel_is_refused(adapters_dir):
-    with pytest.raises(lf.LoraforgeError, match="lora_kernel must be one of auto, segment, padded, got 'gather'"):
+    with pytest.raises(lf.LoraforgeError, match="lora_kernel must be one of auto, segment, padded, native, got 'gather'"):
         make_engine(adapters_dir, lora_kernel="gather")

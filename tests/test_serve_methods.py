@@ -57,7 +57,7 @@ def test_serving_paths_follow_the_rank_of_each_methods_update():
     assert paths["full"] == "no"
 
 
-@pytest.mark.parametrize("kernel", ["segment", "padded"])
+@pytest.mark.parametrize("kernel", ["segment", "padded", "native"])
 def test_a_batch_mixing_every_method_gives_each_its_own_greedy_tokens(adapters_dir, kernel):
     names = [*METHODS, None]
     engine = Engine(tiny_llama(), tiny_tokenizer(), adapters_dir=adapters_dir, max_loaded=4, max_rank=8, block_size=4,

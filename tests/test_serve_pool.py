@@ -158,7 +158,7 @@ def test_padded_and_segment_layouts_give_the_same_low_rank_path():
             want.append(gain * row if slot == 3 else row)
     planned = LoRABatch.build(batch.segments, slot_ranks=pool.slot_rank)  # slots 0 and 4 have no factors
     assert [(r.first, r.last) for r in planned.runs] == [(1, 3)]
-    for kernel, b in (("segment", batch), ("padded", batch), ("padded", planned)):
+    for kernel, b in (("segment", batch), ("padded", batch), ("padded", planned), ("native", batch)):
         y = base.clone()
         pool.add_delta("m", x, y, b, kernel=kernel)
         torch.testing.assert_close(y, torch.stack(want), atol=1e-5, rtol=1e-5)
@@ -191,7 +191,7 @@ def test_a_group_of_modules_matches_each_module_alone():
             pool._fill(slot, update)
     batch = LoRABatch.build([(0, 0, 1), (1, 1, 3), (2, 3, 4), (3, 4, 6)])
     x = torch.randn(6, 6)
-    for kernel in ("segment", "padded"):
+    for kernel in ("segment", "padded", "native"):
         ys = tuple(m(x) for m in modules.values())
         grouped.add_deltas(("q", "k"), x, ys, batch, kernel=kernel)
         for name, y in zip(modules, ys):
@@ -199,6 +199,70 @@ def test_a_group_of_modules_matches_each_module_alone():
             alone.add_delta(name, x, want, batch, kernel=kernel)
             torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
         assert not torch.equal(ys[0][1:3], modules["q"](x)[1:3])  # the adapters did act
+
+
+def test_the_native_kernel_gives_each_token_its_own_adapter_at_any_shape():
+    """lowrank.c against S-LoRA's eq. token by token: a group of three modules whose widths and input
+    are no multiple of its vector lanes, ranks that leave its 4-row blocks part-filled (1, 3, 5, 7),
+    segments of 1 to 11 tokens (its 4-token chunks and their remainders), DoRA's gain with and without
+    a bias, the base slot, and auto choosing it."""
+    from loraforge.serve import native
+    from loraforge.serve.pool import LoRABatch
+    from loraforge.serve.updates import HostUpdate
+
+    torch.manual_seed(3)
+    modules = {"q": torch.nn.Linear(37, 20), "k": torch.nn.Linear(37, 3, bias=False), "v": torch.nn.Linear(37, 33)}
+    pool = AdapterPool(modules, max_loaded=5, max_rank=7, groups=[("q", "k", "v")])
+    updates = {}
+    for slot, ranks in {1: (1, 3, 5), 2: (7, 7, 7), 3: (5, 0, 2), 4: (3, 1, 0)}.items():
+        updates[slot] = {m: HostUpdate(torch.randn(r, 37), torch.randn(lin.out_features, r),
+                                       gain=torch.rand(lin.out_features) + 0.5 if (slot + i) % 3 == 0 else None)
+                         for i, ((m, lin), r) in enumerate(zip(modules.items(), ranks)) if r}
+        pool._fill(slot, updates[slot])
+    segments = [(0, 0, 2), (1, 2, 13), (2, 13, 14), (3, 14, 19), (4, 19, 23)]
+    batch = LoRABatch.build(segments)
+    x = torch.randn(23, 37)
+    ys = tuple(m(x) for m in modules.values())
+    pool.add_deltas(("q", "k", "v"), x, ys, batch, kernel="native")
+    for (name, linear), y in zip(modules.items(), ys):
+        for slot, start, end in segments:
+            update = updates.get(slot, {}).get(name)
+            want = linear(x[start:end])
+            if update is not None:
+                want = want + x[start:end] @ update.a.T @ update.b.T
+                if update.gain is not None:
+                    bias = 0 if linear.bias is None else linear.bias
+                    want = update.gain * (want - bias) + bias
+            torch.testing.assert_close(y[start:end], want, atol=1e-5, rtol=1e-5)
+    if native.library() is not None:  # auto takes it wherever it builds: the very same sums
+        auto = tuple(m(x) for m in modules.values())
+        pool.add_deltas(("q", "k", "v"), x, auto, batch)
+        assert all(torch.equal(a, y) for a, y in zip(auto, ys))
+
+
+def test_without_the_native_kernel_auto_falls_back_and_native_says_why(monkeypatch, tmp_path, root):
+    """A machine without a working C compiler (here CC=false) keeps the torch layouts; asking for the
+    kernel there is refused with the compiler's reason, and no half-built library is left in the cache."""
+    from loraforge.serve import native
+
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    native.load.cache_clear()
+    try:
+        lib, why = native.load()
+        assert lib is None and "false failed on lowrank.c" in why
+        assert not any((tmp_path / "kernels").iterdir())
+        assert not native.usable(torch.zeros(2, 3), (torch.zeros(2, 4),), 8)
+        with pytest.raises(lf.LoraforgeError, match="lora_kernel 'native' cannot run here: false failed"):
+            pool_for(root, lora_kernel="native")
+        monkeypatch.setenv("LORAFORGE_NATIVE", "0")
+        native.load.cache_clear()
+        assert native.load() == (None, "LORAFORGE_NATIVE=0 turns it off")
+        engine = Engine(tiny_llama(), tiny_tokenizer(), adapters_dir=root, block_size=4)
+        out = engine.generate(["a b c"], ["n1"], SamplingParams(max_tokens=3, ignore_eos=True))[0].output_ids
+        assert len(out) == 3  # auto ran the torch layouts (the native path raises where it cannot run)
+    finally:
+        native.load.cache_clear()
 
 
 def test_auto_layout_pads_many_short_segments_and_loops_over_long_ones():

@@ -34,11 +34,12 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from loraforge.core.errors import AdapterError, LoraforgeError
+from loraforge.serve import native
 from loraforge.serve.kv_cache import BlockPool
 from loraforge.serve.pool import AdapterPool, LoRABatch
 
 SERVED_MODEL_TYPES = ("llama",)
-LORA_KERNELS = ("auto", "segment", "padded")  # AdapterPool.add_delta's layouts
+LORA_KERNELS = ("auto", "segment", "padded", "native")  # AdapterPool.add_delta; auto: native where it builds
 QKV, GATE_UP = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")
 SHARED_INPUT = (QKV, GATE_UP)  # projections of one Llama layer that read the same input
 SINGLE = (("self_attn.o_proj",), ("mlp.down_proj",))
@@ -102,6 +103,8 @@ class Engine:
             raise AdapterError(f"the engine serves causal LMs of the Llama family, not {model.config.model_type!r}")
         if lora_kernel not in LORA_KERNELS:
             raise LoraforgeError(f"lora_kernel must be one of {', '.join(LORA_KERNELS)}, got {lora_kernel!r}")
+        if lora_kernel == "native" and native.library() is None:
+            raise LoraforgeError(f"lora_kernel 'native' cannot run here: {native.load()[1]}")
         self.model, self.tokenizer, self.model_name = model.eval(), tokenizer, model_name
         self.max_batch, self.max_batch_tokens, self.lora_kernel = max_batch, max_batch_tokens, lora_kernel
         self.max_model_len = model.config.max_position_embeddings

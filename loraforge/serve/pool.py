@@ -19,8 +19,11 @@ The low-rank path for a batch of tokens X (T, d_in) whose token t uses slot a(t)
     Y_t += s_a(t) · (X_t A_a(t)ᵀ) B_a(t)ᵀ
 with s folded into B when a slot is filled, and B kept transposed, so that a slot's first r rows
 are one contiguous block (twice as fast to stream through a batched matmul as a transposed view).
-Tokens come sorted by slot, so each adapter's tokens are one segment. Two layouts compute the path,
-both SGMV-like (each adapter's weights read once per step) and both adding into the base output:
+Tokens come sorted by slot, so each adapter's tokens are one segment. Three kernels compute the path,
+each reading an adapter's factors once per segment and adding into the base output:
+    native   lowrank.c (serve/native.py): per group of projections, every segment's x Aᵀ and its
+             products with each Bᵀ and DoRA's gain in one call, straight from the pool's buffers. The
+             default wherever it builds (float32 on the CPU, a C compiler at hand); then the two below
     segment  two matmuls per segment, each cut to the adapter's own rank: for long segments (prefill)
     padded   tokens scattered into (slots, longest segment, d_in), then two batched matmuls over
              a contiguous run of slots, cut to the largest rank among the run's (views of the pool,
@@ -30,11 +33,14 @@ both SGMV-like (each adapter's weights read once per step) and both adding into 
              the base's weights), and the pool places wide adapters from the top slot down and narrow
              ones from the bottom up, so that rank-8 adapters are not read at rank 16
 The padded layout replaced a per-token gather (BGMV), which copied each token's A and B and was
-slower on every decode mix measured on CPU. A Triton kernel for GPUs is not written yet.
+slower on every decode mix measured on CPU; the native kernel then replaced both torch layouts on the
+CPU, as it spends nothing around the products (the padded layout's scatter, permute and gather were
+a third of a decode step's low-rank time). A Triton kernel for GPUs is not written yet.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import re
 import threading
@@ -48,6 +54,7 @@ from torch import nn
 from loraforge.adapters.io import read_adapter
 from loraforge.core.config import CONFIG_NAME, AdapterConfig
 from loraforge.core.errors import AdapterError
+from loraforge.serve import native
 from loraforge.serve.updates import HostUpdate, read_updates, read_whole_modules
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -94,6 +101,7 @@ class LoRABatch:
     token_slots: torch.Tensor  # (T,) slot of each token, sorted
     segments: list[tuple[int, int, int]]  # (slot, start, end): runs of tokens that share a slot
     runs: list[PaddedRun]  # the padded layout's runs of slots; slots without low-rank factors need none
+    table: torch.Tensor  # (segments, 3) int64 on the host: the segments as the native kernel reads them
 
     @classmethod
     def build(cls, segments: list[tuple[int, int, int]], device: torch.device | str = "cpu",
@@ -106,7 +114,8 @@ class LoRABatch:
             spans = [(segments[0][0], segments[-1][0])]
         else:
             spans = _plan_runs([slot for slot, _, _ in segments if slot_ranks[slot]], slot_ranks)
-        return cls(slots, segments, [_padded_run(segments, first, last, device) for first, last in spans])
+        return cls(slots, segments, [_padded_run(segments, first, last, device) for first, last in spans],
+                   torch.tensor(segments, dtype=torch.int64).view(-1, 3))
 
     def prefers_padded(self) -> bool:
         """Many short segments: the loop's fixed cost per matmul call outweighs the padding
@@ -175,6 +184,7 @@ class AdapterPool:
         self.groups = grouped + [(n,) for n in modules if not any(n in g for g in grouped)]
         if any(len({modules[m].in_features for m in g}) > 1 for g in self.groups):
             raise AdapterError("the modules of a group must share their input width")
+        self.group_of = {m: (g, i) for g in self.groups for i, m in enumerate(g)}
         self.A_group = {g: w.new_zeros(slots, max_rank * len(g), modules[g[0]].in_features) for g in self.groups}
         self.A = {m: self.A_group[g].view(slots, max_rank, len(g), -1)[:, :, i]  # (slots, max_rank, d_in), a view
                   for g in self.groups for i, m in enumerate(g)}
@@ -189,6 +199,10 @@ class AdapterPool:
             for m, part in zip(g, self.gain_group[g].split([modules[m].out_features for m in g], dim=1)):
                 self.gain[m] = part
         self.gained = {n: [False] * slots for n in modules}
+        # the same ranks and DoRA flags as tables per group, (G, slots), for the native decode kernel
+        self.rank_table = {g: torch.zeros(len(g), slots, dtype=torch.int64) for g in self.groups}
+        self.gained_table = {g: torch.zeros(len(g), slots, dtype=torch.uint8) for g in self.groups}
+        self._native_args: dict[tuple[str, ...], tuple] = {}
         self.dense: dict[str, dict[int, torch.Tensor]] = {n: {} for n in modules}  # slot -> dW (d_out, d_in)
         if self.adapters_dir is not None:
             if not self.adapters_dir.is_dir():
@@ -350,6 +364,8 @@ class AdapterPool:
             self.rank[module][slot] = r
             self.gain[module][slot] = 1.0 if update.gain is None else update.gain
             self.gained[module][slot] = update.gain is not None
+            group, i = self.group_of[module]
+            self.rank_table[group][i, slot], self.gained_table[group][i, slot] = r, update.gain is not None
             if update.dense is None:
                 self.dense[module].pop(slot, None)
             else:
@@ -384,6 +400,13 @@ class AdapterPool:
                    kernel: str = "auto") -> None:
         """`add_delta` for modules that read the same x (q, k, v; gate, up): when they are one group of
         the pool, x Aᵀ of all of them is one matmul per segment (one batched matmul when padded)."""
+        if kernel == "native" or (kernel == "auto" and native.usable(x, ys, self.max_rank)):
+            self._native(modules, x, ys, batch)  # the low-rank path and DoRA's gain in one call
+            for module, y in zip(modules, ys):  # never on a DoRA slot's module: the gain's order is kept
+                for slot, start, end in batch.segments:
+                    if slot in self.dense[module]:
+                        y[start:end].addmm_(x[start:end], self.dense[module][slot].T)
+            return
         padded = kernel == "padded" or (kernel == "auto" and batch.prefers_padded())
         if len(modules) > 1 and modules in self.A_group:
             (self._fused_padded if padded else self._fused_segments)(modules, x, ys, batch)
@@ -449,6 +472,30 @@ class AdapterPool:
             for module, y, r_i, part in zip(modules, ys, ranks, xa):
                 if r_i:  # (S, L, r_i) @ (S, r_i, d_out), one row per token
                     y[run.start:run.end] += _gather(torch.bmm(part[:, :, :r_i], self.Bt[module][lo:hi, :r_i]), run)
+
+    def _native(self, modules: tuple[str, ...], x: torch.Tensor, ys: tuple[torch.Tensor, ...], batch: LoRABatch) -> None:
+        """The group's low-rank path and DoRA's gain through lowrank.c: each segment reads its slot's
+        factors straight from the pool's buffers, in prefill and decode alike."""
+        if not native.usable(x, ys, self.max_rank):
+            why = native.load()[1] or (f"it takes contiguous float32 tensors on the CPU and ranks up to {native.MAX_RANK}"
+                                       f" (got {x.dtype} on {x.device}, max rank {self.max_rank})")
+            raise AdapterError(f"the native low-rank kernel cannot run: {why}; use lora_kernel='auto'")
+        if modules not in self._native_args:  # the pool's buffers never move: their addresses are kept
+            pointers = ctypes.c_void_p * len(modules)
+            widths = [self.modules[m].out_features for m in modules]
+            offsets = [sum(widths[:i]) for i in range(len(modules))]
+            gains = self.gain_group[modules]  # (slots, Σ d_out): a module's gain is a column range of it
+            biases = [self.modules[m].bias for m in modules]
+            self._native_args[modules] = (
+                pointers(*(self.Bt[m].data_ptr() for m in modules)), (ctypes.c_int64 * len(modules))(*widths),
+                pointers(*(gains.data_ptr() + o * gains.element_size() for o in offsets)), gains.shape[1],
+                pointers(*(None if b is None else b.data_ptr() for b in biases)))
+        bt, widths, gains, gain_stride, biases = self._native_args[modules]
+        native.library().lowrank_group(
+            len(batch.segments), batch.table.data_ptr(), x.data_ptr(), x.shape[1], self.A_group[modules].data_ptr(),
+            self.max_rank, len(modules), self.rank_table[modules].shape[1], bt,
+            (ctypes.c_void_p * len(ys))(*(y.data_ptr() for y in ys)), widths, self.rank_table[modules].data_ptr(),
+            gains, gain_stride, self.gained_table[modules].data_ptr(), biases, torch.get_num_threads())
 
     def _add_low_rank(self, module: str, x: torch.Tensor, y: torch.Tensor, batch: LoRABatch, padded: bool) -> None:
         rank = self.rank[module]
