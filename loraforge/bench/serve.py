@@ -393,6 +393,7 @@ def run_count(bench: ServeBench, count: int, folder: Path, base: Any, tokenizer:
             row["p50_ms"], row["p99_ms"] = row["loraforge_p50_ms"], row["loraforge_p99_ms"]
             row["pool_misses"], row["pool_evictions"] = engine.pool.misses, engine.pool.evictions
             row["loraforge_reserved_mb"] = round(reserved_mb(engine), 1)
+            row["loraforge_kernel"] = lora_kernel_used(engine)
             if conversion:  # llama.cpp got these adapters through a rank-R LoRA conversion
                 row["llamacpp_converted"] = {n: round(e, 4) for n, e in conversion.items()}
             print(json.dumps(row), flush=True)
@@ -402,6 +403,15 @@ def run_count(bench: ServeBench, count: int, folder: Path, base: Any, tokenizer:
             llama.close()
     del peft_model
     return rows
+
+
+def lora_kernel_used(engine: Any) -> str:
+    """The engine's low-rank kernel in float32 on the CPU, and why not the native one where it is not."""
+    from loraforge.serve import native
+
+    if engine.lora_kernel != "auto":
+        return engine.lora_kernel
+    return "native (lowrank.c)" if native.library() is not None else f"segment/padded ({native.load()[1]})"
 
 
 def reserved_mb(engine: Any) -> float:
@@ -472,7 +482,7 @@ def write_section(bench: ServeBench, rows: list[dict[str, Any]], command: str, p
     return (f"{bench.requests} requests, prompts {bench.prompt_min}-{bench.prompt_max} tokens, "
             f"{max(1, bench.max_tokens // 4)}-{bench.max_tokens} new tokens each (EOS ignored), adapters of ranks "
             f"{bench.ranks} and kinds {bench.methods} (cycled; mts: {bench.mts_rows} trained head rows), all-linear, "
-            f"float32, max batch {bench.max_batch}; all requests arrive at t = 0; {bench.repeats} round(s) of every "
+            f"float32, max batch {bench.max_batch}, loraforge's low-rank kernel {rows[-1]['loraforge_kernel']}; all requests arrive at t = 0; {bench.repeats} round(s) of every "
             "system in turn, each system's fastest round shown. Peak MB: resident memory above the level before that "
             "system ran; loraforge's KV cache and adapter slots are allocated before it "
             f"({rows[-1]['loraforge_reserved_mb']:.0f} MB at the last row).{note}\n\n" + "\n".join(lines) +
