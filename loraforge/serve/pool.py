@@ -29,9 +29,9 @@ each reading an adapter's factors once per segment and adding into the base outp
              a contiguous run of slots, cut to the largest rank among the run's (views of the pool,
              nothing copied): for many short segments (decode over many adapters), where the loop's
              fixed cost per call dominates. Each step cuts the slots in use into the runs that read
-             the fewest factor bytes (a decode step is bound by them: 32 adapters' factors outweigh
-             the base's weights), and the pool places wide adapters from the top slot down and narrow
-             ones from the bottom up, so that rank-8 adapters are not read at rank 16
+             the fewest factor bytes (a decode step is bound by them: 32 adapters' factors weigh
+             nearly what the base's weights do), and the pool places wide adapters from the top slot
+             down and narrow ones from the bottom up, so that rank-8 adapters are not read at rank 16
 The padded layout replaced a per-token gather (BGMV), which copied each token's A and B and was
 slower on every decode mix measured on CPU; the native kernel then replaced both torch layouts on the
 CPU, as it spends nothing around the products (the padded layout's scatter, permute and gather were
@@ -199,10 +199,10 @@ class AdapterPool:
             for m, part in zip(g, self.gain_group[g].split([modules[m].out_features for m in g], dim=1)):
                 self.gain[m] = part
         self.gained = {n: [False] * slots for n in modules}
-        # the same ranks and DoRA flags as tables per group, (G, slots), for the native decode kernel
+        # the same ranks and DoRA flags as tables per group, (G, slots), for the native kernel
         self.rank_table = {g: torch.zeros(len(g), slots, dtype=torch.int64) for g in self.groups}
         self.gained_table = {g: torch.zeros(len(g), slots, dtype=torch.uint8) for g in self.groups}
-        self._native_args: dict[tuple[str, ...], tuple] = {}
+        self._native_args: dict[tuple[str, ...], tuple] = {}  # per group: its Bᵀ, widths and gains for the kernel
         self.dense: dict[str, dict[int, torch.Tensor]] = {n: {} for n in modules}  # slot -> dW (d_out, d_in)
         if self.adapters_dir is not None:
             if not self.adapters_dir.is_dir():
@@ -392,7 +392,8 @@ class AdapterPool:
     def add_delta(self, module: str, x: torch.Tensor, y: torch.Tensor, batch: LoRABatch, kernel: str = "auto") -> None:
         """y += s·(x Aᵀ) Bᵀ row by row, each token with its own adapter, in place (no (T, d_out)
         temporary: in prefill that traffic cost more than the low-rank matmuls). x: (T, d_in), y: (T, d_out).
-        kernel: auto | segment | padded. Then dense updates, and DoRA's gain last: y_t = g ⊙ (W0 x_t + s B A x_t)
+        kernel: auto (native where it builds, else segment or padded by the batch's shape) | native | segment |
+        padded. Then dense updates, and DoRA's gain last: y_t = g ⊙ (W0 x_t + s B A x_t)
         (+ bias, which the gain leaves alone)."""
         self.add_deltas((module,), x, (y,), batch, kernel)
 
@@ -480,21 +481,21 @@ class AdapterPool:
             why = native.load()[1] or (f"it takes contiguous float32 tensors on the CPU and ranks up to {native.MAX_RANK}"
                                        f" (got {x.dtype} on {x.device}, max rank {self.max_rank})")
             raise AdapterError(f"the native low-rank kernel cannot run: {why}; use lora_kernel='auto'")
-        if modules not in self._native_args:  # the pool's buffers never move: their addresses are kept
-            pointers = ctypes.c_void_p * len(modules)
+        pointers = ctypes.c_void_p * len(modules)
+        if modules not in self._native_args:  # the pool's own buffers never move: their addresses are kept
             widths = [self.modules[m].out_features for m in modules]
             offsets = [sum(widths[:i]) for i in range(len(modules))]
             gains = self.gain_group[modules]  # (slots, Σ d_out): a module's gain is a column range of it
-            biases = [self.modules[m].bias for m in modules]
             self._native_args[modules] = (
                 pointers(*(self.Bt[m].data_ptr() for m in modules)), (ctypes.c_int64 * len(modules))(*widths),
-                pointers(*(gains.data_ptr() + o * gains.element_size() for o in offsets)), gains.shape[1],
-                pointers(*(None if b is None else b.data_ptr() for b in biases)))
-        bt, widths, gains, gain_stride, biases = self._native_args[modules]
+                pointers(*(gains.data_ptr() + o * gains.element_size() for o in offsets)), gains.shape[1])
+        bt, widths, gains, gain_stride = self._native_args[modules]
+        # the biases are the model's own tensors: their addresses are read at each call
+        biases = pointers(*(None if self.modules[m].bias is None else self.modules[m].bias.data_ptr() for m in modules))
         native.library().lowrank_group(
             len(batch.segments), batch.table.data_ptr(), x.data_ptr(), x.shape[1], self.A_group[modules].data_ptr(),
             self.max_rank, len(modules), self.rank_table[modules].shape[1], bt,
-            (ctypes.c_void_p * len(ys))(*(y.data_ptr() for y in ys)), widths, self.rank_table[modules].data_ptr(),
+            pointers(*(y.data_ptr() for y in ys)), widths, self.rank_table[modules].data_ptr(),
             gains, gain_stride, self.gained_table[modules].data_ptr(), biases, torch.get_num_threads())
 
     def _add_low_rank(self, module: str, x: torch.Tensor, y: torch.Tensor, batch: LoRABatch, padded: bool) -> None:
