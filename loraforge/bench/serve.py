@@ -482,9 +482,10 @@ def write_section(bench: ServeBench, rows: list[dict[str, Any]], command: str, p
     return (f"{bench.requests} requests, prompts {bench.prompt_min}-{bench.prompt_max} tokens, "
             f"{max(1, bench.max_tokens // 4)}-{bench.max_tokens} new tokens each (EOS ignored), adapters of ranks "
             f"{bench.ranks} and kinds {bench.methods} (cycled; mts: {bench.mts_rows} trained head rows), all-linear, "
-            f"float32, max batch {bench.max_batch}, loraforge's low-rank kernel {rows[-1]['loraforge_kernel']}; all requests arrive at t = 0; {bench.repeats} round(s) of every "
-            "system in turn, each system's fastest round shown. Peak MB: resident memory above the level before that "
-            "system ran; loraforge's KV cache and adapter slots are allocated before it "
+            f"float32, max batch {bench.max_batch}, loraforge's low-rank kernel {rows[-1]['loraforge_kernel']}; "
+            f"all requests arrive at t = 0; {bench.repeats} round(s) of every system in turn, each system's fastest "
+            "round shown. Peak MB: resident memory above the level before that system ran; loraforge's KV cache "
+            "and adapter slots are allocated before it "
             f"({rows[-1]['loraforge_reserved_mb']:.0f} MB at the last row).{note}\n\n" + "\n".join(lines) +
             f"\n\nTargets, at {reference['adapters']} adapters ({reference['distribution']}):\n\n" + "\n".join(checks) +
             figure_line(fig, "bench-serve", "Throughput vs adapters, latency per system", plot_dir, dpi=110))

@@ -9,9 +9,8 @@
  * of module i; Bᵀ_i (slots, R, d_out_i)), once per TOKENS tokens, and keeps their x Aᵀ in a small local
  * buffer: no scatter into a padded layout, no permute, no gather. A decode step is bound by streaming the
  * factors of every adapter in the batch (32 adapters of ranks 8 and 16 on SmolLM2-135M: 469 MB, the base's
- * weights 540 MB); the torch
- * path spent a third of its time around its batched matmuls. In prefill the blocked products below also
- * beat a pair of small matmuls per segment. The pool alone on the 2-core Xeon, 32 adapters of ranks 8
+ * weights 540 MB); the torch path spent a third of its time around its batched matmuls. In prefill the
+ * blocked products below also beat a pair of small matmuls per segment. The pool alone on the 2-core Xeon, 32 adapters of ranks 8
  * and 16 over SmolLM2's 30 layers: a decode step of 64 tokens in 27-29 ms (padded layout: 51-58 ms),
  * a prefill of 5,120 tokens in 0.41-0.42 s (a matmul pair per segment: 0.61-0.65 s).
  * Segments are split between the threads; each writes only its own tokens' rows.
@@ -26,7 +25,7 @@
 #define LANES 16 /* one 512-bit vector of partial sums per (row, token) */
 
 /* out[row * 1 + t * stride] = a_row · x_t for m <= ROWS rows a_row = a + row d and N tokens x_t = x + t d,
- * each kept in LANES partial sums across the rows' single pass, then summed pairwise. */
+ * each kept in LANES partial sums across the rows' single pass. */
 static inline void dots(int N, int m, const float *restrict a, const float *restrict x, int64_t d, float *out,
                         int64_t stride) {
     float acc[ROWS][TOKENS][LANES] = {{{0}}};

@@ -400,8 +400,10 @@ class AdapterPool:
     def add_deltas(self, modules: tuple[str, ...], x: torch.Tensor, ys: tuple[torch.Tensor, ...], batch: LoRABatch,
                    kernel: str = "auto") -> None:
         """`add_delta` for modules that read the same x (q, k, v; gate, up): when they are one group of
-        the pool, x Aᵀ of all of them is one matmul per segment (one batched matmul when padded)."""
-        if kernel == "native" or (kernel == "auto" and native.usable(x, ys, self.max_rank)):
+        the pool, x Aᵀ of all of them is one matmul per segment (one batched matmul when padded), or the
+        native kernel's one call; modules that are not one group run the torch layouts."""
+        take_native = kernel == "native" or (kernel == "auto" and native.usable(x, ys, self.max_rank))
+        if take_native and modules in self.A_group:
             self._native(modules, x, ys, batch)  # the low-rank path and DoRA's gain in one call
             for module, y in zip(modules, ys):  # never on a DoRA slot's module: the gain's order is kept
                 for slot, start, end in batch.segments:
@@ -474,12 +476,13 @@ class AdapterPool:
                 if r_i:  # (S, L, r_i) @ (S, r_i, d_out), one row per token
                     y[run.start:run.end] += _gather(torch.bmm(part[:, :, :r_i], self.Bt[module][lo:hi, :r_i]), run)
 
-    def _native(self, modules: tuple[str, ...], x: torch.Tensor, ys: tuple[torch.Tensor, ...], batch: LoRABatch) -> None:
+    def _native(self, modules: tuple[str, ...], x: torch.Tensor, ys: tuple[torch.Tensor, ...],
+                batch: LoRABatch) -> None:
         """The group's low-rank path and DoRA's gain through lowrank.c: each segment reads its slot's
         factors straight from the pool's buffers, in prefill and decode alike."""
         if not native.usable(x, ys, self.max_rank):
-            why = native.load()[1] or (f"it takes contiguous float32 tensors on the CPU and ranks up to {native.MAX_RANK}"
-                                       f" (got {x.dtype} on {x.device}, max rank {self.max_rank})")
+            why = native.load()[1] or ("it takes contiguous float32 tensors on the CPU and ranks up to "
+                                       f"{native.MAX_RANK} (got {x.dtype} on {x.device}, max rank {self.max_rank})")
             raise AdapterError(f"the native low-rank kernel cannot run: {why}; use lora_kernel='auto'")
         pointers = ctypes.c_void_p * len(modules)
         if modules not in self._native_args:  # the pool's own buffers never move: their addresses are kept
