@@ -405,10 +405,7 @@ class AdapterPool:
         take_native = kernel == "native" or (kernel == "auto" and native.usable(x, ys, self.max_rank))
         if take_native and modules in self.A_group:
             self._native(modules, x, ys, batch)  # the low-rank path and DoRA's gain in one call
-            for module, y in zip(modules, ys):  # never on a DoRA slot's module: the gain's order is kept
-                for slot, start, end in batch.segments:
-                    if slot in self.dense[module]:
-                        y[start:end].addmm_(x[start:end], self.dense[module][slot].T)
+            self._add_dense(modules, x, ys, batch)  # never on a DoRA slot's module: the gain's order is kept
             return
         padded = kernel == "padded" or (kernel == "auto" and batch.prefers_padded())
         if len(modules) > 1 and modules in self.A_group:
@@ -417,11 +414,16 @@ class AdapterPool:
             for module, y in zip(modules, ys):
                 if any(self.rank[module][slot] for slot, _, _ in batch.segments):
                     self._add_low_rank(module, x, y, batch, padded)
+        self._add_dense(modules, x, ys, batch)
+        self._apply_gain(modules, ys, batch, padded)
+
+    def _add_dense(self, modules: tuple[str, ...], x: torch.Tensor, ys: tuple[torch.Tensor, ...],
+                   batch: LoRABatch) -> None:
+        """The dense updates of the slots that have one (a rank above max_rank), segment by segment."""
         for module, y in zip(modules, ys):
             for slot, start, end in batch.segments:
                 if slot in self.dense[module]:
                     y[start:end].addmm_(x[start:end], self.dense[module][slot].T)  # (n, d_in) @ (d_in, d_out)
-        self._apply_gain(modules, ys, batch, padded)
 
     def _apply_gain(self, modules: tuple[str, ...], ys: tuple[torch.Tensor, ...], batch: LoRABatch, padded: bool) -> None:
         gained = [any(self.gained[m][slot] for slot, _, _ in batch.segments) for m in modules]
